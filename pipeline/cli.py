@@ -1,0 +1,208 @@
+"""The `transfigure` command. Imports of torch, mlflow and onnxruntime stay inside the commands so --help is instant."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Image-to-image translation: prepare, train, evaluate, export, translate.",
+)
+
+ParamsOption = Annotated[Path, typer.Option("--params", help="The params file.")]
+SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override a param: section.key=value (repeatable).")]
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=True)
+
+
+def _fail(message: str, code: int) -> None:
+    from rich.console import Console
+
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {message}", markup=True)
+    raise typer.Exit(code)
+
+
+def _guard(work: Callable[[], object]) -> object:
+    """A user's mistake ends with one line and exit 2; a diverged run with exit 1; bugs keep their traceback."""
+    from pipeline.errors import UserError
+    from pipeline.images import BadImage
+
+    try:
+        return work()
+    except UserError as exc:
+        from pipeline.training import TrainingDiverged
+
+        _fail(str(exc), 1 if isinstance(exc, TrainingDiverged) else 2)
+    except BadImage as exc:
+        _fail(str(exc), 2)
+    except KeyboardInterrupt:
+        _fail("interrupted; finished work is kept (train resumes from its last checkpoint)", 130)
+
+
+def _params(path: Path, overrides: list[str] | None):
+    from pipeline.params import load_params
+
+    return load_params(path, overrides or [])
+
+
+@app.command()
+def prepare(
+    source: Annotated[
+        Path | None, typer.Option("--from", help="Prepare this one folder instead of params' datasets.")
+    ] = None,
+    layout: Annotated[str, typer.Option(help="unaligned | aligned | classes (with --from).")] = "unaligned",
+    size: Annotated[int, typer.Option(help="Output size in pixels, a multiple of 4 (with --from).")] = 256,
+    resize: Annotated[
+        str, typer.Option(help="resize_and_crop | scale_width | none (with --from).")
+    ] = "resize_and_crop",
+    out: Annotated[Path | None, typer.Option(help="Output folder (with --from).")] = None,
+    params: ParamsOption = Path("params.yaml"),
+    overrides: SetOption = None,
+) -> None:
+    """Build every dataset named in params.yaml, or one folder with --from DIR --layout L --size N --out DIR."""
+
+    def work() -> None:
+        from pipeline.errors import UserError
+        from pipeline.params import DatasetParams, ParamsError
+        from pipeline.prepare import prepare_dataset, prepare_folder
+
+        console = _console()
+        if source is not None:
+            if out is None:
+                raise UserError("--out: where to write the prepared dataset (required with --from)")
+            try:
+                spec = DatasetParams(source="folder", path=str(source), layout=layout, size=size, resize=resize)
+            except ValueError as exc:
+                raise ParamsError(f"prepare: {str(exc).splitlines()[-2].strip()}") from None
+            report = prepare_folder(source, out, spec, seed=0, log=console.print)
+            rejected = len(report["rejected"])
+            console.print(f"prepared {report['prepared']}, rejected {rejected}; see {out / 'report.json'}")
+            return
+        p = _params(params, overrides)
+        for name, spec in p.data.datasets.items():
+            prepare_dataset(name, spec, Path(p.data.root), p.seed, log=console.print)
+
+    _guard(work)
+
+
+@app.command()
+def train(
+    recipe: Annotated[str, typer.Argument(help="cyclegan | pix2pix | cdcgan | alignflow | flowgan")],
+    fresh: Annotated[bool, typer.Option("--fresh", help="Start over instead of resuming.")] = False,
+    fresh_if_changed: Annotated[
+        bool,
+        typer.Option(
+            "--fresh-if-changed", help="Resume if params match the checkpoint's, else start over (the DVC stage)."
+        ),
+    ] = False,
+    params: ParamsOption = Path("params.yaml"),
+    overrides: SetOption = None,
+) -> None:
+    """Train a recipe; resumes from runs/RECIPE/checkpoints/last.pt unless --fresh."""
+
+    def work() -> None:
+        from pipeline.training import train as run_training
+
+        p = _params(params, overrides)
+        p.recipe(recipe)
+        run_training(recipe, p, _console(), fresh=fresh, fresh_if_changed=fresh_if_changed)
+
+    _guard(work)
+
+
+@app.command()
+def evaluate(
+    recipe: Annotated[str | None, typer.Argument(help="A trained recipe, or nothing with --real/--fake.")] = None,
+    real: Annotated[Path | None, typer.Option(help="Folder of real images (compare two folders).")] = None,
+    fake: Annotated[Path | None, typer.Option(help="Folder of generated images (compare two folders).")] = None,
+    features: Annotated[str, typer.Option(help="builtin | inception (needs --weights).")] = "builtin",
+    weights: Annotated[
+        Path | None, typer.Option(help="Local Inception-v3 state dict for --features inception.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    params: ParamsOption = Path("params.yaml"),
+    overrides: SetOption = None,
+) -> None:
+    """Write metrics/RECIPE.json and reports/RECIPE/, or compare --real DIR with --fake DIR."""
+
+    def work() -> None:
+        import json
+
+        from pipeline import evaluation
+        from pipeline.errors import UserError
+
+        console = _console()
+        if real is not None or fake is not None:
+            if real is None or fake is None:
+                raise UserError("--real and --fake go together")
+            result = evaluation.compare(real, fake, features, weights)
+            if as_json:
+                print(json.dumps(result))
+            else:
+                for key, value in result.items():
+                    console.print(f"{key}: {value}")
+            return
+        if recipe is None:
+            raise UserError("name a recipe, or pass --real DIR --fake DIR")
+        p = _params(params, overrides)
+        if recipe == "classifier":
+            evaluation.fit_classifier(p, console)
+            return
+        p.recipe(recipe)
+        metrics = evaluation.evaluate_recipe(recipe, p, console)
+        if as_json:
+            print(json.dumps(metrics))
+
+    _guard(work)
+
+
+@app.command()
+def export(
+    recipe: Annotated[str | None, typer.Argument(help="A trained recipe, or nothing with --checkpoint.")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="Export this checkpoint file instead.")] = None,
+    out: Annotated[Path | None, typer.Option(help="The .onnx file to write (with --checkpoint).")] = None,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Also write an fp16 model (IO stays float32).")] = False,
+    params: ParamsOption = Path("params.yaml"),
+    overrides: SetOption = None,
+) -> None:
+    """Write artifacts/RECIPE/*.onnx (checked and parity-tested), or one checkpoint with --checkpoint --out."""
+
+    def work() -> None:
+        from pipeline import exporting
+        from pipeline.errors import UserError
+
+        console = _console()
+        if checkpoint is not None:
+            if out is None:
+                raise UserError("--out: the .onnx file to write (required with --checkpoint)")
+            exporting.export_checkpoint(checkpoint, out, fp16=fp16, console=console)
+            return
+        if recipe is None:
+            raise UserError("name a recipe, or pass --checkpoint FILE --out FILE.onnx")
+        p = _params(params, overrides)
+        p.recipe(recipe)
+        exporting.export_recipe(recipe, p, console, fp16=fp16 or p.export.fp16)
+
+    _guard(work)
+
+
+@app.command()
+def doctor() -> None:
+    """Print versions, devices, and which ONNX Runtime providers really load."""
+
+    def work() -> None:
+        from pipeline.doctor import report
+
+        report(_console())
+
+    _guard(work)

@@ -1,0 +1,60 @@
+"""`doctor`: what this machine can run: versions, devices and the ONNX Runtime providers that really load."""
+
+from __future__ import annotations
+
+import platform
+from importlib import metadata
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def provider_status() -> dict[str, str]:
+    """Each available provider, tried by creating a session on a one-node model: 'ok' or why it failed."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = min(model.ir_version, 9)
+    data = model.SerializeToString()
+    onnx.checker.check_model(model)
+    status = {}
+    for provider in ort.get_available_providers():
+        try:
+            session = ort.InferenceSession(data, providers=[provider])
+            loaded = session.get_providers()[0]
+            status[provider] = "ok" if loaded == provider else f"fell back to {loaded}"
+        except Exception as exc:  # the provider's own error says why (missing CUDA/TensorRT libraries)
+            status[provider] = f"fails: {str(exc).splitlines()[0][:200]}"
+    return status
+
+
+def report(console) -> None:
+    import torch
+
+    console.print(f"python {platform.python_version()} on {platform.platform()}")
+    for package in ("transfigure", "torch", "torchvision", "onnx", "onnxruntime-gpu", "onnxruntime", "mlflow", "dvc"):
+        console.print(f"{package}: {_version(package)}")
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(index)
+            console.print(
+                f"cuda:{index}: {props.name}, {props.total_memory / 2**30:.1f} GiB, "
+                f"bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}"
+            )
+    else:
+        console.print(f"cuda: not available (torch built for CUDA {torch.version.cuda}); training runs on the CPU")
+    console.print(f"cpu threads: {torch.get_num_threads()}")
+    for provider, status in provider_status().items():
+        console.print(f"onnxruntime {provider}: {status}")

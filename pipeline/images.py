@@ -1,0 +1,328 @@
+"""Image input/output shared by `prepare`, `translate` and the HTTP service.
+
+Every image that enters the pipeline goes through `decode_rgb` / `decode_rgb_bytes`, which either
+return an (H, W, 3) uint8 RGB array or raise `BadImage` with a short, user-facing reason.
+Every file the pipeline produces is written with the atomic helpers below, so an interrupted run
+never leaves a half-written image, manifest or JSON report under its final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import secrets
+import struct
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 8192 * 8192
+
+IMAGE_SUFFIXES = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
+)
+
+# Only these Pillow decoders may run: untrusted uploads must never reach plugins such as EPS,
+# which shells out to Ghostscript. (Camera MPO files are opened by the JPEG decoder.)
+_ALLOWED_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "TIFF", "GIF", "PPM")
+
+# Errors Pillow's decoders raise on malformed input (struct.error/IndexError/EOFError come from
+# plugins parsing garbage headers or running out of data).
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError)
+
+_MODES_WITH_ALPHA = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+
+_SAVE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+_LOSSY_FORMATS = frozenset({"JPEG", "WEBP"})
+
+RESIZE_MODES = ("resize_and_crop", "scale_width", "none")
+
+
+class BadImage(ValueError):
+    """An input the pipeline refuses; str(exc) is a short reason fit to show a user, without a traceback."""
+
+    def __init__(self, reason: str, source: str | None = None) -> None:
+        super().__init__(reason)
+        self.source = source  # the path or upload name, for callers that report many files
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decoding
+# ---------------------------------------------------------------------------------------------------
+
+
+def decode_rgb(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode the image file at `path` into an (H, W, 3) uint8 RGB array, or raise BadImage."""
+    source = os.fspath(path)
+    try:
+        fp = open(source, "rb")
+    except OSError as exc:
+        raise BadImage(f"cannot read file ({exc.strerror or exc})", source) from exc
+    with fp:
+        if os.fstat(fp.fileno()).st_size == 0:
+            raise BadImage("empty file", source)
+        return _decode(fp, source, max_pixels)
+
+
+def decode_rgb_bytes(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode an in-memory image (e.g. an HTTP upload) exactly like `decode_rgb`; `name` labels errors."""
+    if not data:
+        raise BadImage("empty file", name)
+    return _decode(io.BytesIO(data), name, max_pixels)
+
+
+def _decode(fp: IO[bytes], source: str, max_pixels: int) -> np.ndarray:
+    """The single decode path: header size check, full decode, EXIF orientation, RGB conversion."""
+    with _refusing_truncated_images():
+        try:
+            with _open_header(fp) as img:
+                # Image.open only parsed the header, so this check runs before any pixel is allocated.
+                width, height = img.size
+                if width * height > max_pixels:
+                    raise BadImage(
+                        f"image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels "
+                        "(possible decompression bomb)",
+                        source,
+                    )
+                # Decoding everything now makes truncated or corrupt files fail here, not mid-training.
+                img.load()
+                # In place, so the common no-orientation case costs no copy of the pixels.
+                ImageOps.exif_transpose(img, in_place=True)
+                return _to_rgb_array(img, source)
+        except BadImage:
+            raise
+        except Image.DecompressionBombError as exc:
+            raise BadImage(f"possible decompression bomb: {exc}", source) from exc
+        except UnidentifiedImageError as exc:
+            raise BadImage("not an image file (or an unsupported format)", source) from exc
+        except _DECODE_ERRORS as exc:
+            raise BadImage(f"truncated or corrupt image data ({exc})", source) from exc
+
+
+_open_lock = threading.Lock()
+_strict_lock = threading.Lock()
+_strict_decodes = 0
+_caller_load_truncated = False
+
+
+def _open_header(fp: IO[bytes]) -> ImageFile.ImageFile:
+    """Image.open, which reads only the header, with Pillow's bomb warning silenced.
+
+    Our max_pixels check is the authority (Pillow's hard DecompressionBombError still applies).
+    Warning filters are process-wide, so the lock keeps concurrent decodes from undoing each other's
+    catch_warnings; it covers only the cheap header parse, not the decoding.
+    """
+    with _open_lock, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(fp, formats=_available_formats())
+
+
+def _available_formats() -> tuple[str, ...]:
+    """The allowed formats this Pillow build can open (Image.open raises KeyError for missing ones)."""
+    Image.init()
+    return tuple(f for f in _ALLOWED_FORMATS if f in Image.OPEN)
+
+
+@contextlib.contextmanager
+def _refusing_truncated_images() -> Iterator[None]:
+    """Force ImageFile.LOAD_TRUNCATED_IMAGES off while any decode runs, then restore the caller's value.
+
+    The flag is a Pillow global read during load(); counting active decodes (prepare decodes in a
+    thread pool) means the caller's value is saved by the first and restored by the last, never mid-decode.
+    """
+    global _strict_decodes, _caller_load_truncated
+    with _strict_lock:
+        if _strict_decodes == 0:
+            _caller_load_truncated = ImageFile.LOAD_TRUNCATED_IMAGES
+            ImageFile.LOAD_TRUNCATED_IMAGES = False
+        _strict_decodes += 1
+    try:
+        yield
+    finally:
+        with _strict_lock:
+            _strict_decodes -= 1
+            if _strict_decodes == 0:
+                ImageFile.LOAD_TRUNCATED_IMAGES = _caller_load_truncated
+
+
+def _to_rgb_array(img: Image.Image, source: str) -> np.ndarray:
+    """Convert any decodable Pillow mode to an (H, W, 3) uint8 RGB array."""
+    if img.mode in _SIXTEEN_BIT_MODES:
+        # 16-bit samples keep their top 8 bits: a scaled conversion, where Pillow's convert() would clip.
+        return _gray_to_rgb(np.asarray(img).astype(np.uint16) >> 8)
+    if img.mode == "I":
+        # Pillow uses 32-bit "I" for 16-bit PNG/PGM/TIFF sources; wider data is rare and gets clipped.
+        return _gray_to_rgb(np.clip(np.asarray(img), 0, 65535).astype(np.uint16) >> 8)
+    if img.mode == "F":
+        return _gray_to_rgb(_float_to_uint8(np.asarray(img, dtype=np.float64)))
+    if img.mode in _MODES_WITH_ALPHA or "transparency" in img.info:
+        # Transparent regions become paper-white, not black: datasets of drawings, logos and scans
+        # assume a white page, and black holes would teach the model a background that is not there.
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.array(Image.alpha_composite(white, rgba).convert("RGB"), dtype=np.uint8)
+    try:
+        return np.array(img if img.mode == "RGB" else img.convert("RGB"), dtype=np.uint8)
+    except ValueError as exc:
+        raise BadImage(f"unsupported image mode {img.mode!r}", source) from exc
+
+
+def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
+    return np.repeat(gray.astype(np.uint8)[:, :, None], 3, axis=2)
+
+
+def _float_to_uint8(values: np.ndarray) -> np.ndarray:
+    """Float images have no standard range: [0, 1] data is scaled by 255, anything else read as 0..255."""
+    values = np.nan_to_num(values, nan=0.0, posinf=255.0, neginf=0.0)
+    if values.size and values.min() >= 0.0 and values.max() <= 1.0:
+        values = values * 255.0
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scanning, resizing, hashing
+# ---------------------------------------------------------------------------------------------------
+
+
+def list_images(folder: str | os.PathLike[str]) -> list[Path]:
+    """All files under `folder` with an image suffix (any case), sorted, skipping hidden files and dirs."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise NotADirectoryError(f"not a directory: {root}")
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        # Pruning in place stops os.walk from descending into hidden dirs such as .git or .cache.
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                found.append(Path(dirpath) / name)
+    return sorted(found)
+
+
+def resize_image(array: np.ndarray, size: int, mode: str) -> np.ndarray:
+    """Resize an (H, W, C) uint8 image for training or inference according to `mode`.
+
+    resize_and_crop: short side scaled to `size`, then a centred size x size crop.
+    scale_width:     width scaled to `size` keeping the aspect ratio, height cropped to a multiple of 4.
+    none:            no resampling, just a centred crop to multiples of 4.
+    Heights and widths end up divisible by 4 because the generators downsample twice by 2 and
+    must upsample back to the same size.
+    """
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"unknown resize mode {mode!r}; expected one of {', '.join(RESIZE_MODES)}")
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {size}")
+    height, width = array.shape[:2]
+    if mode == "resize_and_crop":
+        scale = size / min(height, width)
+        resized = _resample(array, max(size, round(width * scale)), max(size, round(height * scale)))
+        return _center_crop(resized, size, size)
+    if mode == "scale_width":
+        resized = _resample(array, size, max(1, round(height * size / width)))
+        return _center_crop(resized, resized.shape[0] // 4 * 4, size)
+    return _center_crop(array, height // 4 * 4, width // 4 * 4)
+
+
+def _resample(array: np.ndarray, width: int, height: int) -> np.ndarray:
+    if array.shape[1] == width and array.shape[0] == height:
+        return array
+    return np.asarray(Image.fromarray(array).resize((width, height), Image.Resampling.LANCZOS))
+
+
+def _center_crop(array: np.ndarray, height: int, width: int) -> np.ndarray:
+    if height < 4 or width < 4:
+        raise ValueError(
+            f"image of {array.shape[1]}x{array.shape[0]} pixels is too small to crop to a multiple of 4"
+        )
+    top = (array.shape[0] - height) // 2
+    left = (array.shape[1] - width) // 2
+    return np.ascontiguousarray(array[top : top + height, left : left + width])
+
+
+def sha256_of_file(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fp:
+        for chunk in iter(lambda: fp.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Atomic writing
+# ---------------------------------------------------------------------------------------------------
+
+
+def write_image_atomic(
+    path: str | os.PathLike[str], array: np.ndarray, format: str | None = None, quality: int = 95
+) -> None:
+    """Encode an (H, W, 3) uint8 RGB array and atomically place it at `path` (format from the suffix)."""
+    path = Path(path)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) uint8 array, got shape {array.shape} dtype {array.dtype}")
+    pil_format = _save_format(path, format)
+    options = {"quality": quality} if pil_format in _LOSSY_FORMATS else {}
+    image = Image.fromarray(array)
+    _write_atomic(path, lambda fp: image.save(fp, format=pil_format, **options))
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    _write_atomic(Path(path), lambda fp: fp.write(data))
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
+    text = json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False) + "\n"
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def _save_format(path: Path, format: str | None) -> str:
+    if format is None:
+        try:
+            return _SAVE_FORMATS[path.suffix.lower()]
+        except KeyError:
+            raise ValueError(
+                f"cannot infer an image format from {path.name!r}; use one of {', '.join(_SAVE_FORMATS)}"
+            ) from None
+    format = format.upper()
+    return "JPEG" if format == "JPG" else format
+
+
+def _write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """Write via a hidden temp file in the same directory, fsync it, then rename over `path`.
+
+    Readers see either the old file or the complete new one, never a partial write; the temp file
+    lives in the target directory because os.replace is only atomic within one filesystem.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    # os.open with mode 0o666 lets the umask decide permissions (tempfile.mkstemp would force 0600).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as fp:
+            write(fp)
+            fp.flush()
+            os.fsync(fp.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Persist the rename itself across a power loss (POSIX only; Windows cannot open directories)."""
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,365 @@
+"""ONNX export of trained generators, checked and parity-tested against PyTorch before anything is written.
+
+Image generators follow the ONNX contract of DESIGN.md: float32 NCHW RGB in [-1, 1], dynamic batch, height
+and width (multiples of the network's `size_multiple`), with metadata properties that say where the model came
+from. The input is named ``image``; ONNX forbids a graph output with the name of a graph input (values are
+single-assignment), so the output is named ``translated``. Both names are also in the metadata ("input",
+"output"), and consumers should read them from the session or the metadata rather than hard-code them.
+
+Every export is checked with the ONNX checker and strict shape inference, then run in ONNX Runtime on the CPU
+against PyTorch eager on several batch sizes and non-square sizes the export never saw. A model that fails
+any of that is not written; a model that passes is written atomically, whole, in one file.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import pickle
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+from torch.export import Dim
+
+from models.dcgan import ConditionalGenerator
+from models.generators import (
+    ReferenceLoadError,
+    build_generator,
+    guess_reference_arch,
+    load_reference_state_dict,
+)
+from pipeline.errors import UserError
+from pipeline.images import sha256_of_file, write_bytes_atomic
+
+IMAGE_INPUT = "image"
+IMAGE_CHANNELS = 3
+IMAGE_OUTPUT = "translated"
+NORMALIZATION = "RGB float32 NCHW in [-1, 1]"
+FP16_ATOL = 5e-2
+
+IMAGE_METADATA = ("recipe", "direction", "source_domain", "target_domain", "training_commit", "params_hash")
+CONDITIONAL_METADATA = ("recipe", "training_commit", "params_hash")
+# Keys the exporter computes itself; a caller passing one would silently contradict the model.
+_DERIVED_METADATA = (
+    "kind",
+    "multiple",
+    "normalization",
+    "input",
+    "output",
+    "precision",
+    "z_dim",
+    "n_classes",
+    "image_size",
+)
+
+
+class ExportParityError(UserError):
+    """ONNX Runtime's output differs from PyTorch's by more than the tolerance; nothing was written."""
+
+
+def export_image_generator(
+    net: nn.Module,
+    out_path: Path,
+    metadata: dict[str, str],
+    opset: int = 18,
+    fp16: bool = False,
+    atol: float = 1e-4,
+) -> dict:
+    """Export an image-to-image generator to `out_path` (and `<stem>.fp16.onnx` with `fp16`), in eval mode.
+
+    `net` must have `size_multiple`; `metadata` must hold recipe, direction, source_domain, target_domain,
+    training_commit and params_hash as strings. `net` itself is not modified: a CPU float32 copy is exported.
+    The fp16 model keeps float32 input and output and computes in float16 (the network is exported from
+    PyTorch in half precision behind casts); its parity is measured against PyTorch in float32 and must be
+    below FP16_ATOL. Raises ExportParityError when either model misses its tolerance, in which case no file
+    is written. Returns {"path", "max_abs_error", "tolerance", "cases", "fp16": {same keys} | None}.
+    """
+    multiple = int(net.size_multiple)
+    props = _metadata_props(
+        metadata,
+        IMAGE_METADATA,
+        {
+            "kind": "image_translation",
+            "multiple": str(multiple),
+            "normalization": NORMALIZATION,
+            "input": IMAGE_INPUT,
+            "output": IMAGE_OUTPUT,
+        },
+    )
+    out_path = Path(out_path)
+    model = _eval_copy(net)
+    # Example sizes differ from each other so the exporter cannot tie height to width.
+    example = (torch.zeros(2, IMAGE_CHANNELS, 2 * multiple, 3 * multiple),)
+    dims = ({0: Dim("batch", min=1), 2: Dim("h", min=1) * multiple, 3: Dim("w", min=1) * multiple},)
+    cases = [_image_case(*size) for size in _image_sizes(multiple)]
+    with torch.no_grad():
+        expected = [model(*inputs) for inputs in cases]
+
+    variants = [(out_path, model, atol, "float32")]
+    if fp16:
+        half = _Float16Compute(copy.deepcopy(model).half()).eval()
+        variants.append((out_path.with_suffix(".fp16.onnx"), half, FP16_ATOL, "float16"))
+    protos, reports = [], []
+    for path, variant, tolerance, precision in variants:
+        proto = _export(variant, example, dims, [IMAGE_INPUT], [IMAGE_OUTPUT], opset)
+        onnx.helper.set_model_props(proto, {**props, "precision": precision})
+        reports.append(_check_parity(proto, path, [IMAGE_INPUT], cases, expected, tolerance))
+        protos.append(proto)
+    # Both models passed before either is written, so a failure never leaves a mismatched pair behind.
+    for (path, *_), proto in zip(variants, protos, strict=True):
+        write_bytes_atomic(path, proto.SerializeToString())
+    return {**reports[0], "fp16": reports[1] if fp16 else None}
+
+
+def export_conditional_generator(
+    net: ConditionalGenerator,
+    out_path: Path,
+    metadata: dict[str, str],
+    opset: int = 18,
+    atol: float = 1e-4,
+) -> dict:
+    """Export a class-conditional generator (forward(z, labels)) with inputs `z` (float32, (N, z_dim)) and
+    `label` (int64, (N,)) and output `image`, dynamic batch, in eval mode.
+
+    `metadata` must hold recipe, training_commit and params_hash; z_dim, n_classes and image_size are added.
+    Parity is checked on batches of 1 and 5. Returns {"path", "max_abs_error", "tolerance", "cases"}.
+    """
+    props = _metadata_props(
+        metadata,
+        CONDITIONAL_METADATA,
+        {
+            "kind": "conditional_generation",
+            "z_dim": str(net.z_dim),
+            "n_classes": str(net.n_classes),
+            "image_size": str(net.image_size),
+            "normalization": NORMALIZATION,
+            "input": "z,label",
+            "output": "image",
+            "precision": "float32",
+        },
+    )
+    out_path = Path(out_path)
+    model = _eval_copy(net)
+    example = (torch.zeros(2, net.z_dim), torch.zeros(2, dtype=torch.int64))
+    batch = Dim("batch", min=1)
+    generator = torch.Generator().manual_seed(0)
+    cases = [
+        (torch.randn(n, net.z_dim, generator=generator), torch.arange(n - 1, -1, -1) % net.n_classes)
+        for n in (1, 5)
+    ]
+    with torch.no_grad():
+        expected = [model(*inputs) for inputs in cases]
+    with warnings.catch_warnings():
+        # Both inputs share the batch dimension, which the exporter reports as an unused duplicate axis name.
+        warnings.filterwarnings("ignore", message=".*The axis name: batch will not be used")
+        proto = _export(model, example, ({0: batch}, {0: batch}), ["z", "label"], ["image"], opset)
+    onnx.helper.set_model_props(proto, props)
+    report = _check_parity(proto, out_path, ["z", "label"], cases, expected, atol)
+    write_bytes_atomic(out_path, proto.SerializeToString())
+    return report
+
+
+def read_metadata(onnx_path: Path) -> dict[str, str]:
+    """The metadata properties of an ONNX file; UserError if it is missing or not an ONNX model."""
+    try:
+        model = onnx.load_model(str(onnx_path), load_external_data=False)
+    except OSError as exc:
+        raise UserError(f"cannot read ONNX model {onnx_path}: {exc.strerror or exc}") from exc
+    except Exception as exc:
+        # A protobuf parse failure (DecodeError and friends) means the file is not an ONNX model.
+        raise UserError(f"{onnx_path} is not an ONNX model ({type(exc).__name__})") from exc
+    return {prop.key: prop.value for prop in model.metadata_props}
+
+
+def import_reference_checkpoint(
+    pth_path: Path, arch: str, norm: str, dropout: bool, out_path: Path, opset: int = 18
+) -> dict:
+    """Convert a generator checkpoint of junyanz/pytorch-CycleGAN-and-pix2pix into our ONNX contract.
+
+    The file must be a plain state dict (as the reference saves it); keys and shapes must fit
+    `build_generator(arch, 3, 3, 64, norm, dropout)` exactly, otherwise the UserError names the misfits
+    and the flags the file probably needs. The export is in eval mode: the reference's test.py keeps
+    pix2pix's batch norm in training mode and dropout on unless `--eval` is passed, so the ONNX model
+    matches `test.py --eval`, not its default output. Domains are unknown, so the metadata says A to B.
+    """
+    pth_path = Path(pth_path)
+    state_dict = _load_state_dict(pth_path)
+    flags = _flags(arch, norm, dropout)
+    try:
+        net = build_generator(arch, 3, 3, 64, norm, dropout)
+    except ValueError as exc:
+        raise UserError(f"cannot import {pth_path.name}: {exc}") from exc
+    try:
+        load_reference_state_dict(net, state_dict)
+    except ReferenceLoadError as exc:
+        # The key listing may end in an ellipsis, which needs no second full stop.
+        separator = " " if str(exc).endswith(".") else ". "
+        hint = _suggest_flags(state_dict, arch, norm, dropout)
+        raise UserError(f"{pth_path.name} does not fit {flags}: {exc}{separator}{hint}") from exc
+    metadata = {
+        "recipe": "reference-import",
+        "direction": "AtoB",
+        "source_domain": "A",
+        "target_domain": "B",
+        "training_commit": "unknown",
+        "params_hash": "",
+        "source_checkpoint": pth_path.name,
+        "source_checkpoint_sha256": sha256_of_file(pth_path),
+        "source_flags": flags,
+    }
+    # Eval mode on purpose (see the docstring): this matches the reference's `test.py --eval`.
+    return export_image_generator(net.eval(), Path(out_path), metadata, opset=opset)
+
+
+class _Float16Compute(nn.Module):
+    """Runs a half-precision network behind float32 input and output, so the fp16 model keeps the contract."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.net(image.half()).float()
+
+
+def _metadata_props(metadata: Mapping[str, str], required: tuple[str, ...], derived: dict[str, str]) -> dict:
+    missing = [key for key in required if key not in metadata]
+    if missing:
+        raise ValueError(f"export metadata lacks {', '.join(missing)}")
+    not_text = [key for key, value in metadata.items() if not isinstance(value, str)]
+    if not_text:
+        raise ValueError(f"export metadata values must be strings: {', '.join(not_text)}")
+    clashing = [key for key in metadata if key in _DERIVED_METADATA]
+    if clashing:
+        raise ValueError(f"export metadata keys {', '.join(clashing)} are set by the exporter")
+    return {**metadata, **derived}
+
+
+def _eval_copy(net: nn.Module) -> nn.Module:
+    """A CPU float32 copy in eval mode: the caller's network keeps its device, dtype and training flag."""
+    return copy.deepcopy(net).float().cpu().eval()
+
+
+def _image_sizes(multiple: int) -> list[tuple[int, int, int]]:
+    """(batch, height, width) parity cases: a square one and a taller-than-wide batch of 3, none of them the
+    export example, e.g. 32x32 and 36x20 for multiple 4, 32x32 and 64x32 for multiple 32."""
+    side = multiple * math.ceil(32 / multiple)
+    return [(1, side, side), (3, side + multiple, max(side - 3 * multiple, multiple))]
+
+
+def _image_case(batch: int, height: int, width: int) -> tuple[torch.Tensor]:
+    generator = torch.Generator().manual_seed(batch * 100_003 + height * 101 + width)
+    return (torch.rand(batch, IMAGE_CHANNELS, height, width, generator=generator) * 2 - 1,)
+
+
+def _export(
+    net: nn.Module,
+    example: tuple[torch.Tensor, ...],
+    dynamic_shapes: tuple[dict, ...],
+    input_names: list[str],
+    output_names: list[str],
+    opset: int,
+) -> onnx.ModelProto:
+    """torch.onnx's dynamo exporter, then the ONNX checker and strict shape inference on the result."""
+    program = torch.onnx.export(
+        net,
+        example,
+        dynamo=True,
+        input_names=input_names,
+        output_names=output_names,
+        dynamic_shapes=dynamic_shapes,
+        opset_version=opset,
+        external_data=False,
+        verbose=False,
+    )
+    proto = program.model_proto
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.shape_inference.infer_shapes(proto, strict_mode=True, check_type=True)
+    return proto
+
+
+def _check_parity(
+    proto: onnx.ModelProto,
+    path: Path,
+    input_names: list[str],
+    cases: list[tuple[torch.Tensor, ...]],
+    expected: list[torch.Tensor],
+    atol: float,
+) -> dict:
+    """Run `proto` in ONNX Runtime on the CPU for each case, compare with PyTorch, raise past `atol`."""
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    results = []
+    for inputs, reference in zip(cases, expected, strict=True):
+        feed = {name: tensor.numpy() for name, tensor in zip(input_names, inputs, strict=True)}
+        (output,) = session.run(None, feed)
+        error = float(np.max(np.abs(output.astype(np.float64) - reference.numpy())))
+        batch, _, height, width = reference.shape
+        results.append({"batch": batch, "height": height, "width": width, "max_abs_error": error})
+    # A NaN error ranks worst and fails the `not <=` test, so broken outputs never pass.
+    worst = max(results, key=lambda case: (math.isnan(case["max_abs_error"]), case["max_abs_error"]))
+    if not worst["max_abs_error"] <= atol:
+        raise ExportParityError(
+            f"ONNX model for {path.name} does not match PyTorch: max abs error {worst['max_abs_error']:.3g} "
+            f"exceeds {atol:g} at batch {worst['batch']}, {worst['height']}x{worst['width']}; nothing written"
+        )
+    return {"path": str(path), "max_abs_error": worst["max_abs_error"], "tolerance": atol, "cases": results}
+
+
+def _load_state_dict(pth_path: Path) -> dict:
+    try:
+        loaded = torch.load(pth_path, map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise UserError(f"cannot read checkpoint {pth_path}: {exc.strerror or exc}") from exc
+    except pickle.UnpicklingError as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        raise UserError(
+            f"{pth_path.name} is not a plain state dict ({first_line.rstrip('.')}); "
+            "save the generator with torch.save(net.state_dict(), path)"
+        ) from exc
+    except Exception as exc:
+        # Garbage bytes surface as whatever the unpickler tripped on (KeyError, EOFError, RuntimeError, ...).
+        raise UserError(f"{pth_path.name} is not a PyTorch checkpoint ({type(exc).__name__})") from exc
+    is_state_dict = (
+        isinstance(loaded, Mapping)
+        and loaded
+        and all(isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in loaded.items())
+    )
+    if not is_state_dict:
+        raise UserError(f"{pth_path.name} is not a generator state dict (a mapping of names to tensors)")
+    return dict(loaded)
+
+
+def _flags(arch: str, norm: str, dropout: bool) -> str:
+    return f"--arch {arch} --norm {norm}" + (" --dropout" if dropout else "")
+
+
+def _suggest_flags(state_dict: dict, arch: str, norm: str, dropout: bool) -> str:
+    """The flags the checkpoint's keys point to, plus what import-checkpoint cannot express."""
+    try:
+        guess = guess_reference_arch(state_dict)
+    except (ValueError, KeyError, IndexError) as exc:
+        return f"It does not look like a ResNet or U-Net generator of the reference either ({exc})"
+    hint = f"This looks like {_flags(guess['arch'], guess['norm'], guess['dropout'])}"
+    if guess["arch"].startswith("unet"):
+        hint += " (U-Net dropout leaves no keys and does not change an eval-mode export)"
+    unsupported = {
+        key: guess[key]
+        for key, default in (("ngf", 64), ("input_nc", 3), ("output_nc", 3), ("upsample", "transpose"))
+        if guess[key] != default
+    }
+    if guess.get("padding", "reflect") != "reflect":
+        unsupported["padding"] = guess["padding"]
+    if unsupported:
+        found = ", ".join(f"{key}={value}" for key, value in unsupported.items())
+        return hint + f", but with {found}, which the reference layout import does not support"
+    # Only ResNet dropout shifts keys; U-Net dropout cannot be told from the file.
+    same_dropout = guess["dropout"] == dropout or arch.startswith("unet")
+    if (guess["arch"], guess["norm"]) == (arch, norm) and same_dropout:
+        return hint + ", as given: the file is damaged or was changed after training"
+    return hint

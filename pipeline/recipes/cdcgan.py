@@ -1,0 +1,91 @@
+"""Class-conditional DCGAN (Radford et al. 2016; Mirza and Osindero 2014): samples of p(x | y) on a labeled domain."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models.dcgan import ConditionalDiscriminator, ConditionalGenerator
+from models.init import init_weights
+from pipeline.data import LabeledDataset, batches
+from pipeline.params import CDCGANParams
+from pipeline.training import Context, set_requires_grad
+
+EXPORTS = {"generator": "G"}
+
+
+def build_networks(p: CDCGANParams, n_classes: int = 10, image_size: int = 32) -> dict[str, nn.Module]:
+    nets = {
+        "G": ConditionalGenerator(p.z_dim, n_classes, image_size, p.ngf),
+        "D": ConditionalDiscriminator(n_classes, image_size, p.ndf, 3, p.conditioning, p.d_norm),
+    }
+    for net in nets.values():
+        init_weights(net, p.init_type, p.init_gain)
+    return nets
+
+
+class Recipe:
+    generator_names = ("G",)
+
+    def __init__(self, p: CDCGANParams, ctx: Context, data_dir: Path):
+        self.p, self.ctx = p, ctx
+        self.dataset = LabeledDataset(data_dir, "train", p.domain, p.augment)
+        self.n_classes = self.dataset.n_classes
+        self.network_args = {"n_classes": self.n_classes, "image_size": self.dataset[0]["image"].shape[-1]}
+        self.nets = {k: ctx.prepare(v) for k, v in build_networks(p, **self.network_args).items()}
+        self.G, self.D = ctx.forward(self.nets["G"]), ctx.forward(self.nets["D"])
+        self.optimizers = {
+            "G": ctx.optimizer(self.nets["G"].parameters()),
+            "D": ctx.optimizer(self.nets["D"].parameters()),
+        }
+        self.pools: dict = {}
+        generator = torch.Generator().manual_seed(0)
+        self.fixed_z = torch.randn(self.n_classes * 4, p.z_dim, generator=generator).to(ctx.device)
+        self.fixed_labels = torch.arange(self.n_classes).repeat_interleave(4).to(ctx.device)
+        self.example_inputs = {"G": (self.fixed_z[:1], self.fixed_labels[:1])}
+
+    def batches(self, seed: int, start_step: int):
+        return batches(self.dataset, self.p.batch_size, seed, start_step, self.p.num_workers)
+
+    def step(self, next_batch) -> dict[str, float]:
+        ctx, obj = self.ctx, self.ctx.objective
+        batch = next_batch()
+        d_losses = [self._critic_step(batch["image"], batch["label"])]
+        for _ in range(ctx.n_critic - 1):
+            extra = next_batch()
+            d_losses.append(self._critic_step(extra["image"], extra["label"]))
+
+        set_requires_grad([self.nets["D"]], False)
+        labels = batch["label"]
+        z = torch.randn(len(labels), self.p.z_dim, device=ctx.device)
+        with ctx.autocast():
+            g_loss = obj.g_loss(self.D(self.G(z, labels), labels))
+        ctx.update(g_loss, self.optimizers["G"])
+        set_requires_grad([self.nets["D"]], True)
+        values = torch.stack([g_loss, torch.stack(d_losses).mean()]).tolist()
+        return dict(zip(["G", "D"], values, strict=True))
+
+    def _critic_step(self, real: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        ctx, obj = self.ctx, self.ctx.objective
+        z = torch.randn(len(labels), self.p.z_dim, device=ctx.device)
+        with ctx.autocast():
+            # Fakes get the real batch's labels, so the penalty's interpolates share one condition.
+            with torch.no_grad():
+                fake = self.G(z, labels)
+            loss = obj.d_loss(self.D(real, labels), self.D(fake, labels)) + obj.penalty(
+                lambda x: self.D(x, labels), real, fake
+            )
+        ctx.update(loss, self.optimizers["D"])
+        obj.after_critic_step(self.nets["D"])
+        return loss.detach()
+
+    @torch.no_grad()
+    def sample_rows(self) -> list[torch.Tensor]:
+        """One row per class: four samples of each label."""
+        self.nets["G"].eval()
+        with self.ctx.autocast():
+            images = self.G(self.fixed_z, self.fixed_labels)
+        self.nets["G"].train()
+        return list(images.view(self.n_classes, 4, *images.shape[1:]).transpose(0, 1))
