@@ -140,14 +140,14 @@ def kid_from_features(
     """Kernel Inception Distance (Binkowski et al. 2018) of two (N, D) feature arrays: (mean, std).
 
     The unbiased MMD^2 estimate with the kernel k(x, y) = (x.y / D + 1)^3, on `subsets` random subsets
-    of min(subset_size, len(real), len(fake)) samples drawn without replacement from each set; std is
-    the population std of the subset estimates (as torchmetrics). When the subset size equals both set
-    sizes every subset is the whole set, so std is 0 and says nothing about the uncertainty.
+    drawn without replacement from each set; std is the population std of the subset estimates (as
+    torchmetrics). Subsets hold min(subset_size, half of the smaller set) samples (at least 2): a subset
+    as large as the whole set would be the same every time and its std would say nothing.
     """
     real, fake = _feature_pair(real_feats, fake_feats, "KID")
     if subsets < 1 or subset_size < 2:
         raise ValueError(f"KID needs subsets >= 1 and subset_size >= 2, got {subsets} and {subset_size}")
-    size = min(subset_size, len(real), len(fake))
+    size = max(2, min(subset_size, len(real) // 2, len(fake) // 2))
     rng = np.random.default_rng(seed)
     scores = []
     for _ in range(subsets):
@@ -191,7 +191,11 @@ class FeatureExtractor(Protocol):
 
 
 class ClassifierFeatures:
-    """Penultimate features of a trained classifier with `.features(x)` on float NCHW input in [-1, 1]."""
+    """Penultimate features of a trained classifier with `.features(x)` on float NCHW input in [-1, 1].
+
+    Each feature vector is scaled to unit length: raw ReLU features have norms in the tens, which puts KID's
+    cubic kernel (x.y / D + 1)^3 in the thousands and its small-sample noise far above any real difference.
+    """
 
     def __init__(self, classifier: nn.Module, name: str = "digits-classifier", batch_size: int = 256):
         self.classifier = classifier
@@ -208,7 +212,7 @@ class ClassifierFeatures:
                 feats = [self.classifier.features(x / 127.5 - 1) for x in batches]
         finally:
             self.classifier.train(was_training)
-        return torch.cat(feats).double().cpu().numpy()
+        return torch.nn.functional.normalize(torch.cat(feats).double(), dim=1).cpu().numpy()
 
 
 class InceptionFeatures:

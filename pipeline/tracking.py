@@ -78,21 +78,27 @@ class Run:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
-    def log_model(self, module, name: str, example: tuple) -> None:
-        """As a torch.export (pt2) program traced on `example`: no pickled code in the artifact."""
+    def log_model(self, module, name: str, example: dict) -> None:
+        """As a torch.export (pt2) program traced on `example` (input name -> tensor): no pickled code."""
         import mlflow.pytorch
         import torch
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
 
+        arrays = {key: t.detach().cpu().numpy() for key, t in example.items()}
+        # An explicit signature: MLflow cannot derive one for several inputs, and -1 keeps the batch dynamic.
+        signature = ModelSignature(
+            inputs=Schema([TensorSpec(a.dtype, (-1, *a.shape[1:]), key) for key, a in arrays.items()])
+        )
         # Explicit requirements: inferring them imports and inspects the whole environment (slow).
         requirements = [f"torch=={torch.__version__.split('+')[0]}"]
-        # MLflow derives the pt2 signature from numpy examples (tensors give no TensorSpec).
-        arrays = tuple(t.detach().cpu().numpy() for t in example)
         mlflow.pytorch.log_model(
             module,
             name=name,
             pip_requirements=requirements,
             serialization_format="pt2",
-            input_example=arrays if len(arrays) > 1 else arrays[0],
+            signature=signature,
+            input_example=tuple(arrays.values()) if len(arrays) > 1 else next(iter(arrays.values())),
         )
 
     def end(self, status: str = "FINISHED") -> None:

@@ -30,3 +30,45 @@ def run_cli(tmp_path):
         )
 
     return run
+
+
+# Tiny networks and few steps: enough to run every code path of a recipe in seconds on a CPU.
+TINY = {
+    "cyclegan": ["cyclegan.generator.arch=resnet_1blocks", "cyclegan.generator.ngf=4", "cyclegan.discriminator.ndf=4",
+                 "cyclegan.discriminator.n_layers=1", "cyclegan.discriminator.kind=n_layers", "cyclegan.batch_size=2",
+                 "cyclegan.pool_size=3"],
+    "pix2pix": ["pix2pix.generator.arch=unet_5down", "pix2pix.generator.ngf=4", "pix2pix.discriminator.ndf=4",
+                "pix2pix.discriminator.n_layers=1", "pix2pix.discriminator.kind=n_layers", "pix2pix.batch_size=2"],
+    "cdcgan": ["cdcgan.ngf=4", "cdcgan.ndf=4", "cdcgan.z_dim=8", "cdcgan.batch_size=4"],
+}
+
+
+def tiny(recipe: str, steps: int = 4, every: int = 2) -> list[str]:
+    return [*TINY[recipe], f"{recipe}.steps={steps}", f"{recipe}.checkpoint_every={every}",
+            f"{recipe}.sample_every={every}", f"{recipe}.log_every={every}"]
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory) -> Path:
+    """The built-in datasets, prepared once per test session."""
+    from pipeline.params import load_params
+    from pipeline.prepare import prepare_dataset
+
+    root = tmp_path_factory.mktemp("prepared")
+    params = load_params(REPO / "params.yaml")
+    for name, spec in params.data.datasets.items():
+        prepare_dataset(name, spec, root, params.seed, log=lambda _: None)
+    return root
+
+
+@pytest.fixture
+def workdir(tmp_path, digits_root, monkeypatch) -> Path:
+    """A folder with the repository's params.yaml pointing at the prepared data, and MLflow in sqlite there."""
+    import yaml
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"]["root"] = str(digits_root)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return tmp_path

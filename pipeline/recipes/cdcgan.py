@@ -44,7 +44,7 @@ class Recipe:
         generator = torch.Generator().manual_seed(0)
         self.fixed_z = torch.randn(self.n_classes * 4, p.z_dim, generator=generator).to(ctx.device)
         self.fixed_labels = torch.arange(self.n_classes).repeat_interleave(4).to(ctx.device)
-        self.example_inputs = {"G": (self.fixed_z[:1], self.fixed_labels[:1])}
+        self.example_inputs = {"G": {"z": self.fixed_z[:2], "label": self.fixed_labels[:2]}}
 
     def batches(self, seed: int, start_step: int):
         return batches(self.dataset, self.p.batch_size, seed, start_step, self.p.num_workers)

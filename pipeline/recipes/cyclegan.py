@@ -46,7 +46,10 @@ class Recipe:
         self.pools = {"fake_A": ImagePool(p.pool_size), "fake_B": ImagePool(p.pool_size)}
         fixed = [self.dataset[i] for i in range(min(8, len(self.dataset.a)))]
         self.fixed = ctx.to_device({k: torch.stack([f[k] for f in fixed]) for k in ("A", "B")})
-        self.example_inputs = {name: (self.fixed[domain][:1],) for name, domain in (("G_AB", "A"), ("G_BA", "B"))}
+        # Two samples: a batch of one would pin the exported batch size to 1.
+        self.example_inputs = {
+            name: {"image": self.fixed[domain][:2]} for name, domain in (("G_AB", "A"), ("G_BA", "B"))
+        }
 
     def batches(self, seed: int, start_step: int):
         return batches(self.dataset, self.p.batch_size, seed, start_step, self.p.num_workers)

@@ -46,7 +46,7 @@ class Recipe:
         self.pools: dict = {}
         fixed = [self.dataset[i] for i in range(min(8, len(self.dataset)))]
         self.fixed = ctx.to_device({k: torch.stack([f[k] for f in fixed]) for k in ("A", "B")})
-        self.example_inputs = {"G": (self.fixed["A"][:1],)}
+        self.example_inputs = {"G": {"image": self.fixed["A"][:2]}}
 
     def batches(self, seed: int, start_step: int):
         return batches(self.dataset, self.p.batch_size, seed, start_step, self.p.num_workers)

@@ -1,0 +1,1 @@
+"""Everything that moves data: params, preparation, training, evaluation, export, inference and the CLI."""

@@ -1,0 +1,222 @@
+"""Which objective should I choose? Every objective trains the same small MLP GAN on two 2-D mixtures of
+Gaussians, each with the optimizer, learning rate and n_critic its authors recommend, and is scored on how many
+modes it covers and how many of its samples land on a mode, in the spirit of Lucic et al., "Are GANs Created Equal?".
+
+Datasets (the standard mode-collapse benchmarks):
+    ring8   8 Gaussians evenly spaced on a circle of radius 2, std 0.02 (Metz et al., unrolled GAN; VEEGAN;
+            PacGAN uses the same ring halved: radius 1, std 0.01).
+    grid25  25 Gaussians at {-4, -2, 0, 2, 4}^2, std 0.05 (VEEGAN; PacGAN).
+
+Metrics, on 2500 generated samples as in VEEGAN and PacGAN:
+    high_quality   fraction of samples within 3 std of their nearest mode.
+    modes_covered  modes with at least 0.8% of the samples (20 of 2500) within 3 std of them. Counting a mode on
+                   one stray sample would reward noise; 20 is a fifth of a grid25 mode's fair share (100), so an
+                   under-weighted but real mode still counts.
+
+Flow objectives plug in by adding a trainer to TRAINERS, e.g. ``TRAINERS["mle"] = train_flow``.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from models import objectives as registry
+from pipeline.images import write_bytes_atomic, write_json_atomic
+
+SAMPLES = 2500
+MIN_SHARE = 20 / SAMPLES
+Z_DIM = 16
+HIDDEN = 128
+BATCH = 256
+STEPS = 2000
+
+
+@dataclass(frozen=True)
+class Toy:
+    """A mixture of equally weighted isotropic Gaussians with a shared standard deviation."""
+
+    name: str
+    means: Tensor  # (modes, 2)
+    std: float
+
+    def sample(self, n: int) -> Tensor:
+        return self.means[torch.randint(len(self.means), (n,))] + self.std * torch.randn(n, 2)
+
+
+def ring8() -> Toy:
+    angles = torch.arange(8) * (2 * math.pi / 8)
+    return Toy("ring8", 2.0 * torch.stack([angles.cos(), angles.sin()], dim=1), 0.02)
+
+
+def grid25() -> Toy:
+    axis = torch.tensor([-4.0, -2.0, 0.0, 2.0, 4.0])
+    return Toy("grid25", torch.cartesian_prod(axis, axis), 0.05)
+
+
+DATASETS: dict[str, Callable[[], Toy]] = {"ring8": ring8, "grid25": grid25}
+
+
+def mode_metrics(samples: Tensor, toy: Toy, min_share: float = MIN_SHARE) -> tuple[int, float]:
+    """(modes_covered, high_quality) of `samples` (n, 2): see the module docstring."""
+    distance, nearest = torch.cdist(samples.float(), toy.means).min(dim=1)
+    good = distance <= 3 * toy.std
+    counts = torch.bincount(nearest[good], minlength=len(toy.means))
+    return int((counts >= min_share * len(samples)).sum()), good.float().mean().item()
+
+
+def mlp(n_in: int, n_out: int, activation: Callable[[], nn.Module]) -> nn.Sequential:
+    """Three hidden layers of HIDDEN units; no normalisation, so the gradient penalty sees independent samples."""
+    sizes = [n_in, HIDDEN, HIDDEN, HIDDEN]
+    layers = [m for a, b in zip(sizes, sizes[1:]) for m in (nn.Linear(a, b), activation())]
+    return nn.Sequential(*layers, nn.Linear(HIDDEN, n_out))
+
+
+def _optimizer(net: nn.Module, rec: dict) -> torch.optim.Optimizer:
+    if rec["optimizer"] == "rmsprop":
+        return torch.optim.RMSprop(net.parameters(), lr=rec["lr"])
+    return torch.optim.Adam(net.parameters(), lr=rec["lr"], betas=rec["betas"])
+
+
+def train_gan(name: str, toy: Toy, steps: int, n: int) -> Tensor:
+    """Train a GAN with objective `name` for `steps` generator steps; return n generated samples."""
+    objective = registry.get(name)
+    rec = objective.recommended
+    G, D = mlp(Z_DIM, 2, nn.ReLU), mlp(2, 1, lambda: nn.LeakyReLU(0.2))
+    opt_g, opt_d = _optimizer(G, rec), _optimizer(D, rec)
+    for _ in range(steps):
+        for _ in range(rec["n_critic"]):
+            real = toy.sample(BATCH)
+            with torch.no_grad():
+                fake = G(torch.randn(BATCH, Z_DIM))
+            loss = objective.d_loss(D(real), D(fake)) + objective.penalty(D, real, fake)
+            opt_d.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_d.step()
+            objective.after_critic_step(D)
+        loss = objective.g_loss(D(G(torch.randn(BATCH, Z_DIM))))
+        opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_g.step()
+    with torch.no_grad():
+        return G(torch.randn(n, Z_DIM))
+
+
+# name -> trainer(toy, steps, n) returning n samples; every trainer is seeded by run_benchmark.
+Trainer = Callable[[Toy, int, int], Tensor]
+TRAINERS: dict[str, Trainer] = {name: functools.partial(train_gan, name) for name in registry.names()}
+
+
+def run_benchmark(
+    objectives: list[str] | None = None,
+    datasets: list[str] | None = None,
+    seeds: int = 3,
+    steps: int = STEPS,
+    out_dir: Path = Path("reports/bench"),
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Train every objective on every dataset with seeds 0..seeds-1; write objectives.json and objectives.png to
+    out_dir and return {"results": [...], "settings": {...}}. Each result averages its seeds; "seconds" is the
+    mean wall time of one seed's training and sampling."""
+    objectives = objectives or list(TRAINERS)
+    datasets = datasets or list(DATASETS)
+    unknown = [n for n in objectives if n not in TRAINERS] + [n for n in datasets if n not in DATASETS]
+    if unknown:
+        raise ValueError(f"unknown objective or dataset {', '.join(map(repr, unknown))} "
+                         f"(valid: {', '.join([*TRAINERS, *DATASETS])})")
+    threads = torch.get_num_threads()
+    # The networks are tiny: thread hand-offs cost more than they save beyond 2 cores.
+    torch.set_num_threads(min(threads, 2))
+    results, first_samples = [], {}
+    try:
+        for dataset in datasets:
+            toy = DATASETS[dataset]()
+            for name in objectives:
+                covered, quality, seconds = [], [], []
+                for seed in range(seeds):
+                    torch.manual_seed(seed)
+                    start = time.perf_counter()
+                    samples = TRAINERS[name](toy, steps, SAMPLES)
+                    seconds.append(time.perf_counter() - start)
+                    modes, hq = mode_metrics(samples, toy)
+                    covered.append(modes)
+                    quality.append(hq)
+                    first_samples.setdefault((name, dataset), samples)
+                    if progress:
+                        progress(f"{dataset} {name} seed {seed}: {modes}/{len(toy.means)} modes, "
+                                 f"high quality {hq:.3f}, {seconds[-1]:.1f}s")
+                results.append({
+                    "dataset": dataset,
+                    "objective": name,
+                    "modes_covered": _mean(covered),
+                    "high_quality": round(_mean(quality), 4),
+                    "seconds": round(_mean(seconds), 2),
+                    "modes_total": len(toy.means),
+                    "modes_covered_std": round(_std(covered), 2),
+                    "high_quality_std": round(_std(quality), 4),
+                    "seeds": seeds,
+                })
+    finally:
+        torch.set_num_threads(threads)
+    report = {"results": results, "settings": {"steps": steps, "batch": BATCH, "samples": SAMPLES,
+                                               "min_share": MIN_SHARE, "z_dim": Z_DIM, "hidden": HIDDEN}}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / "objectives.json", report)
+    write_bytes_atomic(out_dir / "objectives.png", _scatter_grid(objectives, datasets, first_samples))
+    return report
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _std(values: list[float]) -> float:
+    mean = _mean(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+
+
+def _scatter_grid(objectives: list[str], datasets: list[str], samples: dict) -> bytes:
+    """PNG of the first seed's samples: one row per objective, one column per dataset, real modes in red."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    # A bare Figure on the Agg canvas: no pyplot, so no global backend switch for the caller.
+    fig = Figure(figsize=(2.6 * len(datasets), 2.6 * len(objectives)), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(objectives), len(datasets), squeeze=False)
+    for row, name in enumerate(objectives):
+        for col, dataset in enumerate(datasets):
+            ax, toy, points = axes[row][col], DATASETS[dataset](), samples[name, dataset]
+            modes, hq = mode_metrics(points, toy)
+            ax.scatter(points[:, 0], points[:, 1], s=1, alpha=0.4, color="tab:blue", rasterized=True)
+            ax.scatter(toy.means[:, 0], toy.means[:, 1], s=12, marker="x", color="tab:red")
+            limit = 1.5 * toy.means.abs().max().item()
+            ax.set(xlim=(-limit, limit), ylim=(-limit, limit), xticks=[], yticks=[], aspect="equal")
+            ax.set_title(f"{name} / {dataset}\n{modes}/{len(toy.means)} modes, hq {hq:.2f}", fontsize=8)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+def format_table(results: list[dict]) -> str:
+    """Markdown table of run_benchmark's results, one row per dataset and objective."""
+    lines = ["| dataset | objective | modes covered | high quality | seconds / seed |", "|---|---|---|---|---|"]
+    for r in results:
+        modes = f"{r['modes_covered']:.1f}"
+        if "modes_total" in r:
+            modes += f" / {r['modes_total']}"
+        if "modes_covered_std" in r:
+            modes += f" (± {r['modes_covered_std']:.1f})"
+        quality = f"{r['high_quality']:.3f}"
+        if "high_quality_std" in r:
+            quality += f" (± {r['high_quality_std']:.3f})"
+        lines.append(f"| {r['dataset']} | {r['objective']} | {modes} | {quality} | {r['seconds']:.1f} |")
+    return "\n".join(lines)

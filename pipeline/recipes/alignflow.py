@@ -1,0 +1,136 @@
+"""AlignFlow (Grover et al. 2020): two flows share one latent space, so A -> B -> A is the identity by construction.
+
+f_A: A -> Z and f_B: B -> Z; G_AB = f_B^-1 . f_A and G_BA = f_A^-1 . f_B are exact inverses of each other and
+need no cycle loss. The flows learn from the adversarial objective on both translations (PatchGAN critics
+with image pools, as in CycleGAN) plus `nll_weight` times NLL_A + NLL_B, each in bits per dimension.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models.discriminators import build_discriminator
+from models.flows import AlignedTranslator, ImageFlow, bits_per_dim as to_bits_per_dim, standard_normal_log_prob
+from models.init import init_weights
+from pipeline.data import UnpairedDataset, batches
+from pipeline.params import AlignFlowParams, FlowParams
+from pipeline.training import Context, ImagePool, set_requires_grad
+
+EXPORTS = {"AtoB": "G_AB", "BtoA": "G_BA"}
+
+
+def build_flow(p: FlowParams, image_size: int, orient: bool = False) -> ImageFlow:
+    return ImageFlow(
+        3, image_size, p.n_scales, p.n_couplings, p.hidden_channels, p.n_res_blocks, p.actnorm, p.invconv, orient
+    )
+
+
+def build_networks(p: AlignFlowParams, image_size: int = 32) -> dict[str, nn.Module]:
+    """G_AB and G_BA hold the same two flows (a checkpoint lists them under both names, so either export loads
+    alone); f_B starts as a copy of f_A, so the translations start close to the identity on image structure."""
+    flow_a = build_flow(p.flow, image_size, orient=True)
+    flow_b = copy.deepcopy(flow_a)
+    d = p.discriminator
+    nets = {"G_AB": AlignedTranslator(flow_a, flow_b), "G_BA": AlignedTranslator(flow_b, flow_a)}
+    nets |= {
+        name: init_weights(
+            build_discriminator(d.kind, 3, d.ndf, d.n_layers, d.norm, d.spectral_norm), p.init_type, p.init_gain
+        )
+        for name in ("D_A", "D_B")
+    }
+    return nets
+
+
+@torch.no_grad()
+def bits_per_dim(generators: dict[str, nn.Module], images: dict[str, torch.Tensor], batch_size: int = 256) -> dict:
+    """Mean bits/dim of each domain's images under its flow, e.g. {"A": 3.1, "B": 2.7}, from the exported
+    translators ({"AtoB": G_AB, ...}); dequantisation noise is seeded so the numbers are reproducible."""
+    flows = {"A": generators["AtoB"].source, "B": generators["AtoB"].target}
+    return {domain: mean_bits_per_dim(flows[domain], images[domain], batch_size) for domain in images}
+
+
+@torch.no_grad()
+def mean_bits_per_dim(flow: ImageFlow, images: torch.Tensor, batch_size: int = 256) -> float:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        log_probs = torch.cat([flow.log_prob(chunk) for chunk in images.split(batch_size)])
+    return float(to_bits_per_dim(log_probs, images[0].numel()).mean())
+
+
+class Recipe:
+    generator_names = ("G_AB", "G_BA")
+
+    def __init__(self, p: AlignFlowParams, ctx: Context, data_dir: Path):
+        self.p, self.ctx = p, ctx
+        self.dataset = UnpairedDataset(data_dir, "train", p.augment)
+        self.network_args = {"image_size": self.dataset[0]["A"].shape[-1]}
+        self.nets = {k: ctx.prepare(v) for k, v in build_networks(p, **self.network_args).items()}
+        self.f_A, self.f_B = self.nets["G_AB"].source, self.nets["G_AB"].target
+        self.D_A, self.D_B = ctx.forward(self.nets["D_A"]), ctx.forward(self.nets["D_B"])
+        self.optimizers = {
+            "G": ctx.optimizer(self.nets["G_AB"].parameters()),
+            "D": ctx.optimizer([*self.nets["D_A"].parameters(), *self.nets["D_B"].parameters()]),
+        }
+        self.pools = {"fake_A": ImagePool(p.pool_size), "fake_B": ImagePool(p.pool_size)}
+        fixed = [self.dataset[i] for i in range(min(8, len(self.dataset.a)))]
+        self.fixed = ctx.to_device({k: torch.stack([f[k] for f in fixed]) for k in ("A", "B")})
+        self.example_inputs = {name: (self.fixed[domain][:1],) for name, domain in (("G_AB", "A"), ("G_BA", "B"))}
+
+    def batches(self, seed: int, start_step: int):
+        return batches(self.dataset, self.p.batch_size, seed, start_step, self.p.num_workers)
+
+    def step(self, next_batch) -> dict[str, float]:
+        p, ctx, obj = self.p, self.ctx, self.ctx.objective
+        critics = [self.nets["D_A"], self.nets["D_B"]]
+        batch = next_batch()
+        real_A, real_B = batch["A"], batch["B"]
+        n_dims = real_A[0].numel()
+
+        set_requires_grad(critics, False)
+        # The flows run in fp32: log-determinants and exact inverses lose too much in half precision.
+        z_A, log_det_A = self.f_A(real_A)
+        z_B, log_det_B = self.f_B(real_B)
+        # One encoding serves both terms: the likelihood of the real image and its translation.
+        nll_A = to_bits_per_dim(standard_normal_log_prob(z_A) + log_det_A, n_dims).mean()
+        nll_B = to_bits_per_dim(standard_normal_log_prob(z_B) + log_det_B, n_dims).mean()
+        fake_B, fake_A = self.f_B.inverse(z_A), self.f_A.inverse(z_B)
+        with ctx.autocast():
+            adv = obj.g_loss(self.D_B(fake_B)) + obj.g_loss(self.D_A(fake_A))
+        g_loss = adv + p.nll_weight * (nll_A + nll_B)
+        ctx.update(g_loss, self.optimizers["G"])
+        set_requires_grad(critics, True)
+
+        d_losses = [self._critic_step(real_A, real_B, fake_A.detach(), fake_B.detach())]
+        for _ in range(ctx.n_critic - 1):
+            extra = next_batch()
+            with torch.no_grad():
+                fresh_B, fresh_A = self.nets["G_AB"](extra["A"]), self.nets["G_BA"](extra["B"])
+            d_losses.append(self._critic_step(extra["A"], extra["B"], fresh_A, fresh_B))
+        d_mean = torch.stack(d_losses).mean(0)
+        values = torch.stack([g_loss, adv, nll_A, nll_B, d_mean[0], d_mean[1]]).tolist()
+        return dict(zip(["G", "G_adv", "bpd_A", "bpd_B", "D_A", "D_B"], values, strict=True))
+
+    def _critic_step(self, real_A, real_B, fake_A, fake_B) -> torch.Tensor:
+        ctx, obj = self.ctx, self.ctx.objective
+        fake_A, fake_B = self.pools["fake_A"].query(fake_A), self.pools["fake_B"].query(fake_B)
+        with ctx.autocast():
+            # Halved as in CycleGAN, so D learns at half the rate of G.
+            loss_A = 0.5 * obj.d_loss(self.D_A(real_A), self.D_A(fake_A)) + obj.penalty(self.D_A, real_A, fake_A)
+            loss_B = 0.5 * obj.d_loss(self.D_B(real_B), self.D_B(fake_B)) + obj.penalty(self.D_B, real_B, fake_B)
+        ctx.update(loss_A + loss_B, self.optimizers["D"])
+        obj.after_critic_step(self.nets["D_A"])
+        obj.after_critic_step(self.nets["D_B"])
+        return torch.stack([loss_A.detach(), loss_B.detach()])
+
+    @torch.no_grad()
+    def sample_rows(self) -> list[torch.Tensor]:
+        """input A | A->B | A->B->A, then input B | B->A | B->A->B."""
+        G_AB, G_BA = self.nets["G_AB"].eval(), self.nets["G_BA"].eval()
+        fake_B, fake_A = G_AB(self.fixed["A"]), G_BA(self.fixed["B"])
+        rows = [self.fixed["A"], fake_B, G_BA(fake_B), self.fixed["B"], fake_A, G_AB(fake_A)]
+        G_AB.train(), G_BA.train()
+        return rows

@@ -1,0 +1,200 @@
+"""`translate`: a file or a folder of images through the inference engine, with I/O overlapped with inference.
+
+Worker threads decode ahead and encode behind while the main thread runs the model (Pillow, zlib and ONNX
+Runtime all release the GIL). Decoded images wait in buckets by size and go to the engine as a batch when a
+bucket is full, or when too many pixels are waiting, so memory stays bounded on folders of any size.
+Outputs are written atomically, so an interrupted run leaves only complete files and `skip_existing` resumes it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import UserError
+from pipeline.images import BadImage, decode_rgb, list_images, write_image_atomic, write_json_atomic
+from pipeline.infer import Engine, InferenceError
+
+FORMATS = ("png", "jpg", "webp")
+_OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+# Decoded pixels allowed to wait in size buckets; past this the fullest bucket runs as a partial batch.
+_WAITING_PIXELS = 64 * 2**20
+# Pixels in one batch, so the default batch size on large photos does not exhaust memory.
+_BATCH_PIXELS = 8 * 512 * 512
+
+
+def translate_path(
+    input: Path,
+    output: Path,
+    engine: Engine,
+    batch_size: int = 8,
+    fmt: str = "png",
+    skip_existing: bool = False,
+    tile: int | None = None,
+    workers: int = 2,
+    progress: bool = True,
+    report_path: Path | None = None,
+) -> dict:
+    """Translate INPUT (an image, or a folder searched recursively) into OUTPUT, keeping relative paths and stems.
+
+    For a single image, OUTPUT is the output file when it has an image suffix (which then sets the format),
+    else a folder. Bad inputs are listed in the report with a reason and the rest go on. Returns (and writes to
+    `report_path`) {"translated", "skipped", "rejected": [{"path", "reason"}], "seconds", "provider",
+    "images_per_second"}.
+    """
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if tile is not None and tile < engine.multiple:
+        raise UserError(f"--tile {tile} is smaller than the model's multiple ({engine.multiple})")
+    start = time.perf_counter()
+    jobs, rejected = _plan(Path(input), Path(output), fmt)
+    todo = [job for job in jobs if not (skip_existing and job[1].exists())]
+    report = {"translated": 0, "skipped": len(jobs) - len(todo), "rejected": rejected}
+
+    with ThreadPoolExecutor(max(1, workers)) as pool, _progress_bar(len(todo), progress) as advance:
+        writes: deque[tuple[Path, Future]] = deque()
+        ahead = 2 * batch_size + max(1, workers)
+
+        def reject(source: Path, reason: str) -> None:
+            report["rejected"].append({"path": str(source), "reason": reason})
+            advance()
+
+        def finish_write() -> None:
+            source, future = writes.popleft()
+            try:
+                future.result()
+                report["translated"] += 1
+                advance()
+            except OSError as exc:
+                reject(source, f"cannot write output ({exc.strerror or exc})")
+
+        def write(jobs_and_outputs: list[tuple[tuple[Path, Path], np.ndarray]]) -> None:
+            for (source, target), image in jobs_and_outputs:
+                writes.append((source, pool.submit(write_image_atomic, target, image)))
+            while len(writes) > ahead:
+                finish_write()
+
+        def run(batch: list[tuple[tuple[Path, Path], np.ndarray]]) -> None:
+            try:
+                outputs = engine.translate_batch([image for _, image in batch])
+            except InferenceError as exc:
+                for (source, _), _ in batch:
+                    reject(source, str(exc))
+                return
+            write(list(zip([job for job, _ in batch], outputs, strict=True)))
+
+        buckets: dict[tuple[int, int], list] = {}
+        for job, decoded in _decode_ahead(pool, todo, ahead):
+            if isinstance(decoded, BadImage):
+                reject(job[0], str(decoded))
+                continue
+            height, width = decoded.shape[:2]
+            if tile is not None and max(height, width) > tile:
+                try:
+                    write([(job, engine.translate(decoded, tile))])
+                except InferenceError as exc:
+                    reject(job[0], str(exc))
+                continue
+            bucket = buckets.setdefault((height, width), [])
+            bucket.append((job, decoded))
+            if len(bucket) >= min(batch_size, max(1, _BATCH_PIXELS // (height * width))):
+                run(buckets.pop((height, width)))
+            elif sum(h * w * len(b) for (h, w), b in buckets.items()) > _WAITING_PIXELS:
+                run(buckets.pop(max(buckets, key=lambda size: size[0] * size[1] * len(buckets[size]))))
+        for batch in buckets.values():
+            run(batch)
+        while writes:
+            finish_write()
+
+    seconds = time.perf_counter() - start
+    report.update(
+        seconds=round(seconds, 3),
+        provider=engine.provider,
+        images_per_second=round(report["translated"] / seconds, 3) if seconds > 0 else 0.0,
+    )
+    if report_path is not None:
+        write_json_atomic(report_path, report)
+    return report
+
+
+def exit_code(report: dict) -> int:
+    """The CLI's exit status: 0 when every input was translated or skipped, 1 when some were rejected.
+    (Usage errors raise UserError before any work and exit 2.)"""
+    return 1 if report["rejected"] else 0
+
+
+def _plan(input: Path, output: Path, fmt: str) -> tuple[list[tuple[Path, Path]], list[dict]]:
+    """(source, target) pairs, and the sources refused because another one already claimed their target."""
+    if input.is_file():
+        target = output if output.suffix.lower() in _OUTPUT_SUFFIXES else output / f"{input.stem}.{fmt}"
+        return [(input, target)], []
+    if not input.is_dir():
+        raise UserError(f"input not found: {input}")
+    # An output folder inside the input folder must not feed a later run's outputs back in as inputs.
+    out_root = output.resolve()
+    sources = [path for path in list_images(input) if not path.resolve().is_relative_to(out_root)]
+    jobs, rejected, claimed = [], [], {}
+    for source in sources:
+        target = output / source.relative_to(input).with_suffix(f".{fmt}")
+        if target in claimed:
+            # photo.jpg and photo.png would both become photo.<fmt>: the second is refused, not overwritten.
+            rejected.append({"path": str(source), "reason": f"same output name as {claimed[target]}"})
+            continue
+        claimed[target] = source
+        jobs.append((source, target))
+    return jobs, rejected
+
+
+def _decode_ahead(
+    pool: ThreadPoolExecutor, jobs: list[tuple[Path, Path]], ahead: int
+) -> Iterator[tuple[tuple[Path, Path], np.ndarray | BadImage]]:
+    """Decoded images (or the BadImage that refused them) in order, with at most `ahead` decodes in flight."""
+    pending: deque[tuple[tuple[Path, Path], Future]] = deque()
+
+    def result(job: tuple[Path, Path], future: Future) -> tuple[tuple[Path, Path], np.ndarray | BadImage]:
+        try:
+            return job, future.result()
+        except BadImage as exc:
+            return job, exc
+
+    for job in jobs:
+        pending.append((job, pool.submit(decode_rgb, job[0])))
+        if len(pending) > ahead:
+            yield result(*pending.popleft())
+    while pending:
+        yield result(*pending.popleft())
+
+
+@contextmanager
+def _progress_bar(total: int, enabled: bool) -> Iterator[Callable[[], None]]:
+    """A rich progress bar with images/s on stderr; yields the function that advances it by one image."""
+    if not enabled:
+        yield lambda: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (
+        TextColumn("translating"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=Console(stderr=True)) as bar:
+        task = bar.add_task("translate", total=total, rate="")
+
+        def advance() -> None:
+            bar.advance(task)
+            speed = bar.tasks[0].speed
+            bar.update(task, rate=f"{speed:.2f} img/s" if speed else "")
+
+        yield advance

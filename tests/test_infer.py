@@ -1,0 +1,144 @@
+"""The inference engine against real ONNX Runtime sessions of small exported generators."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.generators import build_generator
+from pipeline.errors import UserError
+from pipeline.infer import Engine, InferenceError, open_engine
+from pipeline.onnx_export import export_image_generator
+from tests.corpus import gradient
+
+METADATA = {
+    "recipe": "test",
+    "direction": "AtoB",
+    "source_domain": "A",
+    "target_domain": "B",
+    "training_commit": "x",
+    "params_hash": "y",
+}
+
+
+def _export(path: Path, norm: str) -> tuple[torch.nn.Module, Path]:
+    torch.manual_seed(0)
+    net = build_generator("resnet_2blocks", ngf=8, norm=norm).eval()
+    export_image_generator(net, path, METADATA)
+    return net, path
+
+
+@pytest.fixture(scope="module")
+def instance_model(tmp_path_factory):
+    return _export(tmp_path_factory.mktemp("models") / "instance.onnx", "instance")
+
+
+@pytest.fixture(scope="module")
+def local_model(tmp_path_factory):
+    # No normalisation: each output pixel depends only on a window of input pixels, so tiles can match.
+    return _export(tmp_path_factory.mktemp("models") / "local.onnx", "none")
+
+
+def _torch_translate(net: torch.nn.Module, image: np.ndarray, multiple: int = 4) -> np.ndarray:
+    """PyTorch on the same image, reflect-padded at the bottom and right to the multiple and cropped back."""
+    height, width = image.shape[:2]
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
+    x = torch.nn.functional.pad(x, (0, -width % multiple, 0, -height % multiple), mode="reflect")
+    with torch.no_grad():
+        y = net(x)[0, :, :height, :width]
+    return ((y + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+
+
+def _max_diff(a: np.ndarray, b: np.ndarray) -> int:
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+def test_reads_names_and_multiple_from_the_model(instance_model):
+    engine = Engine(instance_model[1], providers=["cpu"])
+    assert (engine.input_name, engine.output_name) == ("image", "translated")
+    assert engine.multiple == 4
+    assert engine.provider == "cpu"
+    assert engine.metadata["direction"] == "AtoB"
+
+
+def test_odd_sizes_keep_their_size_and_match_pytorch(instance_model):
+    net, path = instance_model
+    engine = Engine(path, providers=["cpu"])
+    for width, height in [(37, 23), (32, 24), (9, 41)]:
+        image = gradient(width, height, seed=width)
+        out = engine.translate(image)
+        assert out.shape == (height, width, 3) and out.dtype == np.uint8
+        assert _max_diff(out, _torch_translate(net, image)) <= 1
+
+
+def test_a_batch_equals_its_images_one_by_one(instance_model):
+    engine = Engine(instance_model[1], providers=["cpu"])
+    images = [gradient(30, 22, seed=seed) for seed in range(3)]
+    batch = engine.translate_batch(images)
+    assert len(batch) == 3
+    for image, out in zip(images, batch, strict=True):
+        assert _max_diff(out, engine.translate(image)) <= 1
+
+
+def test_tiles_match_the_whole_image_without_seams(local_model):
+    net, path = local_model
+    engine = Engine(path, providers=["cpu"])
+    image = gradient(300, 200, seed=7)
+    whole = engine.translate(image)
+    tiled = engine.translate(image, tile=64)
+    assert tiled.shape == whole.shape == (200, 300, 3)
+    assert _max_diff(whole, _torch_translate(net, image)) <= 1
+    diff = np.abs(tiled.astype(np.int16) - whole.astype(np.int16))
+    # Tiles only lack context near their own borders, and the ramps fade those borders out.
+    assert diff.mean() < 1.0
+    assert diff.max() <= 16
+    # An image no larger than the tile is translated whole.
+    assert np.array_equal(engine.translate(image, tile=300), whole)
+
+
+def test_an_image_too_small_for_the_network_raises_inference_error(instance_model):
+    engine = Engine(instance_model[1], providers=["cpu"])
+    with pytest.raises(InferenceError, match="4x4"):
+        engine.translate(gradient(4, 4))
+
+
+def test_unknown_provider_lists_the_valid_names(instance_model):
+    with pytest.raises(UserError, match="tensorrt, cuda, cpu"):
+        Engine(instance_model[1], providers=["gpu"])
+
+
+def test_require_gpu_says_what_loaded(instance_model):
+    if Engine(instance_model[1]).provider != "cpu":
+        pytest.skip("a GPU provider loads on this machine")
+    with pytest.raises(UserError, match="no GPU provider loaded.*loaded: cpu"):
+        Engine(instance_model[1], require_gpu=True)
+    with pytest.raises(UserError, match=r"none of the requested providers \(cuda\) loaded; loaded: cpu"):
+        Engine(instance_model[1], providers=["cuda"])
+
+
+def test_missing_or_broken_model_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="model not found"):
+        Engine(tmp_path / "absent.onnx")
+    (tmp_path / "notes.onnx").write_text("not a model\n")
+    with pytest.raises(UserError, match="cannot load notes.onnx"):
+        Engine(tmp_path / "notes.onnx")
+
+
+def test_registered_model_uri_resolves_through_mlflow(instance_model, tmp_path, monkeypatch):
+    from pipeline import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)  # artifacts of the sqlite store land in ./mlruns
+    mlflow = tracking._mlflow()
+    with mlflow.start_run() as run:
+        run_id = run.info.run_id
+    # MLflow reserves the alias "latest"; `models:/NAME/latest` names the newest version instead.
+    tracking.register_onnx(run_id, instance_model[1], "horse2zebra", alias="champion")
+
+    image = gradient(20, 16)
+    expected = Engine(instance_model[1], providers=["cpu"]).translate(image)
+    for uri in ("models:/horse2zebra@champion", "models:/horse2zebra/latest"):
+        assert np.array_equal(open_engine(uri, providers=["cpu"]).translate(image), expected)
+    with pytest.raises(UserError, match="models:/zebra2horse@champion"):
+        open_engine("models:/zebra2horse@champion", providers=["cpu"])

@@ -1,0 +1,157 @@
+"""`translate_path`: folders and files through a real engine, bad inputs, formats, resuming, the report."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models.generators import build_generator
+from pipeline.errors import UserError
+from pipeline.infer import Engine
+from pipeline.onnx_export import export_image_generator
+from pipeline.translate import exit_code, translate_path
+from tests.corpus import gradient, write_bad_corpus, write_good
+
+METADATA = {
+    "recipe": "test",
+    "direction": "AtoB",
+    "source_domain": "A",
+    "target_domain": "B",
+    "training_commit": "x",
+    "params_hash": "y",
+}
+REPORT_KEYS = {"translated", "skipped", "rejected", "seconds", "provider", "images_per_second"}
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "g.onnx"
+    export_image_generator(build_generator("resnet_2blocks", ngf=8), path, METADATA)
+    return Engine(path, providers=["cpu"])
+
+
+def _outputs(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def test_folder_keeps_relative_paths_stems_and_sizes(engine, tmp_path):
+    src = tmp_path / "in"
+    write_good(src, 3, size=(40, 36))
+    write_good(src / "sub" / "deeper", 2, size=(37, 23), prefix="odd")
+    Image.fromarray(gradient(64, 48)).save(src / "sub" / "photo.v2.jpg")
+    (src / "readme.txt").write_text("not an input\n")
+
+    report = translate_path(src, tmp_path / "out", engine, batch_size=2, progress=False)
+
+    assert set(report) == REPORT_KEYS
+    assert report["translated"] == 6 and report["skipped"] == 0 and report["rejected"] == []
+    assert report["provider"] == "cpu" and exit_code(report) == 0
+    assert _outputs(tmp_path / "out") == [
+        "img000.png",
+        "img001.png",
+        "img002.png",
+        "sub/deeper/odd000.png",
+        "sub/deeper/odd001.png",
+        "sub/photo.v2.png",
+    ]
+    with Image.open(tmp_path / "out" / "sub" / "deeper" / "odd001.png") as img:
+        assert img.size == (37, 23)
+    expected = engine.translate(np.asarray(Image.open(src / "img001.png")))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "img001.png")), expected)
+
+
+def test_bad_files_are_reported_and_the_rest_translated(engine, tmp_path):
+    kinds = write_bad_corpus(tmp_path / "in")
+    Image.fromarray(gradient(4, 4)).save(tmp_path / "in" / "tiny.png")  # too small for the network's padding
+    report_path = tmp_path / "report.json"
+
+    report = translate_path(tmp_path / "in", tmp_path / "out", engine, progress=False, report_path=report_path)
+
+    reasons = {Path(item["path"]).name: item["reason"] for item in report["rejected"]}
+    bad = {name for name, kind in kinds.items() if kind == "bad"}
+    assert set(reasons) == bad | {"tiny.png"}
+    assert reasons["empty.png"] == "empty file"
+    assert "truncated" in reasons["truncated.jpg"]
+    assert "not an image" in reasons["notes.jpg"]
+    assert "bomb" in reasons["bomb.png"]
+    assert "inference failed on 4x4" in reasons["tiny.png"]
+    good = sorted(Path(name).stem + ".png" for name, kind in kinds.items() if kind == "good")
+    assert report["translated"] == len(good) and _outputs(tmp_path / "out") == good
+    assert json.loads(report_path.read_text()) == report
+    assert exit_code(report) == 1
+
+
+@pytest.mark.parametrize(("fmt", "pil_format"), [("png", "PNG"), ("jpg", "JPEG"), ("webp", "WEBP")])
+def test_format_flag(engine, tmp_path, fmt, pil_format):
+    write_good(tmp_path / "in", 2)
+    report = translate_path(tmp_path / "in", tmp_path / "out", engine, fmt=fmt, progress=False)
+    assert report["translated"] == 2
+    for name in ("img000", "img001"):
+        with Image.open(tmp_path / "out" / f"{name}.{fmt}") as img:
+            assert img.format == pil_format and img.size == (40, 36)
+
+
+def test_single_file_to_a_file_or_a_folder(engine, tmp_path):
+    (source,) = write_good(tmp_path, 1, size=(30, 26))
+    translate_path(source, tmp_path / "result.jpg", engine, progress=False)
+    with Image.open(tmp_path / "result.jpg") as img:
+        assert img.format == "JPEG" and img.size == (30, 26)
+    translate_path(source, tmp_path / "outdir", engine, fmt="webp", progress=False)
+    assert _outputs(tmp_path / "outdir") == ["img000.webp"]
+
+
+def test_skip_existing_resumes_a_partial_run(engine, tmp_path):
+    write_good(tmp_path / "in", 5)
+    out = tmp_path / "out"
+    assert translate_path(tmp_path / "in", out, engine, progress=False)["translated"] == 5
+    # As if the run had been interrupted after three images: atomic writes leave only whole files behind.
+    (out / "img001.png").unlink()
+    (out / "img004.png").unlink()
+    report = translate_path(tmp_path / "in", out, engine, skip_existing=True, progress=False)
+    assert (report["translated"], report["skipped"], exit_code(report)) == (2, 3, 0)
+    assert len(_outputs(out)) == 5 and not list(out.glob(".*"))
+
+
+def test_clashing_output_names_are_refused_not_overwritten(engine, tmp_path):
+    src = tmp_path / "in"
+    write_good(src, 1)
+    Image.fromarray(gradient(40, 36)).save(src / "img000.jpg")
+    report = translate_path(src, tmp_path / "out", engine, progress=False)
+    assert report["translated"] == 1
+    assert [Path(r["path"]).name for r in report["rejected"]] == ["img000.png"]
+    assert "same output name as" in report["rejected"][0]["reason"]
+
+
+def test_output_inside_input_is_not_read_back(engine, tmp_path):
+    write_good(tmp_path / "in", 2)
+    for _ in range(2):
+        report = translate_path(tmp_path / "in", tmp_path / "in" / "out", engine, progress=False)
+        assert report["translated"] == 2
+
+
+def test_large_images_go_in_tiles(engine, tmp_path):
+    Image.fromarray(gradient(150, 90)).save(tmp_path / "big.png")
+    report = translate_path(tmp_path / "big.png", tmp_path / "out", engine, tile=64, progress=False)
+    assert report["translated"] == 1
+    with Image.open(tmp_path / "out" / "big.png") as img:
+        assert img.size == (150, 90)
+
+
+def test_usage_errors(engine, tmp_path):
+    write_good(tmp_path / "in", 1)
+    with pytest.raises(UserError, match="png, jpg, webp"):
+        translate_path(tmp_path / "in", tmp_path / "out", engine, fmt="gif", progress=False)
+    with pytest.raises(UserError, match="input not found"):
+        translate_path(tmp_path / "absent", tmp_path / "out", engine, progress=False)
+    with pytest.raises(UserError, match="--batch-size"):
+        translate_path(tmp_path / "in", tmp_path / "out", engine, batch_size=0, progress=False)
+
+
+def test_exit_code():
+    assert exit_code({"translated": 3, "skipped": 2, "rejected": []}) == 0
+    assert exit_code({"translated": 0, "skipped": 0, "rejected": []}) == 0
+    assert exit_code({"translated": 3, "skipped": 0, "rejected": [{"path": "a", "reason": "empty file"}]}) == 1
