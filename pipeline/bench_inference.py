@@ -10,6 +10,7 @@ alone per provider and batch size against the eager model alone. Processes alter
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import subprocess
 import sys
@@ -78,7 +79,7 @@ def run(
     repeats: int = 2,
     peak_tflops: float | None = None,
 ) -> dict:
-    """Measure and return {"results": [rows], "arch", "size", "gflop_per_image", "machine", "date"}.
+    """Measure and return {"results": [rows], "arch", "size", "gflop_per_image", "machine", "load_average", "date"}.
 
     Rows: {"what", "provider", "batch_size", "images", "seconds", "images_per_second", "vs_eager"}, plus
     "peak_fraction" on a GPU (against `peak_tflops`, or the dense fp16 peak of a known GPU). The whole-process
@@ -128,6 +129,8 @@ def run(
         "size": size,
         "gflop_per_image": round(gflop, 1),
         "machine": _machine(gpu),
+        # Other jobs on a shared machine slow both sides, PyTorch's OpenMP threads the most: say how busy it was.
+        "load_average": round(os.getloadavg()[0], 2),
         "date": datetime.date.today().isoformat(),
     }
 

@@ -196,6 +196,74 @@ def export(
     _guard(work)
 
 
+@app.command("import-checkpoint")
+def import_checkpoint(
+    checkpoint: Annotated[Path, typer.Argument(help="A generator .pth of junyanz/pytorch-CycleGAN-and-pix2pix.")],
+    arch: Annotated[str, typer.Option(help="resnet_9blocks | resnet_6blocks | unet_256 | unet_128")],
+    out: Annotated[Path, typer.Option(help="The .onnx file to write.")],
+    norm: Annotated[str, typer.Option(help="instance | batch | none")] = "instance",
+    dropout: Annotated[bool, typer.Option("--dropout", help="The checkpoint was trained with dropout.")] = False,
+) -> None:
+    """Convert a reference CycleGAN/pix2pix generator checkpoint into our ONNX contract (eval mode)."""
+
+    def work() -> None:
+        from pipeline.onnx_export import import_reference_checkpoint
+
+        result = import_reference_checkpoint(checkpoint, arch, norm, dropout, out)
+        _console().print(f"wrote {out} (max abs error vs PyTorch {result['max_abs_error']:.2e})")
+
+    _guard(work)
+
+
+@app.command()
+def sample(
+    model: Annotated[Path, typer.Option(help="An exported generator.onnx (cdcgan).")],
+    label: Annotated[int, typer.Option(help="The class to sample.")],
+    out: Annotated[Path, typer.Option(help="Folder for the PNG files.")],
+    n: Annotated[int, typer.Option("--n", help="How many images.")] = 16,
+    walk: Annotated[bool, typer.Option("--walk", help="A latent walk between two points instead.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the latent draws.")] = 0,
+) -> None:
+    """Class-conditional samples, or a latent walk, from an exported generator."""
+
+    def work() -> None:
+        from pipeline.sampling import sample as draw
+
+        paths = draw(model, label, n, out, walk=walk, seed=seed)
+        _console().print(f"wrote {len(paths)} images to {out}")
+
+    _guard(work)
+
+
+bench_app = typer.Typer(no_args_is_help=True, help="The built-in benchmarks.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("train")
+def bench_train(
+    recipe: Annotated[str, typer.Option(help="cyclegan | pix2pix | cdcgan")] = "cyclegan",
+    size: Annotated[int, typer.Option(help="Image size in pixels.")] = 32,
+    steps: Annotated[int, typer.Option(help="Timed training steps.")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    params: ParamsOption = Path("params.yaml"),
+    overrides: SetOption = None,
+) -> None:
+    """Images/s of real training steps for a recipe, size and precision (set them with --set)."""
+
+    def work() -> None:
+        import json
+
+        from pipeline.bench_train import run
+
+        result = run(recipe, _params(params, overrides), size, steps)
+        if as_json:
+            print(json.dumps(result))
+        else:
+            _console().print(" ".join(f"{k}={v}" for k, v in result.items()))
+
+    _guard(work)
+
+
 @app.command()
 def doctor() -> None:
     """Print versions, devices, and which ONNX Runtime providers really load."""

@@ -120,17 +120,18 @@ def log_to_run(
             mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
 
-def register_onnx(run_id: str, path: Path, name: str, alias: str = "latest") -> str:
-    """Logs an ONNX file to the run, registers it under `name` and points `alias` at the new version."""
+def register_onnx(run_id: str, path: Path, name: str) -> str:
+    """Logs an ONNX file to the run and registers it as a new version of `name`.
+
+    MLflow reserves the alias `latest`: `models:/NAME/latest` (and our `models:/NAME@latest`) is always the
+    newest version, so no alias is set here.
+    """
     import onnx
 
     mlflow = _mlflow()
     from mlflow import onnx as mlflow_onnx
 
     with mlflow.start_run(run_id=run_id):
-        info = mlflow_onnx.log_model(
-            onnx.load(str(path)), name=path.stem, registered_model_name=name, pip_requirements=["onnxruntime"]
-        )
-    version = str(info.registered_model_version)
-    mlflow.MlflowClient().set_registered_model_alias(name, alias, version)
-    return version
+        info = mlflow_onnx.log_model(onnx.load(str(path)), name=path.stem, registered_model_name=name,
+                                     pip_requirements=["onnxruntime"])
+    return str(info.registered_model_version)

@@ -125,7 +125,7 @@ def test_missing_or_broken_model_is_a_user_error(tmp_path):
         Engine(tmp_path / "notes.onnx")
 
 
-def test_registered_model_uri_resolves_through_mlflow(instance_model, tmp_path, monkeypatch):
+def test_registered_model_uri_resolves_through_mlflow(instance_model, local_model, tmp_path, monkeypatch):
     from pipeline import tracking
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -133,12 +133,18 @@ def test_registered_model_uri_resolves_through_mlflow(instance_model, tmp_path, 
     mlflow = tracking._mlflow()
     with mlflow.start_run() as run:
         run_id = run.info.run_id
-    # MLflow reserves the alias "latest"; `models:/NAME/latest` names the newest version instead.
-    tracking.register_onnx(run_id, instance_model[1], "horse2zebra", alias="champion")
+    tracking.register_onnx(run_id, instance_model[1], "horse2zebra")
+    tracking.register_onnx(run_id, local_model[1], "horse2zebra")
+    mlflow.MlflowClient().set_registered_model_alias("horse2zebra", "champion", "1")
 
     image = gradient(20, 16)
-    expected = Engine(instance_model[1], providers=["cpu"]).translate(image)
-    for uri in ("models:/horse2zebra@champion", "models:/horse2zebra/latest"):
-        assert np.array_equal(open_engine(uri, providers=["cpu"]).translate(image), expected)
-    with pytest.raises(UserError, match="models:/zebra2horse@champion"):
-        open_engine("models:/zebra2horse@champion", providers=["cpu"])
+    first, newest = (Engine(model[1], providers=["cpu"]).translate(image) for model in (instance_model, local_model))
+    # MLflow reserves the alias "latest" for the newest version; "/latest" says the same.
+    for uri, expected in [
+        ("models:/horse2zebra@latest", newest),
+        ("models:/horse2zebra/latest", newest),
+        ("models:/horse2zebra@champion", first),
+    ]:
+        assert np.array_equal(open_engine(uri, providers=["cpu"]).translate(image), expected), uri
+    with pytest.raises(UserError, match="models:/zebra2horse@latest"):
+        open_engine("models:/zebra2horse@latest", providers=["cpu"])

@@ -1,0 +1,80 @@
+"""`bench train`: images/s of real training steps for a recipe, size and precision, on synthetic images."""
+
+from __future__ import annotations
+
+import platform
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.params import DatasetParams, Params
+from pipeline.prepare import prepare_folder
+from pipeline.training import Context
+
+
+def _synthetic_dataset(root: Path, size: int, layout: str) -> Path:
+    """Smooth random images at the asked size, prepared like user data (a few per domain is enough)."""
+    rng = np.random.default_rng(0)
+    source = root / "source"
+    folders = {"unaligned": ["trainA", "trainB"], "aligned": ["A/train", "B/train"], "classes": ["0", "1"]}[layout]
+    for folder in folders:
+        (source / folder).mkdir(parents=True)
+        for i in range(8):
+            small = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+            Image.fromarray(small).resize((size, size), Image.BICUBIC).save(source / folder / f"{i}.png")
+    spec = DatasetParams(source="folder", path=str(source), layout=layout, size=size, test_fraction=0)
+    prepare_folder(source, root / "prepared", spec, seed=0, log=lambda _: None)
+    return root / "prepared"
+
+
+def run(recipe: str, params: Params, size: int, steps: int = 20, warmup: int = 3) -> dict:
+    """Times `steps` training steps after `warmup` untimed ones (compilation, allocator, cuDNN autotuning)."""
+    from pipeline import recipes
+
+    p = params.recipe(recipe)
+    layout = {"cyclegan": "unaligned", "pix2pix": "aligned", "cdcgan": "classes"}.get(recipe, "unaligned")
+    if recipe == "cdcgan":
+        p = p.model_copy(update={"domain": "A"})
+    torch.manual_seed(params.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = _synthetic_dataset(Path(tmp), size, layout)
+        ctx = Context.create(p)
+        model = recipes.build(recipe, p, ctx, data_dir)
+        stream = iter(model.batches(params.seed, 0))
+
+        def next_batch():
+            return ctx.to_device(next(stream))
+
+        for _ in range(warmup):
+            model.step(next_batch)
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(steps):
+            model.step(next_batch)
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+    # One step trains on n_critic critic batches and one generator batch; images/s counts generator images.
+    return {
+        "recipe": recipe,
+        "size": size,
+        "batch_size": p.batch_size,
+        "precision": ctx.precision,
+        "device": torch.cuda.get_device_name()
+        if ctx.device.type == "cuda"
+        else f"cpu ({torch.get_num_threads()} threads)",
+        "channels_last": p.channels_last and ctx.device.type == "cuda",
+        "compile": p.compile,
+        "steps": steps,
+        "seconds": round(seconds, 3),
+        "steps_per_second": round(steps / seconds, 3),
+        "images_per_second": round(steps * p.batch_size / seconds, 3),
+        "machine": platform.machine(),
+        "date": date.today().isoformat(),
+    }

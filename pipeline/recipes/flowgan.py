@@ -1,0 +1,102 @@
+"""Flow-GAN (Grover et al. 2018): a normalizing flow as an unconditional generator of one domain, trained by the
+adversarial objective plus `nll_weight` times its negative log-likelihood (in bits per dimension) of the data.
+
+nll_weight 0 is pure adversarial training; `mle_only` is pure maximum likelihood and trains no critic. Because
+the generator is a flow, its bits/dim are exact whatever objective trained it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models.discriminators import build_discriminator
+from models.flows import FlowSampler, bits_per_dim as to_bits_per_dim, standard_normal_log_prob
+from models.init import init_weights
+from pipeline.data import UnpairedDataset, batches
+from pipeline.params import FlowGANParams
+from pipeline.recipes.alignflow import build_flow, mean_bits_per_dim
+from pipeline.training import Context, set_requires_grad
+
+EXPORTS = {"generator": "G"}
+
+
+def build_networks(p: FlowGANParams, image_size: int = 32) -> dict[str, nn.Module]:
+    d = p.discriminator
+    critic = build_discriminator(d.kind, 3, d.ndf, d.n_layers, d.norm, d.spectral_norm)
+    return {"G": FlowSampler(build_flow(p.flow, image_size)), "D": init_weights(critic, p.init_type, p.init_gain)}
+
+
+@torch.no_grad()
+def bits_per_dim(generators: dict[str, nn.Module], images: torch.Tensor, batch_size: int = 256) -> float:
+    """Mean bits/dim of a domain's images under the exported generator's flow ({"generator": G})."""
+    return mean_bits_per_dim(generators["generator"].flow, images, batch_size)
+
+
+class Recipe:
+    generator_names = ("G",)
+
+    def __init__(self, p: FlowGANParams, ctx: Context, data_dir: Path):
+        self.p, self.ctx = p, ctx
+        # Any unaligned dataset works: the other domain's images are simply not used.
+        self.dataset = UnpairedDataset(data_dir, "train", p.augment)
+        self.network_args = {"image_size": self.dataset[0][p.domain].shape[-1]}
+        self.nets = {k: ctx.prepare(v) for k, v in build_networks(p, **self.network_args).items()}
+        self.flow, self.D = self.nets["G"].flow, ctx.forward(self.nets["D"])
+        self.optimizers = {"G": ctx.optimizer(self.nets["G"].parameters())}
+        if not p.mle_only:
+            self.optimizers["D"] = ctx.optimizer(self.nets["D"].parameters())
+        self.pools: dict = {}
+        size = self.network_args["image_size"]
+        self.fixed_z = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(0)).to(ctx.device)
+        self.example_inputs = {"G": (self.fixed_z[:1],)}
+
+    def batches(self, seed: int, start_step: int):
+        return batches(self.dataset, self.p.batch_size, seed, start_step, self.p.num_workers)
+
+    def step(self, next_batch) -> dict[str, float]:
+        p, ctx, obj = self.p, self.ctx, self.ctx.objective
+        real = next_batch()[p.domain]
+        # The flows run in fp32: log-determinants and exact inverses lose too much in half precision.
+        # The likelihood is always computed (it is the honest score); it only needs a graph when it is trained on.
+        with torch.set_grad_enabled(p.mle_only or p.nll_weight > 0):
+            z, log_det = self.flow(real)
+            nll = to_bits_per_dim(standard_normal_log_prob(z) + log_det, real[0].numel()).mean()
+        if p.mle_only:
+            ctx.update(nll, self.optimizers["G"])
+            return {"G": nll.item(), "bpd": nll.item()}
+
+        set_requires_grad([self.nets["D"]], False)
+        fake = self.flow.inverse(torch.randn_like(real))
+        with ctx.autocast():
+            adv = obj.g_loss(self.D(fake))
+        g_loss = adv + p.nll_weight * nll
+        ctx.update(g_loss, self.optimizers["G"])
+        set_requires_grad([self.nets["D"]], True)
+
+        d_losses = [self._critic_step(real, fake.detach())]
+        for _ in range(ctx.n_critic - 1):
+            extra = next_batch()[p.domain]
+            with torch.no_grad():
+                fresh = self.flow.inverse(torch.randn_like(extra))
+            d_losses.append(self._critic_step(extra, fresh))
+        values = torch.stack([g_loss, adv, nll, torch.stack(d_losses).mean()]).tolist()
+        return dict(zip(["G", "G_adv", "bpd", "D"], values, strict=True))
+
+    def _critic_step(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        ctx, obj = self.ctx, self.ctx.objective
+        with ctx.autocast():
+            loss = obj.d_loss(self.D(real), self.D(fake)) + obj.penalty(self.D, real, fake)
+        ctx.update(loss, self.optimizers["D"])
+        obj.after_critic_step(self.nets["D"])
+        return loss.detach()
+
+    @torch.no_grad()
+    def sample_rows(self) -> list[torch.Tensor]:
+        """Eight fixed latents, one per row, at temperatures 1, 0.85, 0.7 and 0.5 across."""
+        G = self.nets["G"].eval()
+        rows = [G(self.fixed_z * t) for t in (1.0, 0.85, 0.7, 0.5)]
+        G.train()
+        return rows

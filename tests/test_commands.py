@@ -1,0 +1,68 @@
+"""The smaller commands, run as a user runs them: export --checkpoint, sample, evaluate --real/--fake, bench train."""
+
+import json
+
+import numpy as np
+import onnx
+from conftest import tiny
+from corpus import write_good
+from PIL import Image
+
+from pipeline.params import load_params
+from pipeline.training import train
+
+
+def test_exported_cdcgan_samples_the_asked_class_and_walks(workdir, run_cli):
+    from rich.console import Console
+
+    train("cdcgan", load_params("params.yaml", tiny("cdcgan", steps=2, every=2)), Console(quiet=True))
+    checkpoint = workdir / "runs/cdcgan/checkpoints/last.pt"
+    result = run_cli("export", "--checkpoint", str(checkpoint), "--out", str(workdir / "gen.onnx"), cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    model = onnx.load(workdir / "gen.onnx")
+    assert [i.name for i in model.graph.input] == ["z", "label"]
+    assert {p.key: p.value for p in model.metadata_props}["n_classes"] == "10"
+    assert not [p for p in workdir.iterdir() if p.name.startswith(".")]
+
+    result = run_cli("sample", "--model", str(workdir / "gen.onnx"), "--label", "3", "--n", "5", "--out",
+                     str(workdir / "samples"), cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    images = sorted((workdir / "samples").glob("sample_3_*.png"))
+    assert len(images) == 5 and Image.open(images[0]).size == (32, 32)
+
+    result = run_cli("sample", "--model", str(workdir / "gen.onnx"), "--label", "3", "--n", "4", "--walk",
+                     "--out", str(workdir / "walk"), cwd=workdir)
+    walk = [np.asarray(Image.open(p), dtype=float) for p in sorted((workdir / "walk").glob("*.png"))]
+    assert len(walk) == 4
+    # A walk moves step by step: neighbours are closer than the two ends.
+    assert np.abs(walk[0] - walk[1]).mean() <= np.abs(walk[0] - walk[3]).mean()
+
+    bad = run_cli("sample", "--model", str(workdir / "gen.onnx"), "--label", "12", "--out", str(workdir / "x"))
+    assert bad.returncode == 2 and "0..9" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_export_of_a_missing_checkpoint_is_a_clear_error(run_cli, tmp_path):
+    result = run_cli("export", "--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "x.onnx"))
+    assert result.returncode == 2 and "nope.pt" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_evaluate_compares_two_folders_and_pairs_by_name(tmp_path, run_cli):
+    write_good(tmp_path / "real", 6, size=(32, 32))
+    write_good(tmp_path / "fake", 6, size=(32, 32))
+    result = run_cli("evaluate", "--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert {"kid", "kid_std", "fid", "psnr", "ssim", "features", "n_real", "n_fake"} <= set(report)
+    assert report["psnr"] == float("inf") and report["ssim"] == 1.0 and report["n_real"] == 6
+    assert report["features"]
+
+    missing = run_cli("evaluate", "--real", str(tmp_path / "real"), "--fake", str(tmp_path / "none"))
+    assert missing.returncode == 2 and "none" in missing.stderr
+
+
+def test_bench_train_reports_images_per_second(workdir, run_cli):
+    result = run_cli("bench", "train", "--recipe", "pix2pix", "--size", "32", "--steps", "2", "--json",
+                     *sum((["--set", o] for o in tiny("pix2pix")), []), cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["recipe"] == "pix2pix" and report["precision"] == "fp32" and report["images_per_second"] > 0

@@ -1,0 +1,86 @@
+"""The whole `dvc repro` on a fresh copy of the repository, with tiny params: every stage's outputs, then a clean
+`dvc status` and a second `dvc repro` that does nothing."""
+
+import json
+import os
+import shutil
+import subprocess
+
+import onnx
+import pytest
+import yaml
+from conftest import BIN, REPO, TINY
+
+RECIPES = ["cyclegan", "pix2pix", "cdcgan"]
+
+
+def fresh_copy(target):
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, files):
+        source = REPO / name
+        if source.is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / name)
+    params = yaml.safe_load((target / "params.yaml").read_text())
+    params["evaluate"]["classifier"]["steps"] = 20
+    params["evaluate"]["n_samples_per_class"] = 4
+    for recipe in RECIPES:
+        for override in [*TINY[recipe], f"{recipe}.steps=4", f"{recipe}.checkpoint_every=2",
+                         f"{recipe}.sample_every=2", f"{recipe}.log_every=2"]:
+            key, value = override.split("=")
+            node = params
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node[part]
+            node[leaf] = yaml.safe_load(value)
+    (target / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    subprocess.run([*git, "init", "-q"], cwd=target, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=target, check=True)
+    subprocess.run([*git, "commit", "-qm", "copy"], cwd=target, check=True)
+
+
+@pytest.mark.slow
+def test_dvc_repro_runs_every_stage_and_then_has_nothing_to_do(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    fresh_copy(repo)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
+
+    def dvc(*args):
+        result = subprocess.run([str(BIN / "dvc"), *args], cwd=repo, env=env, capture_output=True, text=True,
+                                timeout=900)
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+        return result.stdout
+
+    dvc("repro")
+
+    assert json.loads((repo / "data/prepared/digits/report.json").read_text())["rejected"] == []
+    assert json.loads((repo / "metrics/classifier.json").read_text())["test_accuracy"]["B"] > 0
+    for recipe in RECIPES:
+        assert (repo / f"runs/{recipe}/checkpoints/last.pt").exists()
+        assert json.loads((repo / f"metrics/{recipe}.train.json").read_text())["steps"] == 4
+        assert (repo / f"metrics/{recipe}.train_losses.csv").read_text().startswith("step,")
+    cyclegan = json.loads((repo / "metrics/cyclegan.json").read_text())
+    for key in ("psnr", "ssim", "psnr_identity", "content_accuracy", "kid", "fid"):
+        assert isinstance(cyclegan["AtoB"][key], float) and isinstance(cyclegan["BtoA"][key], float)
+    assert set(cyclegan["cycle"]) == {"l1_A", "l1_B"} and "real_content_accuracy" in cyclegan
+    assert "BtoA" not in json.loads((repo / "metrics/pix2pix.json").read_text())
+    cdcgan = json.loads((repo / "metrics/cdcgan.json").read_text())
+    assert {"class_accuracy", "kid", "fid", "diversity"} <= set(cdcgan)
+    assert {p.name for p in (repo / "reports/cyclegan").iterdir()} == {"AtoB.png", "BtoA.png"}
+    assert {p.name for p in (repo / "reports/cdcgan").iterdir()} == {"classes.png", "walk.png"}
+
+    for recipe, files in {"cyclegan": ["AtoB", "BtoA"], "pix2pix": ["AtoB"], "cdcgan": ["generator"]}.items():
+        for name in files:
+            model = onnx.load(repo / f"artifacts/{recipe}/{name}.onnx")
+            metadata = {p.key: p.value for p in model.metadata_props}
+            assert metadata["recipe"] == recipe and metadata["params_hash"]
+    assert (repo / "mlflow.db").exists()
+
+    assert "up to date" in dvc("status")
+    second = dvc("repro")
+    assert "Running stage" not in second
+    assert "metrics/cyclegan.json" in dvc("metrics", "show") or "cyclegan" in dvc("metrics", "show")
