@@ -72,8 +72,10 @@ def prepare(
     """Build every dataset named in params.yaml, or one folder with --from DIR --layout L --size N --out DIR."""
 
     def work() -> None:
+        from pydantic import ValidationError
+
         from pipeline.errors import UserError
-        from pipeline.params import DatasetParams, ParamsError
+        from pipeline.params import DatasetParams, ParamsError, describe
         from pipeline.prepare import prepare_dataset, prepare_folder
 
         console = _console()
@@ -82,8 +84,8 @@ def prepare(
                 raise UserError("--out: where to write the prepared dataset (required with --from)")
             try:
                 spec = DatasetParams(source="folder", path=str(source), layout=layout, size=size, resize=resize)
-            except ValueError as exc:
-                raise ParamsError(f"prepare: {str(exc).splitlines()[-2].strip()}") from None
+            except ValidationError as exc:
+                raise ParamsError(describe(exc, "prepare")) from None
             report = prepare_folder(source, out, spec, seed=0, log=console.print)
             rejected = len(report["rejected"])
             console.print(f"prepared {report['prepared']}, rejected {rejected}; see {out / 'report.json'}")
@@ -196,6 +198,52 @@ def export(
     _guard(work)
 
 
+@app.command()
+def translate(
+    input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="An image, or a folder searched recursively.")],
+    output: Annotated[Path, typer.Argument(help="Output folder (or output file for a single image).")],
+    model: Annotated[str, typer.Option(help="FILE.onnx or models:/NAME@ALIAS.")],
+    batch_size: Annotated[int, typer.Option(help="Images of one size per batch.")] = 8,
+    providers: Annotated[
+        str | None, typer.Option(help="Comma-separated, in order: tensorrt,cuda,cpu (default: the best that loads).")
+    ] = None,
+    require_gpu: Annotated[bool, typer.Option("--require-gpu", help="Fail unless CUDA or TensorRT loaded.")] = False,
+    fp16: Annotated[bool, typer.Option("--fp16", help="TensorRT fp16 engines.")] = False,
+    tensorrt_cache: Annotated[Path | None, typer.Option(help="TensorRT engine cache folder.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="png | jpg | webp")] = "png",
+    skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Keep outputs that already exist.")] = False,
+    tile: Annotated[int | None, typer.Option(help="Translate images larger than N px in overlapping tiles.")] = None,
+    workers: Annotated[int, typer.Option(help="Decode/encode threads.")] = 2,
+    report: Annotated[Path | None, typer.Option(help="Write the JSON report here.")] = None,
+) -> None:
+    """Translate an image or a folder with an ONNX model; exit 1 if some inputs were rejected."""
+
+    def work() -> int:
+        from pipeline.infer import open_engine
+        from pipeline.translate import exit_code, translate_path
+
+        names = [p.strip() for p in providers.split(",") if p.strip()] if providers else None
+        engine = open_engine(model, providers=names, require_gpu=require_gpu, fp16=fp16, tensorrt_cache=tensorrt_cache)
+        result = translate_path(
+            input_path,
+            output,
+            engine,
+            batch_size=batch_size,
+            fmt=fmt,
+            skip_existing=skip_existing,
+            tile=tile,
+            workers=workers,
+            report_path=report,
+        )
+        _console().print(
+            f"translated {result['translated']}, skipped {result['skipped']}, "
+            f"rejected {len(result['rejected'])} on {result['provider']}"
+        )
+        return exit_code(result)
+
+    raise typer.Exit(_guard(work))
+
+
 @app.command("import-checkpoint")
 def import_checkpoint(
     checkpoint: Annotated[Path, typer.Argument(help="A generator .pth of junyanz/pytorch-CycleGAN-and-pix2pix.")],
@@ -260,6 +308,42 @@ def bench_train(
             print(json.dumps(result))
         else:
             _console().print(" ".join(f"{k}={v}" for k, v in result.items()))
+
+    _guard(work)
+
+
+@bench_app.command("inference")
+def bench_inference(
+    arch: Annotated[str, typer.Option(help="Generator architecture.")] = "resnet_9blocks",
+    size: Annotated[int, typer.Option(help="Image size in pixels.")] = 256,
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes for the engine.")] = "1,8",
+    providers: Annotated[str, typer.Option(help="Comma-separated: cpu, cuda, tensorrt.")] = "cpu",
+    n_images: Annotated[int, typer.Option(help="Synthetic photos per timed run.")] = 24,
+    fp16: Annotated[bool, typer.Option("--fp16", help="TensorRT fp16.")] = False,
+    weights: Annotated[Path | None, typer.Option(help="A checkpoint instead of random weights.")] = None,
+    repeats: Annotated[int, typer.Option(help="Timed repeats; the best counts.")] = 2,
+    peak_tflops: Annotated[float | None, typer.Option(help="The GPU's peak, for the fraction reached.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Images/s of the translate CLI and the engine against a plain PyTorch eager loop, side by side."""
+
+    def work() -> None:
+        import json
+
+        from pipeline.bench_inference import markdown_table, run
+
+        result = run(
+            arch,
+            size,
+            tuple(int(b) for b in batch_sizes.split(",")),
+            tuple(providers.split(",")),
+            n_images,
+            fp16,
+            weights,
+            repeats,
+            peak_tflops,
+        )
+        print(json.dumps(result) if as_json else markdown_table(result))
 
     _guard(work)
 

@@ -43,7 +43,7 @@ class DatasetParams(Strict):
     @classmethod
     def _multiple_of_4(cls, size: int) -> int:
         if size % 4:
-            raise ValueError(f"must be a multiple of 4 (generators downsample twice), got {size}")
+            raise ValueError("must be a multiple of 4 (generators downsample twice)")
         return size
 
     @model_validator(mode="after")
@@ -79,7 +79,7 @@ class GeneratorParams(Strict):
         import re
 
         if not re.fullmatch(r"resnet_\d+blocks|unet_256|unet_128|unet_\d+down", arch):
-            raise ValueError(f"unknown generator arch {arch!r} (resnet_<N>blocks, unet_256, unet_128, unet_<N>down)")
+            raise ValueError("unknown generator arch; use resnet_<N>blocks, unet_256, unet_128 or unet_<N>down")
         return arch
 
 
@@ -213,7 +213,8 @@ class Params(Strict):
         return getattr(self, name)
 
 
-def _describe(error: ValidationError, source: str) -> str:
+def describe(error: ValidationError, source: str) -> str:
+    """One line naming the first wrong key and what is wrong with it."""
     first = error.errors()[0]
     key = ".".join(str(part) for part in first["loc"])
     message = first["msg"].removeprefix("Value error, ")
@@ -258,7 +259,7 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        raise ParamsError(_describe(exc, str(path))) from None
+        raise ParamsError(describe(exc, str(path))) from None
 
 
 # Keys that change what is logged or how fast, not what is learned; they may differ on resume.

@@ -66,3 +66,30 @@ def test_bench_train_reports_images_per_second(workdir, run_cli):
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["recipe"] == "pix2pix" and report["precision"] == "fp32" and report["images_per_second"] > 0
+
+
+def test_translate_cli_exit_codes_and_report(tmp_path, run_cli):
+    from corpus import write_bad_corpus
+
+    from models.generators import build_generator
+    from pipeline.onnx_export import export_image_generator
+
+    metadata = {"recipe": "test", "direction": "AtoB", "source_domain": "A", "target_domain": "B",
+                "training_commit": "x", "params_hash": "y"}
+    export_image_generator(build_generator("resnet_1blocks", ngf=4), tmp_path / "m.onnx", metadata)
+    write_good(tmp_path / "good", 3, size=(36, 20))
+    result = run_cli("translate", str(tmp_path / "good"), str(tmp_path / "out"), "--model", str(tmp_path / "m.onnx"),
+                     "--report", str(tmp_path / "r.json"))
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["translated"] == 3
+    assert Image.open(tmp_path / "out" / "img000.png").size == (36, 20)
+
+    write_bad_corpus(tmp_path / "mixed")
+    result = run_cli("translate", str(tmp_path / "mixed"), str(tmp_path / "out2"), "--model",
+                     str(tmp_path / "m.onnx"), "--report", str(tmp_path / "r2.json"))
+    report = json.loads((tmp_path / "r2.json").read_text())
+    assert result.returncode == 1 and report["translated"] == 5 and len(report["rejected"]) == 4
+    assert "Traceback" not in result.stderr
+
+    missing = run_cli("translate", str(tmp_path / "good"), str(tmp_path / "o"), "--model", str(tmp_path / "no.onnx"))
+    assert missing.returncode == 2 and "no.onnx" in missing.stderr
