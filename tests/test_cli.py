@@ -3,7 +3,8 @@ import sys
 
 import pytest
 
-COMMANDS = ["prepare", "train", "evaluate", "export", "doctor"]
+COMMANDS = [["prepare"], ["train"], ["evaluate"], ["export"], ["translate"], ["import-checkpoint"], ["sample"],
+            ["doctor"], ["bench", "train"], ["bench", "inference"]]
 
 
 def test_help_does_not_import_the_heavy_libraries():
@@ -18,7 +19,7 @@ def test_help_does_not_import_the_heavy_libraries():
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_has_help(run_cli, command):
-    result = run_cli(command, "--help")
+    result = run_cli(*command, "--help")
     assert result.returncode == 0
     assert "Usage" in result.stdout
 
