@@ -3,8 +3,7 @@ Gaussians, each with the optimizer, learning rate and n_critic its authors recom
 modes it covers and how many of its samples land on a mode, in the spirit of Lucic et al., "Are GANs Created Equal?".
 
 Datasets (the standard mode-collapse benchmarks):
-    ring8   8 Gaussians evenly spaced on a circle of radius 2, std 0.02 (Metz et al., unrolled GAN; VEEGAN;
-            PacGAN uses the same ring halved: radius 1, std 0.01).
+    ring8   8 Gaussians evenly spaced on a circle of radius 2, std 0.02 (Metz et al., unrolled GAN; VEEGAN).
     grid25  25 Gaussians at {-4, -2, 0, 2, 4}^2, std 0.05 (VEEGAN; PacGAN).
 
 Metrics, on 2500 generated samples as in VEEGAN and PacGAN:

@@ -312,6 +312,31 @@ def bench_train(
     _guard(work)
 
 
+@bench_app.command("objectives")
+def bench_objectives(
+    steps: Annotated[int | None, typer.Option(help="Generator steps per run (default: the benchmark's).")] = None,
+    seeds: Annotated[int, typer.Option(help="Seeds per objective and dataset.")] = 3,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Every objective on 2-D toy mixtures (ring8, grid25): modes covered and sample quality."""
+
+    def work() -> None:
+        import json
+
+        from pipeline.bench_objectives import STEPS, format_table, run_benchmark
+
+        console = _console()
+        # With --json, stdout carries only the JSON object.
+        report = run_benchmark(seeds=seeds, steps=steps or STEPS, progress=None if as_json else console.print)
+        if as_json:
+            print(json.dumps(report))
+        else:
+            console.print(format_table(report["results"]))
+            console.print("scatter plots: reports/bench/objectives.png")
+
+    _guard(work)
+
+
 @bench_app.command("inference")
 def bench_inference(
     arch: Annotated[str, typer.Option(help="Generator architecture.")] = "resnet_9blocks",

@@ -262,6 +262,8 @@ def train(
         else {}
     )
 
+    # Captured before a restore: saved optimizers carry the decayed rate of their step, not the base rate.
+    base_lrs = {name: [g["lr"] for g in opt.param_groups] for name, opt in recipe.optimizers.items()}
     start_step, history, run_id = 0, [], None
     if state is not None:
         start_step, history, run_id = state["step"], state["history"], state.get("mlflow_run_id")
@@ -274,7 +276,6 @@ def train(
     run = tracking.Run(recipe_name, flatten(wanted), tags, run_id=run_id)
     stream = iter(recipe.batches(params.seed, start_step))
     next_batch: Callable[[], dict] = lambda: ctx.to_device(next(stream))  # noqa: E731
-    base_lrs = {name: [g["lr"] for g in opt.param_groups] for name, opt in recipe.optimizers.items()}
 
     def checkpoint(step: int) -> None:
         save_checkpoint(

@@ -205,3 +205,27 @@ def test_mlflow_server_receives_params_metric_histories_and_images(workdir, tmp_
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_a_resumed_run_continues_the_learning_rate_schedule_not_a_decayed_copy(workdir, monkeypatch):
+    from pipeline.recipes import pix2pix
+
+    original = pix2pix.Recipe.step
+    calls = []
+
+    def interrupted(self, next_batch):
+        calls.append(1)
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        return original(self, next_batch)
+
+    params = load_params("params.yaml", tiny("pix2pix", steps=8, every=2))
+    monkeypatch.setattr(pix2pix.Recipe, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train("pix2pix", params, QUIET)
+    monkeypatch.setattr(pix2pix.Recipe, "step", original)
+    train("pix2pix", params, QUIET)
+    state = load_checkpoint(workdir / "runs/pix2pix/checkpoints/last.pt")
+    base = objectives.get("lsgan").recommended["lr"]
+    for name in ("G", "D"):
+        assert state["optimizers"][name]["param_groups"][0]["lr"] == pytest.approx(base * lr_factor(7, 8, True))
