@@ -376,9 +376,7 @@ class ImageFlow(Flow):
         super().__init__()
         self.in_channels, self.image_size = in_channels, image_size
         self.preprocess = DequantizeLogit(alpha)
-        self.core = RealNVP(
-            in_channels, n_scales, n_couplings, hidden_channels, n_res_blocks, actnorm, invconv, orient
-        )
+        self.core = RealNVP(in_channels, n_scales, n_couplings, hidden_channels, n_res_blocks, actnorm, invconv, orient)
         self.size_multiple = self.core.size_multiple
 
     def forward(self, x: Tensor, noise: bool | None = None) -> tuple[Tensor, Tensor]:
@@ -419,11 +417,14 @@ class AlignedTranslator(nn.Module):
 
 
 class FlowSampler(nn.Module):
-    """A flow used as a generator, as in Flow-GAN (Grover et al. 2018): latents z (N, C, H, W) -> images."""
+    """A flow used as a generator, as in Flow-GAN (Grover et al. 2018): latents z (N, C, H, W) -> images in [-1, 1].
+    z ~ N(0, I) samples the model; scaling z by a temperature below 1 trades diversity for quality."""
 
     def __init__(self, flow: ImageFlow):
         super().__init__()
         self.flow = flow
+        self.latent_shape = (flow.in_channels, flow.image_size, flow.image_size)
+        self.size_multiple = flow.size_multiple
 
     def forward(self, z: Tensor) -> Tensor:
         return self.flow.inverse(z).clamp(-1, 1)

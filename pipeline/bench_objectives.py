@@ -1,6 +1,15 @@
 """Which objective should I choose? Every objective trains the same small MLP GAN on two 2-D mixtures of
-Gaussians, each with the optimizer, learning rate and n_critic its authors recommend, and is scored on how many
-modes it covers and how many of its samples land on a mode, in the spirit of Lucic et al., "Are GANs Created Equal?".
+Gaussians, each with the optimizer, betas, n_critic and clip or penalty its authors recommend, and is scored on how
+many modes it covers and how many of its samples land on a mode, in the spirit of Lucic et al., "Are GANs Created
+Equal?".
+
+Learning rates: each objective's recommended rate times LR_SCALE (20): Adam 4e-3 for minimax, nsgan, lsgan and
+hinge, 2e-3 for wgan-gp and wgan-lp, RMSprop 1e-3 for wgan. The recommended rates are tuned for images; at them,
+no objective gets past a drifting blob on these toys within the time budget. One common factor keeps every other
+convention of each recipe and the ratios between their rates; one common optimizer for all (e.g. Adam 1e-3, betas
+(0.5, 0.999)) would instead hand the clipped WGAN critic the momentum its authors found unstable and the gradient
+penalty betas it was not tuned for. Factors 5, 10 and 20 were tried on one seed: 20 covered the most grid25 modes
+in STEPS steps and was as stable as 10 on ring8.
 
 Datasets (the standard mode-collapse benchmarks):
     ring8   8 Gaussians evenly spaced on a circle of radius 2, std 0.02 (Metz et al., unrolled GAN; VEEGAN).
@@ -42,7 +51,8 @@ MIN_SHARE = 20 / SAMPLES
 Z_DIM = 16
 HIDDEN = 64
 BATCH = 256
-STEPS = 2500
+STEPS = 3000
+LR_SCALE = 20
 
 
 @dataclass(frozen=True)
@@ -86,9 +96,11 @@ def mlp(n_in: int, n_out: int, activation: Callable[[], nn.Module]) -> nn.Sequen
 
 
 def _optimizer(net: nn.Module, rec: dict) -> torch.optim.Optimizer:
+    """The recommended optimizer at LR_SCALE times the recommended learning rate (see the module docstring)."""
+    lr = LR_SCALE * rec["lr"]
     if rec["optimizer"] == "rmsprop":
-        return torch.optim.RMSprop(net.parameters(), lr=rec["lr"])
-    return torch.optim.Adam(net.parameters(), lr=rec["lr"], betas=rec["betas"])
+        return torch.optim.RMSprop(net.parameters(), lr=lr)
+    return torch.optim.Adam(net.parameters(), lr=lr, betas=rec["betas"])
 
 
 def train_gan(name: str, toy: Toy, steps: int, n: int) -> Tensor:
@@ -150,7 +162,9 @@ def run_benchmark(
                 results.append(result)
     finally:
         torch.set_num_threads(threads)
-    settings = dict(steps=steps, batch=BATCH, samples=SAMPLES, min_share=MIN_SHARE, z_dim=Z_DIM, hidden=HIDDEN)
+    settings = dict(
+        steps=steps, lr_scale=LR_SCALE, batch=BATCH, samples=SAMPLES, min_share=MIN_SHARE, z_dim=Z_DIM, hidden=HIDDEN
+    )
     report = {"results": results, "settings": settings}
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "objectives.json", report)

@@ -131,6 +131,9 @@ def evaluate(
     weights: Annotated[
         Path | None, typer.Option(help="Local Inception-v3 state dict for --features inception.")
     ] = None,
+    sha256: Annotated[
+        str | None, typer.Option(help="The weights file's expected sha256; refused if it differs.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     params: ParamsOption = Path("params.yaml"),
     overrides: SetOption = None,
@@ -147,7 +150,7 @@ def evaluate(
         if real is not None or fake is not None:
             if real is None or fake is None:
                 raise UserError("--real and --fake go together")
-            result = evaluation.compare(real, fake, features, weights)
+            result = evaluation.compare(real, fake, features, weights, sha256)
             if as_json:
                 print(json.dumps(result))
             else:

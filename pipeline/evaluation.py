@@ -154,6 +154,13 @@ def evaluate_recipe(
 
     if recipe in TRANSLATION_RECIPES:
         result = _evaluate_translation(generators, data_dir, manifest, classifier, extractor, batch_size, rows, reports)
+        if recipe == "alignflow":
+            from pipeline.recipes import alignflow
+
+            images = {domain: _load_split(data_dir, manifest, domain)[1] for domain in "AB"}
+            result["bits_per_dim"] = alignflow.bits_per_dim(generators, images)
+    elif recipe == "flowgan":
+        result = _evaluate_flow_generator(generators["generator"], params, manifest, data_dir, extractor, reports)
     else:
         result = _evaluate_conditional(
             generators["generator"], params, manifest, data_dir, classifier, extractor, reports
@@ -240,6 +247,27 @@ def _evaluate_conditional(generator, params: Params, manifest, data_dir, classif
     return result
 
 
+@torch.no_grad()
+def _evaluate_flow_generator(generator, params: Params, manifest, data_dir, extractor, reports) -> dict:
+    """KID/FID of samples against the domain's test images, bits/dim of those images, and samples at several
+    temperatures (the same latent draws scaled down: lower temperature, smoother and less varied)."""
+    from pipeline.recipes import flowgan
+
+    p = params.flowgan
+    n = params.evaluate.n_samples_per_class * max(1, len(manifest["classes"]))
+    z = torch.randn(n, *generator.latent_shape, generator=torch.Generator().manual_seed(params.seed))
+    fake = torch.cat([generator(chunk) for chunk in z.split(256)])
+    _, real, _ = _load_split(data_dir, manifest, p.domain)
+    real_features, fake_features = extractor(to_uint8(real)), extractor(to_uint8(fake))
+    result: dict = {}
+    result["kid"], result["kid_std"] = metrics.kid_from_features(real_features, fake_features)
+    result["fid"] = metrics.fid_from_features(real_features, fake_features)
+    result["bits_per_dim"] = {p.domain: flowgan.bits_per_dim({"generator": generator}, real)}
+    columns = [generator(z[:10] * t) for t in (1.0, 0.85, 0.7, 0.5)]
+    write_image_atomic(reports / "samples.png", _sheet(columns, 10))
+    return result
+
+
 def _latent_walk(generator, z_dim: int, n_classes: int, rng: torch.Generator, steps: int = 10) -> list[torch.Tensor]:
     """Each row a class; columns move in a straight line between two latent points, shared by all classes."""
     start, end = torch.randn(2, z_dim, generator=rng)
@@ -251,11 +279,11 @@ def _latent_walk(generator, z_dim: int, n_classes: int, rng: torch.Generator, st
     return columns
 
 
-def compare(real: Path, fake: Path, features: str, weights: Path | None) -> dict:
+def compare(real: Path, fake: Path, features: str, weights: Path | None, sha256: str | None = None) -> dict:
     if features == "inception":
         if weights is None:
             raise UserError("--features inception needs --weights FILE (a local Inception-v3 state dict)")
-        extractor = metrics.InceptionFeatures(weights)
+        extractor = metrics.InceptionFeatures(weights, expected_sha256=sha256)
     elif features == "builtin":
         extractor = _extractor(load_classifier())
     else:

@@ -28,14 +28,16 @@ def _metadata(state: dict, direction: str) -> dict[str, str]:
 
 
 def export_state(state: dict, out_dir: Path, fp16: bool, opset: int, atol: float, console) -> dict[str, dict]:
-    from pipeline.onnx_export import export_conditional_generator, export_image_generator
+    from pipeline.onnx_export import export_conditional_generator, export_flow_sampler, export_image_generator
     from pipeline.recipes import generators_from_checkpoint
 
     results = {}
     for direction, net in generators_from_checkpoint(state).items():
         path = out_dir / f"{direction}.onnx"
         metadata = _metadata(state, direction)
-        if direction == "generator":
+        if direction == "generator" and state["recipe"] == "flowgan":
+            results[direction] = export_flow_sampler(net, path, metadata, opset=opset, atol=atol)
+        elif direction == "generator":
             results[direction] = export_conditional_generator(net, path, metadata, opset=opset, atol=atol)
         else:
             results[direction] = export_image_generator(net, path, metadata, opset=opset, fp16=fp16, atol=atol)

@@ -233,11 +233,14 @@ class InceptionFeatures:
         batch_size: int = 64,
     ):
         path = Path(weights_path)
-        if expected_sha256 is not None:
-            # Checked before torch.load, so a wrong or tampered file is never unpickled.
-            actual = sha256_of_file(path)
-            if actual != expected_sha256.lower():
-                raise ValueError(f"{path}: sha256 is {actual}, expected {expected_sha256}")
+        if not path.is_file():
+            raise UserError(f"{path}: no such weights file (Inception-v3 weights are never downloaded)")
+        # Hashed before torch.load, so a wrong or tampered file is never unpickled; the name carries the hash
+        # so numbers from different weight files are never mixed up.
+        actual = sha256_of_file(path)
+        if expected_sha256 is not None and actual != expected_sha256.lower():
+            raise UserError(f"{path}: sha256 is {actual}, expected {expected_sha256}")
+        self.name = f"inception-v3 (weights sha256 {actual[:16]})"
         model = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         model.fc = nn.Identity()  # forward then returns the pooled 2048-d vector instead of logits

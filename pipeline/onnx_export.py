@@ -56,6 +56,7 @@ _DERIVED_METADATA = (
     "z_dim",
     "n_classes",
     "image_size",
+    "latent_shape",
 )
 
 
@@ -150,8 +151,7 @@ def export_conditional_generator(
     batch = Dim("batch", min=1)
     generator = torch.Generator().manual_seed(0)
     cases = [
-        (torch.randn(n, net.z_dim, generator=generator), torch.arange(n - 1, -1, -1) % net.n_classes)
-        for n in (1, 5)
+        (torch.randn(n, net.z_dim, generator=generator), torch.arange(n - 1, -1, -1) % net.n_classes) for n in (1, 5)
     ]
     with torch.no_grad():
         expected = [model(*inputs) for inputs in cases]
@@ -162,6 +162,36 @@ def export_conditional_generator(
     onnx.helper.set_model_props(proto, props)
     report = _check_parity(proto, out_path, ["z", "label"], cases, expected, atol)
     write_bytes_atomic(out_path, proto.SerializeToString())
+    return report
+
+
+def export_flow_sampler(
+    net: nn.Module, out_path: Path, metadata: dict[str, str], opset: int = 18, atol: float = 1e-4
+) -> dict:
+    """Export a flow generator (z ~ N(0, I) of shape (N, C, H, W) -> image) with input `z` and output `image`,
+    dynamic batch, in eval mode. Parity is checked on batches of 1 and 5."""
+    c, h, w = net.latent_shape
+    props = _metadata_props(
+        metadata,
+        CONDITIONAL_METADATA,
+        {
+            "kind": "flow_sampling",
+            "latent_shape": f"{c},{h},{w}",
+            "normalization": NORMALIZATION,
+            "input": "z",
+            "output": "image",
+            "precision": "float32",
+        },
+    )
+    model = _eval_copy(net)
+    generator = torch.Generator().manual_seed(0)
+    cases = [(torch.randn(n, c, h, w, generator=generator),) for n in (1, 5)]
+    with torch.no_grad():
+        expected = [model(*inputs) for inputs in cases]
+    proto = _export(model, (torch.zeros(2, c, h, w),), ({0: Dim("batch", min=1)},), ["z"], ["image"], opset)
+    onnx.helper.set_model_props(proto, props)
+    report = _check_parity(proto, Path(out_path), ["z"], cases, expected, atol)
+    write_bytes_atomic(Path(out_path), proto.SerializeToString())
     return report
 
 

@@ -165,6 +165,14 @@ class FlowGANParams(RecipeParams):
     nll_weight: NonNegativeFloat = 1.0
     mle_only: bool = False
 
+    @model_validator(mode="before")
+    @classmethod
+    def _mle_objective(cls, data):
+        """`objective: mle` is pure maximum likelihood: the same as mle_only, with no critic to train."""
+        if isinstance(data, dict) and data.get("objective") == "mle":
+            return {**data, "objective": "nsgan", "mle_only": True}
+        return data
+
 
 class ClassifierParams(Strict):
     dataset: str = "digits"

@@ -34,18 +34,47 @@ def run_cli(tmp_path):
 
 # Tiny networks and few steps: enough to run every code path of a recipe in seconds on a CPU.
 TINY = {
-    "cyclegan": ["cyclegan.generator.arch=resnet_1blocks", "cyclegan.generator.ngf=4", "cyclegan.discriminator.ndf=4",
-                 "cyclegan.discriminator.n_layers=1", "cyclegan.discriminator.kind=n_layers", "cyclegan.batch_size=2",
-                 "cyclegan.pool_size=3"],
-    "pix2pix": ["pix2pix.generator.arch=unet_5down", "pix2pix.generator.ngf=4", "pix2pix.discriminator.ndf=4",
-                "pix2pix.discriminator.n_layers=1", "pix2pix.discriminator.kind=n_layers", "pix2pix.batch_size=2"],
+    "cyclegan": [
+        "cyclegan.generator.arch=resnet_1blocks",
+        "cyclegan.generator.ngf=4",
+        "cyclegan.discriminator.ndf=4",
+        "cyclegan.discriminator.n_layers=1",
+        "cyclegan.discriminator.kind=n_layers",
+        "cyclegan.batch_size=2",
+        "cyclegan.pool_size=3",
+    ],
+    "pix2pix": [
+        "pix2pix.generator.arch=unet_5down",
+        "pix2pix.generator.ngf=4",
+        "pix2pix.discriminator.ndf=4",
+        "pix2pix.discriminator.n_layers=1",
+        "pix2pix.discriminator.kind=n_layers",
+        "pix2pix.batch_size=2",
+    ],
     "cdcgan": ["cdcgan.ngf=4", "cdcgan.ndf=4", "cdcgan.z_dim=8", "cdcgan.batch_size=4"],
+    **{
+        recipe: [
+            f"{recipe}.flow.n_couplings=1",
+            f"{recipe}.flow.hidden_channels=4",
+            f"{recipe}.flow.n_res_blocks=1",
+            f"{recipe}.discriminator.kind=n_layers",
+            f"{recipe}.discriminator.n_layers=1",
+            f"{recipe}.discriminator.ndf=4",
+            f"{recipe}.batch_size=2",
+        ]
+        for recipe in ("alignflow", "flowgan")
+    },
 }
 
 
 def tiny(recipe: str, steps: int = 4, every: int = 2) -> list[str]:
-    return [*TINY[recipe], f"{recipe}.steps={steps}", f"{recipe}.checkpoint_every={every}",
-            f"{recipe}.sample_every={every}", f"{recipe}.log_every={every}"]
+    return [
+        *TINY[recipe],
+        f"{recipe}.steps={steps}",
+        f"{recipe}.checkpoint_every={every}",
+        f"{recipe}.sample_every={every}",
+        f"{recipe}.log_every={every}",
+    ]
 
 
 @pytest.fixture(scope="session")

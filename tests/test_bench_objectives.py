@@ -78,6 +78,28 @@ def test_a_tiny_run_writes_the_report_and_the_plot(tmp_path):
     assert table.count("\n") == 3 and "| ring8 | wgan-gp |" in table
 
 
+def test_optimizers_are_the_recommended_ones_at_the_scaled_rate():
+    from models import objectives
+
+    net = torch.nn.Linear(2, 1)
+    for name in objectives.names():
+        rec = objectives.get(name).recommended
+        opt = bench._optimizer(net, rec)
+        assert isinstance(opt, torch.optim.RMSprop if rec["optimizer"] == "rmsprop" else torch.optim.Adam)
+        assert opt.param_groups[0]["lr"] == pytest.approx(bench.LR_SCALE * rec["lr"])
+        if "betas" in rec:
+            assert opt.param_groups[0]["betas"] == rec["betas"]
+
+
+def test_a_short_run_already_covers_most_ring_modes(tmp_path):
+    # The benchmark is only informative if training converges within its budget: at the recommended (image)
+    # learning rates this run covered no mode at all.
+    report = bench.run_benchmark(["lsgan"], ["ring8"], seeds=1, steps=1500, out_dir=tmp_path)
+    (result,) = report["results"]
+    assert result["modes_covered"] >= 4 and result["high_quality"] >= 0.25
+    assert report["settings"]["lr_scale"] == bench.LR_SCALE
+
+
 def test_unknown_names_are_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no-such-gan"):
         bench.run_benchmark(["no-such-gan"], out_dir=tmp_path)

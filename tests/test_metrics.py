@@ -214,7 +214,7 @@ def test_inception_features_refuse_a_wrong_hash(tmp_path):
     weights = tmp_path / "inception.pt"
     weights.write_bytes(b"not really weights")
     actual = hashlib.sha256(b"not really weights").hexdigest()
-    with pytest.raises(ValueError, match="inception.pt") as excinfo:
+    with pytest.raises(UserError, match="inception.pt") as excinfo:
         InceptionFeatures(weights, expected_sha256="0" * 64)
     assert actual in str(excinfo.value) and "0" * 64 in str(excinfo.value)
 
@@ -226,7 +226,7 @@ def test_inception_features_load_a_local_state_dict(tmp_path):
     sha256 = hashlib.sha256(weights.read_bytes()).hexdigest()
     extractor = InceptionFeatures(weights, expected_sha256=sha256, device="cpu")
     feats = extractor(gradient(n=2, size=8))
-    assert extractor.name == "inception-v3"
+    assert extractor.name == f"inception-v3 (weights sha256 {sha256[:16]})"
     assert feats.shape == (2, 2048) and np.isfinite(feats).all()
 
 

@@ -85,3 +85,10 @@ def test_cli_reports_a_bad_override_without_traceback(run_cli):
     assert result.returncode == 2
     assert "cyclegan.steps" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_flowgan_accepts_the_mle_objective_as_pure_maximum_likelihood(tmp_path):
+    params = load_params(write(tmp_path, repo_params()), ["flowgan.objective=mle"])
+    assert params.flowgan.mle_only is True
+    with pytest.raises(ParamsError, match="cyclegan.objective"):
+        load_params(write(tmp_path, repo_params()), ["cyclegan.objective=mle"])

@@ -11,12 +11,17 @@ import pytest
 import yaml
 from conftest import BIN, REPO, TINY
 
-RECIPES = ["cyclegan", "pix2pix", "cdcgan"]
+RECIPES = ["cyclegan", "pix2pix", "cdcgan", "alignflow", "flowgan"]
 
 
 def fresh_copy(target):
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split("\0")
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
     for name in filter(None, files):
         source = REPO / name
         if source.is_file():
@@ -26,8 +31,13 @@ def fresh_copy(target):
     params["evaluate"]["classifier"]["steps"] = 20
     params["evaluate"]["n_samples_per_class"] = 4
     for recipe in RECIPES:
-        for override in [*TINY[recipe], f"{recipe}.steps=4", f"{recipe}.checkpoint_every=2",
-                         f"{recipe}.sample_every=2", f"{recipe}.log_every=2"]:
+        for override in [
+            *TINY[recipe],
+            f"{recipe}.steps=4",
+            f"{recipe}.checkpoint_every=2",
+            f"{recipe}.sample_every=2",
+            f"{recipe}.log_every=2",
+        ]:
             key, value = override.split("=")
             node = params
             *parents, leaf = key.split(".")
@@ -50,8 +60,9 @@ def test_dvc_repro_runs_every_stage_and_then_has_nothing_to_do(tmp_path):
     env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
 
     def dvc(*args):
-        result = subprocess.run([str(BIN / "dvc"), *args], cwd=repo, env=env, capture_output=True, text=True,
-                                timeout=900)
+        result = subprocess.run(
+            [str(BIN / "dvc"), *args], cwd=repo, env=env, capture_output=True, text=True, timeout=900
+        )
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
         return result.stdout
 
@@ -72,8 +83,19 @@ def test_dvc_repro_runs_every_stage_and_then_has_nothing_to_do(tmp_path):
     assert {"class_accuracy", "kid", "fid", "diversity"} <= set(cdcgan)
     assert {p.name for p in (repo / "reports/cyclegan").iterdir()} == {"AtoB.png", "BtoA.png"}
     assert {p.name for p in (repo / "reports/cdcgan").iterdir()} == {"classes.png", "walk.png"}
+    alignflow = json.loads((repo / "metrics/alignflow.json").read_text())
+    assert set(alignflow["bits_per_dim"]) == {"A", "B"} and alignflow["cycle"]["l1_A"] < 0.05
+    flowgan = json.loads((repo / "metrics/flowgan.json").read_text())
+    assert {"kid", "fid", "bits_per_dim"} <= set(flowgan)
 
-    for recipe, files in {"cyclegan": ["AtoB", "BtoA"], "pix2pix": ["AtoB"], "cdcgan": ["generator"]}.items():
+    exported = {
+        "cyclegan": ["AtoB", "BtoA"],
+        "pix2pix": ["AtoB"],
+        "cdcgan": ["generator"],
+        "alignflow": ["AtoB", "BtoA"],
+        "flowgan": ["generator"],
+    }
+    for recipe, files in exported.items():
         for name in files:
             model = onnx.load(repo / f"artifacts/{recipe}/{name}.onnx")
             metadata = {p.key: p.value for p in model.metadata_props}

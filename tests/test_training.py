@@ -21,7 +21,7 @@ from pipeline.training import Context, ImagePool, TrainingDiverged, lr_factor, t
 QUIET = Console(file=open(os.devnull, "w"))  # noqa: SIM115 - lives for the whole test session
 
 
-@pytest.mark.parametrize("recipe", ["cyclegan", "pix2pix", "cdcgan"])
+@pytest.mark.parametrize("recipe", ["cyclegan", "pix2pix", "cdcgan", "alignflow", "flowgan"])
 @pytest.mark.parametrize("objective", objectives.names())
 def test_every_recipe_trains_with_every_objective(workdir, recipe, objective):
     params = load_params("params.yaml", [*tiny(recipe), f"{recipe}.objective={objective}"])

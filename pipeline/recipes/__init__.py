@@ -17,9 +17,9 @@ from pipeline.errors import UserError
 
 
 def module(recipe: str):
-    from pipeline.recipes import cdcgan, cyclegan, pix2pix
+    from pipeline.recipes import alignflow, cdcgan, cyclegan, flowgan, pix2pix
 
-    modules = {"cyclegan": cyclegan, "pix2pix": pix2pix, "cdcgan": cdcgan}
+    modules = {"cyclegan": cyclegan, "pix2pix": pix2pix, "cdcgan": cdcgan, "alignflow": alignflow, "flowgan": flowgan}
     if recipe not in modules:
         raise UserError(f"recipe {recipe!r} is not implemented yet (available: {', '.join(modules)})")
     return modules[recipe]

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from models import flows
 from models.discriminators import build_discriminator
-from models.flows import AlignedTranslator, ImageFlow, bits_per_dim as to_bits_per_dim, standard_normal_log_prob
 from models.init import init_weights
 from pipeline.data import UnpairedDataset, batches
 from pipeline.params import AlignFlowParams, FlowParams
@@ -23,8 +23,8 @@ from pipeline.training import Context, ImagePool, set_requires_grad
 EXPORTS = {"AtoB": "G_AB", "BtoA": "G_BA"}
 
 
-def build_flow(p: FlowParams, image_size: int, orient: bool = False) -> ImageFlow:
-    return ImageFlow(
+def build_flow(p: FlowParams, image_size: int, orient: bool = False) -> flows.ImageFlow:
+    return flows.ImageFlow(
         3, image_size, p.n_scales, p.n_couplings, p.hidden_channels, p.n_res_blocks, p.actnorm, p.invconv, orient
     )
 
@@ -35,30 +35,30 @@ def build_networks(p: AlignFlowParams, image_size: int = 32) -> dict[str, nn.Mod
     flow_a = build_flow(p.flow, image_size, orient=True)
     flow_b = copy.deepcopy(flow_a)
     d = p.discriminator
-    nets = {"G_AB": AlignedTranslator(flow_a, flow_b), "G_BA": AlignedTranslator(flow_b, flow_a)}
-    nets |= {
-        name: init_weights(
-            build_discriminator(d.kind, 3, d.ndf, d.n_layers, d.norm, d.spectral_norm), p.init_type, p.init_gain
-        )
-        for name in ("D_A", "D_B")
+    critics = {
+        name: build_discriminator(d.kind, 3, d.ndf, d.n_layers, d.norm, d.spectral_norm) for name in ("D_A", "D_B")
     }
-    return nets
+    # Only the critics get the GAN initialisation: the flows' own init makes every coupling start as the identity.
+    for critic in critics.values():
+        init_weights(critic, p.init_type, p.init_gain)
+    return {"G_AB": flows.AlignedTranslator(flow_a, flow_b), "G_BA": flows.AlignedTranslator(flow_b, flow_a), **critics}
 
 
 @torch.no_grad()
 def bits_per_dim(generators: dict[str, nn.Module], images: dict[str, torch.Tensor], batch_size: int = 256) -> dict:
     """Mean bits/dim of each domain's images under its flow, e.g. {"A": 3.1, "B": 2.7}, from the exported
     translators ({"AtoB": G_AB, ...}); dequantisation noise is seeded so the numbers are reproducible."""
-    flows = {"A": generators["AtoB"].source, "B": generators["AtoB"].target}
-    return {domain: mean_bits_per_dim(flows[domain], images[domain], batch_size) for domain in images}
+    by_domain = {"A": generators["AtoB"].source, "B": generators["AtoB"].target}
+    return {domain: mean_bits_per_dim(by_domain[domain], images[domain], batch_size) for domain in images}
 
 
 @torch.no_grad()
-def mean_bits_per_dim(flow: ImageFlow, images: torch.Tensor, batch_size: int = 256) -> float:
+def mean_bits_per_dim(flow: flows.ImageFlow, images: torch.Tensor, batch_size: int = 256) -> float:
+    """Mean bits/dim of `images` under `flow`, with seeded dequantisation noise (on the CPU, where evaluation runs)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         log_probs = torch.cat([flow.log_prob(chunk) for chunk in images.split(batch_size)])
-    return float(to_bits_per_dim(log_probs, images[0].numel()).mean())
+    return float(flows.bits_per_dim(log_probs, images[0].numel()).mean())
 
 
 class Recipe:
@@ -78,7 +78,10 @@ class Recipe:
         self.pools = {"fake_A": ImagePool(p.pool_size), "fake_B": ImagePool(p.pool_size)}
         fixed = [self.dataset[i] for i in range(min(8, len(self.dataset.a)))]
         self.fixed = ctx.to_device({k: torch.stack([f[k] for f in fixed]) for k in ("A", "B")})
-        self.example_inputs = {name: (self.fixed[domain][:1],) for name, domain in (("G_AB", "A"), ("G_BA", "B"))}
+        # Two samples: a batch of one would pin the exported batch size to 1.
+        self.example_inputs = {
+            name: {"image": self.fixed[domain][:2]} for name, domain in (("G_AB", "A"), ("G_BA", "B"))
+        }
 
     def batches(self, seed: int, start_step: int):
         return batches(self.dataset, self.p.batch_size, seed, start_step, self.p.num_workers)
@@ -95,8 +98,9 @@ class Recipe:
         z_A, log_det_A = self.f_A(real_A)
         z_B, log_det_B = self.f_B(real_B)
         # One encoding serves both terms: the likelihood of the real image and its translation.
-        nll_A = to_bits_per_dim(standard_normal_log_prob(z_A) + log_det_A, n_dims).mean()
-        nll_B = to_bits_per_dim(standard_normal_log_prob(z_B) + log_det_B, n_dims).mean()
+        nll_A = flows.bits_per_dim(flows.standard_normal_log_prob(z_A) + log_det_A, n_dims).mean()
+        nll_B = flows.bits_per_dim(flows.standard_normal_log_prob(z_B) + log_det_B, n_dims).mean()
+        # Unclamped, so the critics see any overshoot of [-1, 1], the one place the exported translators clamp.
         fake_B, fake_A = self.f_B.inverse(z_A), self.f_A.inverse(z_B)
         with ctx.autocast():
             adv = obj.g_loss(self.D_B(fake_B)) + obj.g_loss(self.D_A(fake_A))
@@ -108,7 +112,7 @@ class Recipe:
         for _ in range(ctx.n_critic - 1):
             extra = next_batch()
             with torch.no_grad():
-                fresh_B, fresh_A = self.nets["G_AB"](extra["A"]), self.nets["G_BA"](extra["B"])
+                fresh_B, fresh_A = self.f_B.inverse(self.f_A(extra["A"])[0]), self.f_A.inverse(self.f_B(extra["B"])[0])
             d_losses.append(self._critic_step(extra["A"], extra["B"], fresh_A, fresh_B))
         d_mean = torch.stack(d_losses).mean(0)
         values = torch.stack([g_loss, adv, nll_A, nll_B, d_mean[0], d_mean[1]]).tolist()

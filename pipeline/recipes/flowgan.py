@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from models import flows
 from models.discriminators import build_discriminator
-from models.flows import FlowSampler, bits_per_dim as to_bits_per_dim, standard_normal_log_prob
 from models.init import init_weights
 from pipeline.data import UnpairedDataset, batches
 from pipeline.params import FlowGANParams
@@ -26,7 +26,9 @@ EXPORTS = {"generator": "G"}
 def build_networks(p: FlowGANParams, image_size: int = 32) -> dict[str, nn.Module]:
     d = p.discriminator
     critic = build_discriminator(d.kind, 3, d.ndf, d.n_layers, d.norm, d.spectral_norm)
-    return {"G": FlowSampler(build_flow(p.flow, image_size)), "D": init_weights(critic, p.init_type, p.init_gain)}
+    # Only the critic gets the GAN initialisation: the flow's own init makes every coupling start as the identity.
+    init_weights(critic, p.init_type, p.init_gain)
+    return {"G": flows.FlowSampler(build_flow(p.flow, image_size)), "D": critic}
 
 
 @torch.no_grad()
@@ -51,7 +53,7 @@ class Recipe:
         self.pools: dict = {}
         size = self.network_args["image_size"]
         self.fixed_z = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(0)).to(ctx.device)
-        self.example_inputs = {"G": (self.fixed_z[:1],)}
+        self.example_inputs = {"G": {"z": self.fixed_z[:2]}}
 
     def batches(self, seed: int, start_step: int):
         return batches(self.dataset, self.p.batch_size, seed, start_step, self.p.num_workers)
@@ -63,7 +65,7 @@ class Recipe:
         # The likelihood is always computed (it is the honest score); it only needs a graph when it is trained on.
         with torch.set_grad_enabled(p.mle_only or p.nll_weight > 0):
             z, log_det = self.flow(real)
-            nll = to_bits_per_dim(standard_normal_log_prob(z) + log_det, real[0].numel()).mean()
+            nll = flows.bits_per_dim(flows.standard_normal_log_prob(z) + log_det, real[0].numel()).mean()
         if p.mle_only:
             ctx.update(nll, self.optimizers["G"])
             return {"G": nll.item(), "bpd": nll.item()}
