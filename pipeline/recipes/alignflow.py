@@ -18,6 +18,7 @@ from models.discriminators import build_discriminator
 from models.init import init_weights
 from pipeline.data import UnpairedDataset, batches
 from pipeline.params import AlignFlowParams, FlowParams
+from pipeline.recipes.cyclegan import update_critics
 from pipeline.training import Context, ImagePool, set_requires_grad
 
 EXPORTS = {"AtoB": "G_AB", "BtoA": "G_BA"}
@@ -119,16 +120,7 @@ class Recipe:
         return dict(zip(["G", "G_adv", "bpd_A", "bpd_B", "D_A", "D_B"], values, strict=True))
 
     def _critic_step(self, real_A, real_B, fake_A, fake_B) -> torch.Tensor:
-        ctx, obj = self.ctx, self.ctx.objective
-        fake_A, fake_B = self.pools["fake_A"].query(fake_A), self.pools["fake_B"].query(fake_B)
-        with ctx.autocast():
-            # Halved as in CycleGAN, so D learns at half the rate of G.
-            loss_A = 0.5 * obj.d_loss(self.D_A(real_A), self.D_A(fake_A)) + obj.penalty(self.D_A, real_A, fake_A)
-            loss_B = 0.5 * obj.d_loss(self.D_B(real_B), self.D_B(fake_B)) + obj.penalty(self.D_B, real_B, fake_B)
-        ctx.update(loss_A + loss_B, self.optimizers["D"])
-        obj.after_critic_step(self.nets["D_A"])
-        obj.after_critic_step(self.nets["D_B"])
-        return torch.stack([loss_A.detach(), loss_B.detach()])
+        return update_critics(self, real_A, real_B, fake_A, fake_B)
 
     @torch.no_grad()
     def sample_rows(self) -> list[torch.Tensor]:

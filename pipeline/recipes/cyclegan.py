@@ -87,16 +87,7 @@ class Recipe:
         return dict(zip(["G", "G_adv", "cycle", "identity", "D_A", "D_B"], values, strict=True))
 
     def _critic_step(self, real_A, real_B, fake_A, fake_B) -> torch.Tensor:
-        ctx, obj = self.ctx, self.ctx.objective
-        fake_A, fake_B = self.pools["fake_A"].query(fake_A), self.pools["fake_B"].query(fake_B)
-        with ctx.autocast():
-            # Halved as in the reference, so D learns at half the rate of G.
-            loss_A = 0.5 * obj.d_loss(self.D_A(real_A), self.D_A(fake_A)) + obj.penalty(self.D_A, real_A, fake_A)
-            loss_B = 0.5 * obj.d_loss(self.D_B(real_B), self.D_B(fake_B)) + obj.penalty(self.D_B, real_B, fake_B)
-        ctx.update(loss_A + loss_B, self.optimizers["D"])
-        obj.after_critic_step(self.nets["D_A"])
-        obj.after_critic_step(self.nets["D_B"])
-        return torch.stack([loss_A.detach(), loss_B.detach()])
+        return update_critics(self, real_A, real_B, fake_A, fake_B)
 
     @torch.no_grad()
     def sample_rows(self) -> list[torch.Tensor]:
@@ -109,3 +100,20 @@ class Recipe:
         for net in self.generator_names:
             self.nets[net].train()
         return rows
+
+
+def update_critics(recipe, real_A, real_B, fake_A, fake_B) -> torch.Tensor:
+    """One update of both domains' critics on pooled fakes; shared by every recipe with two critics.
+
+    `recipe` has ctx, pools fake_A/fake_B, forwards D_A/D_B, nets D_A/D_B and the optimizer "D".
+    """
+    ctx, obj = recipe.ctx, recipe.ctx.objective
+    fake_A, fake_B = recipe.pools["fake_A"].query(fake_A), recipe.pools["fake_B"].query(fake_B)
+    with ctx.autocast():
+        # Halved as in the reference, so D learns at half the rate of G.
+        loss_A = 0.5 * obj.d_loss(recipe.D_A(real_A), recipe.D_A(fake_A)) + obj.penalty(recipe.D_A, real_A, fake_A)
+        loss_B = 0.5 * obj.d_loss(recipe.D_B(real_B), recipe.D_B(fake_B)) + obj.penalty(recipe.D_B, real_B, fake_B)
+    ctx.update(loss_A + loss_B, recipe.optimizers["D"])
+    obj.after_critic_step(recipe.nets["D_A"])
+    obj.after_critic_step(recipe.nets["D_B"])
+    return torch.stack([loss_A.detach(), loss_B.detach()])
