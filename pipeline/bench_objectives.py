@@ -5,7 +5,7 @@ Equal?".
 
 Learning rates: each objective's recommended rate times LR_SCALE (20): Adam 4e-3 for minimax, nsgan, lsgan and
 hinge, 2e-3 for wgan-gp and wgan-lp, RMSprop 1e-3 for wgan. The recommended rates are tuned for images; at them,
-no objective gets past a drifting blob on these toys within the time budget. One common factor keeps every other
+hardly any objective reaches a mode of these toys within the time budget. One common factor keeps every other
 convention of each recipe and the ratios between their rates; one common optimizer for all (e.g. Adam 1e-3, betas
 (0.5, 0.999)) would instead hand the clipped WGAN critic the momentum its authors found unstable and the gradient
 penalty betas it was not tuned for. Factors 5, 10 and 20 were tried on one seed: 20 covered the most grid25 modes
