@@ -6,6 +6,15 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# What export needs to know about a model made in a test.
+METADATA = {
+    "recipe": "test",
+    "direction": "AtoB",
+    "source_domain": "A",
+    "target_domain": "B",
+    "training_commit": "x",
+    "params_hash": "y",
+}
 BIN = Path(sys.executable).parent
 
 

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import onnx
-from conftest import tiny
+from conftest import METADATA, tiny
 from corpus import write_good
 from PIL import Image
 
@@ -74,9 +74,7 @@ def test_translate_cli_exit_codes_and_report(tmp_path, run_cli):
     from models.generators import build_generator
     from pipeline.onnx_export import export_image_generator
 
-    metadata = {"recipe": "test", "direction": "AtoB", "source_domain": "A", "target_domain": "B",
-                "training_commit": "x", "params_hash": "y"}
-    export_image_generator(build_generator("resnet_1blocks", ngf=4), tmp_path / "m.onnx", metadata)
+    export_image_generator(build_generator("resnet_1blocks", ngf=4), tmp_path / "m.onnx", METADATA)
     write_good(tmp_path / "good", 3, size=(36, 20))
     result = run_cli("translate", str(tmp_path / "good"), str(tmp_path / "out"), "--model", str(tmp_path / "m.onnx"),
                      "--report", str(tmp_path / "r.json"))

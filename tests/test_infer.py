@@ -5,21 +5,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import METADATA
 
 from models.generators import build_generator
 from pipeline.errors import UserError
 from pipeline.infer import Engine, InferenceError, open_engine
 from pipeline.onnx_export import export_image_generator
 from tests.corpus import gradient
-
-METADATA = {
-    "recipe": "test",
-    "direction": "AtoB",
-    "source_domain": "A",
-    "target_domain": "B",
-    "training_commit": "x",
-    "params_hash": "y",
-}
 
 
 def _export(path: Path, norm: str) -> tuple[torch.nn.Module, Path]:

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import METADATA
 from PIL import Image
 
 from models.generators import build_generator
@@ -15,14 +16,6 @@ from pipeline.onnx_export import export_image_generator
 from pipeline.translate import exit_code, translate_path
 from tests.corpus import gradient, write_bad_corpus, write_good
 
-METADATA = {
-    "recipe": "test",
-    "direction": "AtoB",
-    "source_domain": "A",
-    "target_domain": "B",
-    "training_commit": "x",
-    "params_hash": "y",
-}
 REPORT_KEYS = {"translated", "skipped", "rejected", "seconds", "provider", "images_per_second"}
 
 
