@@ -7,7 +7,7 @@ from pathlib import Path
 from pipeline.checkpoint import LAST, checkpoint_dir, load_checkpoint
 from pipeline.errors import UserError
 from pipeline.images import write_json_atomic
-from pipeline.params import Params
+from pipeline.params import ExportParams, Params
 
 DOMAINS = {"AtoB": ("A", "B"), "BtoA": ("B", "A")}
 
@@ -55,7 +55,7 @@ def export_recipe(
 ) -> dict:
     state = load_checkpoint(checkpoint_dir(recipe, runs_root) / LAST)
     out_dir = artifacts_root / recipe
-    results = export_state(state, out_dir, fp16, params.export.opset, params.export.parity_atol, console)
+    results = export_state(state, out_dir, fp16, params.export.opset, _tolerance(recipe, params.export), console)
     write_json_atomic(out_dir / "export.json", results)
     if params.export.register_models and state.get("mlflow_run_id"):
         from pipeline import tracking
@@ -67,7 +67,11 @@ def export_recipe(
     return results
 
 
-def export_checkpoint(checkpoint: Path, out: Path, fp16: bool, console, opset: int = 18, atol: float = 1e-4) -> dict:
+def _tolerance(recipe: str, export: ExportParams) -> float:
+    return export.flow_parity_atol if recipe in ("alignflow", "flowgan") else export.parity_atol
+
+
+def export_checkpoint(checkpoint: Path, out: Path, fp16: bool, console, export: ExportParams = ExportParams()) -> dict:
     """One checkpoint file to one .onnx file; a recipe with several generators writes <stem>.<direction>.onnx."""
     state = load_checkpoint(checkpoint)
     if "recipe" not in state or state["recipe"] == "classifier":
@@ -75,7 +79,7 @@ def export_checkpoint(checkpoint: Path, out: Path, fp16: bool, console, opset: i
     if out.suffix != ".onnx":
         raise UserError(f"--out {out}: must end in .onnx")
     tmp_dir = out.parent / f".{out.stem}.export"
-    results = export_state(state, tmp_dir, fp16, opset, atol, console)
+    results = export_state(state, tmp_dir, fp16, export.opset, _tolerance(state["recipe"], export), console)
     final = {}
     for direction, result in results.items():
         target = out if len(results) == 1 else out.with_name(f"{out.stem}.{direction}.onnx")

@@ -43,6 +43,9 @@ def _mlflow():
     for name in ("alembic", "mlflow"):
         logging.getLogger(name).setLevel(logging.WARNING)
     mlflow.set_tracking_uri(tracking_uri())
+    if not os.environ.get("MLFLOW_TRACKING_URI") and mlflow.get_experiment_by_name(EXPERIMENT) is None:
+        # Artifacts next to mlflow.db, not in ./mlruns of whichever copy (a DVC experiment's) ran first.
+        mlflow.create_experiment(EXPERIMENT, artifact_location=(repo_root() / "mlruns").as_uri())
     mlflow.set_experiment(EXPERIMENT)
     return mlflow
 

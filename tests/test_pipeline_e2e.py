@@ -101,6 +101,7 @@ def test_dvc_repro_runs_every_stage_and_then_has_nothing_to_do(tmp_path):
             metadata = {p.key: p.value for p in model.metadata_props}
             assert metadata["recipe"] == recipe and metadata["params_hash"]
     assert (repo / "mlflow.db").exists()
+    assert any((repo / "mlruns").rglob("*.png")), "sample grids are logged next to mlflow.db"
 
     assert "up to date" in dvc("status")
     second = dvc("repro")
