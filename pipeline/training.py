@@ -277,7 +277,7 @@ def train(
     stream = iter(recipe.batches(params.seed, start_step))
     next_batch: Callable[[], dict] = lambda: ctx.to_device(next(stream))  # noqa: E731
 
-    def checkpoint(step: int) -> None:
+    def checkpoint(step: int, steps_per_second: float) -> None:
         save_checkpoint(
             {
                 "recipe": recipe_name,
@@ -294,6 +294,7 @@ def train(
                 "mlflow_run_id": run.run_id,
                 "network_args": recipe.network_args,
                 "git_commit": tags["git_commit"],
+                "steps_per_second": steps_per_second,
             },
             ckpt_path,
         )
@@ -328,13 +329,13 @@ def train(
                 if step % p.sample_every == 0 or step == p.steps:
                     run.log_image(grid_image(recipe.sample_rows()), key="samples", step=step)
                 if step % p.checkpoint_every == 0 or step == p.steps:
-                    checkpoint(step)
+                    checkpoint(step, rate)
                     last_good = step
         elapsed = time.perf_counter() - started
         steps_done = p.steps - timed_from
-        summary = _write_outputs(
-            recipe_name, metrics_root, history, steps_done / elapsed if elapsed else 0.0, p.batch_size, p.steps
-        )
+        # A run with nothing left to do reports the speed its checkpoint measured, not zero.
+        rate = steps_done / elapsed if steps_done else state["steps_per_second"]
+        summary = _write_outputs(recipe_name, metrics_root, history, rate, p.batch_size, p.steps)
         if steps_done:
             for net_name in recipe.generator_names:
                 module = ema[net_name].module if net_name in ema else recipe.nets[net_name]

@@ -59,6 +59,9 @@ def test_train_writes_checkpoint_metrics_and_resumes(workdir):
     assert set(metrics["losses"]) == {"G", "G_adv", "L1", "D"} and metrics["steps_per_second"] > 0
     assert (workdir / "metrics/pix2pix.train_losses.csv").read_text().splitlines()[0] == "step,D,G,G_adv,L1"
 
+    again = train("pix2pix", params, QUIET)  # nothing left to do: the measured speed is kept, not zeroed
+    assert again["steps_per_second"] == round(state["steps_per_second"], 4) > 0
+
     longer = load_params("params.yaml", tiny("pix2pix", steps=6, every=2))
     with pytest.raises(UserError, match=r"other params \(changed: pix2pix.steps\).*--fresh"):
         train("pix2pix", longer, QUIET)
