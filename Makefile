@@ -32,6 +32,7 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf data/prepared runs artifacts metrics reports mlflow.db mlruns .dvc/cache .dvc/tmp

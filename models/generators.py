@@ -41,9 +41,7 @@ def _pad_layers(padding: str) -> list[nn.Module]:
 class ResnetBlock(nn.Module):
     """Residual block with two 3x3 convolutions (He et al. 2016), as used in CycleGAN (Zhu et al. 2017)."""
 
-    def __init__(
-        self, channels: int, norm: str = "instance", dropout: bool = False, padding: str = "reflect"
-    ):
+    def __init__(self, channels: int, norm: str = "instance", dropout: bool = False, padding: str = "reflect"):
         super().__init__()
         bias = uses_bias(norm)
         # Zero padding is done by the convolution itself; the other modes add a padding layer before it.

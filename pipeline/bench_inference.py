@@ -43,18 +43,6 @@ with torch.no_grad():
         Image.fromarray(((y.transpose(1, 2, 0) + 1) / 2 * 255).astype(np.uint8)).save(Path(dst) / path.name)
 """
 
-# Until `transfigure translate` is wired, the same call it makes, as a whole process.
-TRANSLATE_CALL = """
-import sys
-from pathlib import Path
-
-from pipeline.infer import Engine
-from pipeline.translate import translate_path
-
-src, dst, model, provider, batch_size = sys.argv[1:6]
-translate_path(Path(src), Path(dst), Engine(Path(model), providers=[provider]), int(batch_size), progress=False)
-"""
-
 # Dense fp16 tensor-core peaks from NVIDIA's datasheets, in TFLOP/s, by torch's device name.
 PEAK_TFLOPS = {"H100 80GB HBM3": 989.4, "H100 PCIe": 756.0, "H200": 989.4, "A100": 312.0}
 
@@ -83,12 +71,13 @@ def run(
 
     Rows: {"what", "provider", "batch_size", "images", "seconds", "images_per_second", "vs_eager"}, plus
     "peak_fraction" on a GPU (against `peak_tflops`, or the dense fp16 peak of a known GPU). The whole-process
-    translate row runs with the first provider and the largest batch size.
+    translate row runs with the first provider and translate's default batch size for it.
     """
     import torch
 
     from models.generators import build_generator
     from pipeline.onnx_export import export_image_generator
+    from pipeline.translate import default_batch_size
 
     torch.manual_seed(0)
     net = build_generator(arch)
@@ -105,16 +94,17 @@ def run(
         export_image_generator(net, root / "model.onnx", METADATA)
         images = _write_photos(root / "photos", n_images, size)
         eager_cmd = [sys.executable, "-c", EAGER_LOOP, arch, str(root / "weights.pt"), str(root / "photos")]
-        cli = _cli_has_translate()
+        translate_batch = default_batch_size(providers[0])
         eager_s, translate_s = float("inf"), float("inf")
         for attempt in range(repeats):
             eager_s = min(eager_s, _time_process([*eager_cmd, str(root / f"eager{attempt}")]))
-            command = _translate_command(root, root / f"out{attempt}", providers[0], max(batch_sizes), cli)
-            translate_s = min(translate_s, _time_process(command))
-        what = "transfigure translate" if cli else "translate_path via python -c"
+            translate_cmd = _translate_command(root, root / f"out{attempt}", providers[0])
+            translate_s = min(translate_s, _time_process(translate_cmd))
         rows = [
             _row("pytorch eager loop, one image at a time (whole process)", "torch", 1, n_images, eager_s, eager_s),
-            _row(f"{what} (whole process)", providers[0], max(batch_sizes), n_images, translate_s, eager_s),
+            _row(
+                "transfigure translate (whole process)", providers[0], translate_batch, n_images, translate_s, eager_s
+            ),
         ]
         eager_model_s = _time_eager_model(net, images, "cuda" if gpu else "cpu")
         rows.append(_row("pytorch eager model only, fp32", "torch", 1, n_images, eager_model_s, eager_model_s))
@@ -162,22 +152,19 @@ def _row(what: str, provider: str, batch_size: int, images: int, seconds: float,
     }
 
 
-def _translate_command(root: Path, out: Path, provider: str, batch_size: int, cli: bool) -> list[str]:
-    photos, model = str(root / "photos"), str(root / "model.onnx")
-    if cli:
-        options = ["--model", model, "--providers", provider, "--batch-size", str(batch_size)]
-        return [str(_cli_path()), "translate", photos, str(out), *options]
-    return [sys.executable, "-c", TRANSLATE_CALL, photos, str(out), model, provider, str(batch_size)]
-
-
-def _cli_path() -> Path:
-    return Path(sys.executable).parent / "transfigure"
-
-
-def _cli_has_translate() -> bool:
-    """Whether the installed `transfigure` has the translate command yet."""
-    cli = _cli_path()
-    return cli.exists() and subprocess.run([str(cli), "translate", "--help"], capture_output=True).returncode == 0
+def _translate_command(root: Path, out: Path, provider: str) -> list[str]:
+    """The installed `transfigure translate` next to this interpreter, with its default batch size."""
+    cli = Path(sys.executable).parent / "transfigure"
+    return [
+        str(cli),
+        "translate",
+        str(root / "photos"),
+        str(out),
+        "--model",
+        str(root / "model.onnx"),
+        "--providers",
+        provider,
+    ]
 
 
 def _time_process(command: list[str]) -> float:

@@ -206,7 +206,9 @@ def translate(
     input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="An image, or a folder searched recursively.")],
     output: Annotated[Path, typer.Argument(help="Output folder (or output file for a single image).")],
     model: Annotated[str, typer.Option(help="FILE.onnx or models:/NAME@ALIAS.")],
-    batch_size: Annotated[int, typer.Option(help="Images of one size per batch.")] = 8,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Images of one size per batch (default: 1 on the CPU, 8 on a GPU).")
+    ] = None,
     providers: Annotated[
         str | None, typer.Option(help="Comma-separated, in order: tensorrt,cuda,cpu (default: the best that loads).")
     ] = None,
@@ -319,9 +321,13 @@ def bench_train(
 def bench_objectives(
     steps: Annotated[int | None, typer.Option(help="Generator steps per run (default: the benchmark's).")] = None,
     seeds: Annotated[int, typer.Option(help="Seeds per objective and dataset.")] = 3,
+    objective: Annotated[
+        list[str] | None, typer.Option(help="Only this objective (repeatable), e.g. flow-mle; default: all.")
+    ] = None,
+    dataset: Annotated[list[str] | None, typer.Option(help="Only this dataset (repeatable): ring8, grid25.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Every objective on 2-D toy mixtures (ring8, grid25): modes covered and sample quality."""
+    """Every objective and flow generator on 2-D toy mixtures (ring8, grid25): modes covered and sample quality."""
 
     def work() -> None:
         import json
@@ -330,7 +336,9 @@ def bench_objectives(
 
         console = _console()
         # With --json, stdout carries only the JSON object.
-        report = run_benchmark(seeds=seeds, steps=steps or STEPS, progress=None if as_json else console.print)
+        report = run_benchmark(
+            objective, dataset, seeds=seeds, steps=steps or STEPS, progress=None if as_json else console.print
+        )
         if as_json:
             print(json.dumps(report))
         else:

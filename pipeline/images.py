@@ -26,9 +26,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 8192 * 8192
 
-IMAGE_SUFFIXES = frozenset(
-    {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
-)
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"})
 
 # Only these Pillow decoders may run: untrusted uploads must never reach plugins such as EPS,
 # which shells out to Ghostscript. (Camera MPO files are opened by the JPEG decoder.)
@@ -240,9 +238,7 @@ def _resample(array: np.ndarray, width: int, height: int) -> np.ndarray:
 
 def _center_crop(array: np.ndarray, height: int, width: int) -> np.ndarray:
     if height < 4 or width < 4:
-        raise ValueError(
-            f"image of {array.shape[1]}x{array.shape[0]} pixels is too small to crop to a multiple of 4"
-        )
+        raise ValueError(f"image of {array.shape[1]}x{array.shape[0]} pixels is too small to crop to a multiple of 4")
     top = (array.shape[0] - height) // 2
     left = (array.shape[1] - width) // 2
     return np.ascontiguousarray(array[top : top + height, left : left + width])

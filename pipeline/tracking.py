@@ -135,6 +135,7 @@ def register_onnx(run_id: str, path: Path, name: str) -> str:
     from mlflow import onnx as mlflow_onnx
 
     with mlflow.start_run(run_id=run_id):
-        info = mlflow_onnx.log_model(onnx.load(str(path)), name=path.stem, registered_model_name=name,
-                                     pip_requirements=["onnxruntime"])
+        info = mlflow_onnx.log_model(
+            onnx.load(str(path)), name=path.stem, registered_model_name=name, pip_requirements=["onnxruntime"]
+        )
     return str(info.registered_model_version)

@@ -29,11 +29,17 @@ _WAITING_PIXELS = 64 * 2**20
 _BATCH_PIXELS = 8 * 512 * 512
 
 
+def default_batch_size(provider: str) -> int:
+    """8 on a GPU; 1 on the CPU, where one image already fills the cores and batching measured 8-11% slower
+    (docs/BENCHMARKS.md, Inference)."""
+    return 1 if provider == "cpu" else 8
+
+
 def translate_path(
     input: Path,
     output: Path,
     engine: Engine,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     fmt: str = "png",
     skip_existing: bool = False,
     tile: int | None = None,
@@ -43,13 +49,14 @@ def translate_path(
 ) -> dict:
     """Translate INPUT (an image, or a folder searched recursively) into OUTPUT, keeping relative paths and stems.
 
-    For a single image, OUTPUT is the output file when it has an image suffix (which then sets the format),
-    else a folder. Bad inputs are listed in the report with a reason and the rest go on. Returns (and writes to
-    `report_path`) {"translated", "skipped", "rejected": [{"path", "reason"}], "seconds", "provider",
-    "images_per_second"}.
+    `batch_size` None is default_batch_size(engine.provider). For a single image, OUTPUT is the output file when
+    it has an image suffix (which then sets the format), else a folder. Bad inputs are listed in the report with
+    a reason and the rest go on. Returns (and writes to `report_path`) {"translated", "skipped", "rejected":
+    [{"path", "reason"}], "seconds", "provider", "images_per_second"}.
     """
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    batch_size = default_batch_size(engine.provider) if batch_size is None else batch_size
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     if tile is not None and tile < engine.multiple:

@@ -3,8 +3,19 @@ import sys
 
 import pytest
 
-COMMANDS = [["prepare"], ["train"], ["evaluate"], ["export"], ["translate"], ["import-checkpoint"], ["sample"],
-            ["doctor"], ["bench", "train"], ["bench", "inference"], ["bench", "objectives"]]
+COMMANDS = [
+    ["prepare"],
+    ["train"],
+    ["evaluate"],
+    ["export"],
+    ["translate"],
+    ["import-checkpoint"],
+    ["sample"],
+    ["doctor"],
+    ["bench", "train"],
+    ["bench", "inference"],
+    ["bench", "objectives"],
+]
 
 
 def test_help_does_not_import_the_heavy_libraries():

@@ -24,14 +24,13 @@ def test_exported_cdcgan_samples_the_asked_class_and_walks(workdir, run_cli):
     assert {p.key: p.value for p in model.metadata_props}["n_classes"] == "10"
     assert not [p for p in workdir.iterdir() if p.name.startswith(".")]
 
-    result = run_cli("sample", "--model", str(workdir / "gen.onnx"), "--label", "3", "--n", "5", "--out",
-                     str(workdir / "samples"), cwd=workdir)
+    sample_three = ["sample", "--model", str(workdir / "gen.onnx"), "--label", "3"]
+    result = run_cli(*sample_three, "--n", "5", "--out", str(workdir / "samples"), cwd=workdir)
     assert result.returncode == 0, result.stderr
     images = sorted((workdir / "samples").glob("sample_3_*.png"))
     assert len(images) == 5 and Image.open(images[0]).size == (32, 32)
 
-    result = run_cli("sample", "--model", str(workdir / "gen.onnx"), "--label", "3", "--n", "4", "--walk",
-                     "--out", str(workdir / "walk"), cwd=workdir)
+    result = run_cli(*sample_three, "--n", "4", "--walk", "--out", str(workdir / "walk"), cwd=workdir)
     walk = [np.asarray(Image.open(p), dtype=float) for p in sorted((workdir / "walk").glob("*.png"))]
     assert len(walk) == 4
     # A walk moves step by step: neighbours are closer than the two ends.
@@ -61,8 +60,19 @@ def test_evaluate_compares_two_folders_and_pairs_by_name(tmp_path, run_cli):
 
 
 def test_bench_train_reports_images_per_second(workdir, run_cli):
-    result = run_cli("bench", "train", "--recipe", "pix2pix", "--size", "32", "--steps", "2", "--json",
-                     *sum((["--set", o] for o in tiny("pix2pix")), []), cwd=workdir)
+    result = run_cli(
+        "bench",
+        "train",
+        "--recipe",
+        "pix2pix",
+        "--size",
+        "32",
+        "--steps",
+        "2",
+        "--json",
+        *sum((["--set", o] for o in tiny("pix2pix")), []),
+        cwd=workdir,
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["recipe"] == "pix2pix" and report["precision"] == "fp32" and report["images_per_second"] > 0
@@ -76,15 +86,29 @@ def test_translate_cli_exit_codes_and_report(tmp_path, run_cli):
 
     export_image_generator(build_generator("resnet_1blocks", ngf=4), tmp_path / "m.onnx", METADATA)
     write_good(tmp_path / "good", 3, size=(36, 20))
-    result = run_cli("translate", str(tmp_path / "good"), str(tmp_path / "out"), "--model", str(tmp_path / "m.onnx"),
-                     "--report", str(tmp_path / "r.json"))
+    result = run_cli(
+        "translate",
+        str(tmp_path / "good"),
+        str(tmp_path / "out"),
+        "--model",
+        str(tmp_path / "m.onnx"),
+        "--report",
+        str(tmp_path / "r.json"),
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "r.json").read_text())["translated"] == 3
     assert Image.open(tmp_path / "out" / "img000.png").size == (36, 20)
 
     write_bad_corpus(tmp_path / "mixed")
-    result = run_cli("translate", str(tmp_path / "mixed"), str(tmp_path / "out2"), "--model",
-                     str(tmp_path / "m.onnx"), "--report", str(tmp_path / "r2.json"))
+    result = run_cli(
+        "translate",
+        str(tmp_path / "mixed"),
+        str(tmp_path / "out2"),
+        "--model",
+        str(tmp_path / "m.onnx"),
+        "--report",
+        str(tmp_path / "r2.json"),
+    )
     report = json.loads((tmp_path / "r2.json").read_text())
     assert result.returncode == 1 and report["translated"] == 5 and len(report["rejected"]) == 4
     assert "Traceback" not in result.stderr

@@ -186,10 +186,7 @@ def test_conditional_generator_export(tmp_path):
     assert isinstance(batch, str) and z_dim == 16
     assert dims(label) == [batch]
 
-    assert (
-        read_metadata(path).items()
-        >= {**metadata, "z_dim": "16", "n_classes": "10", "image_size": "32"}.items()
-    )
+    assert read_metadata(path).items() >= {**metadata, "z_dim": "16", "n_classes": "10", "image_size": "32"}.items()
     assert [case["batch"] for case in result["cases"]] == [1, 5]
     assert result["max_abs_error"] < 1e-4
 

@@ -175,9 +175,23 @@ def test_mlflow_server_receives_params_metric_histories_and_images(workdir, tmp_
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     server = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
-         str(tmp_path / "artifacts")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         import urllib.request
 
@@ -199,8 +213,9 @@ def test_mlflow_server_receives_params_metric_histories_and_images(workdir, tmp_
         client = MlflowClient(uri)
         run = client.search_runs([client.get_experiment_by_name("transfigure").experiment_id])[0]
         assert run.info.run_name == "cdcgan" and run.data.params["cdcgan.objective"] == "hinge"
-        assert run.data.tags["params_hash"] == load_checkpoint(workdir / "runs/cdcgan/checkpoints/last.pt")[
-            "params_hash"]
+        assert (
+            run.data.tags["params_hash"] == load_checkpoint(workdir / "runs/cdcgan/checkpoints/last.pt")["params_hash"]
+        )
         assert [m.step for m in client.get_metric_history(run.info.run_id, "G")] == [2, 4]
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "images")}
         assert any("samples" in path for path in artifacts)

@@ -148,3 +148,12 @@ def test_exit_code():
     assert exit_code({"translated": 3, "skipped": 2, "rejected": []}) == 0
     assert exit_code({"translated": 0, "skipped": 0, "rejected": []}) == 0
     assert exit_code({"translated": 3, "skipped": 0, "rejected": [{"path": "a", "reason": "empty file"}]}) == 1
+
+
+def test_default_batch_is_one_image_on_the_cpu_and_eight_on_a_gpu(engine, tmp_path):
+    from pipeline.translate import default_batch_size
+
+    assert [default_batch_size(p) for p in ("cpu", "cuda", "tensorrt")] == [1, 8, 8]
+    write_good(tmp_path / "in", 3, size=(40, 36))
+    report = translate_path(tmp_path / "in", tmp_path / "out", engine, progress=False)
+    assert report["translated"] == 3 and report["provider"] == "cpu"
