@@ -27,7 +27,7 @@ def _metadata(state: dict, direction: str) -> dict[str, str]:
     }
 
 
-def export_state(state: dict, out_dir: Path, fp16: bool, opset: int, atol: float, console) -> dict[str, dict]:
+def export_state(state: dict, out_dir: Path, fp16: bool, opset: int, atol: float) -> dict[str, dict]:
     from pipeline.onnx_export import export_conditional_generator, export_flow_sampler, export_image_generator
     from pipeline.recipes import generators_from_checkpoint
 
@@ -41,8 +41,14 @@ def export_state(state: dict, out_dir: Path, fp16: bool, opset: int, atol: float
             results[direction] = export_conditional_generator(net, path, metadata, opset=opset, atol=atol)
         else:
             results[direction] = export_image_generator(net, path, metadata, opset=opset, fp16=fp16, atol=atol)
-        console.print(f"wrote {path} (max abs error vs PyTorch {results[direction]['max_abs_error']:.2e})")
     return results
+
+
+def _parity_text(result: dict) -> str:
+    text = f"max abs error vs PyTorch {result['max_abs_error']:.2e}"
+    if result.get("fp16"):
+        text += f"; fp16 model {result['fp16']['max_abs_error']:.2e}"
+    return text
 
 
 def export_recipe(
@@ -55,7 +61,9 @@ def export_recipe(
 ) -> dict:
     state = load_checkpoint(checkpoint_dir(recipe, runs_root) / LAST)
     out_dir = artifacts_root / recipe
-    results = export_state(state, out_dir, fp16, params.export.opset, _tolerance(recipe, params.export), console)
+    results = export_state(state, out_dir, fp16, params.export.opset, params.export.parity_atol)
+    for result in results.values():
+        console.print(f"wrote {result['path']} ({_parity_text(result)})")
     write_json_atomic(out_dir / "export.json", results)
     if params.export.register_models and state.get("mlflow_run_id"):
         from pipeline import tracking
@@ -67,10 +75,6 @@ def export_recipe(
     return results
 
 
-def _tolerance(recipe: str, export: ExportParams) -> float:
-    return export.flow_parity_atol if recipe in ("alignflow", "flowgan") else export.parity_atol
-
-
 def export_checkpoint(checkpoint: Path, out: Path, fp16: bool, console, export: ExportParams = ExportParams()) -> dict:
     """One checkpoint file to one .onnx file; a recipe with several generators writes <stem>.<direction>.onnx."""
     state = load_checkpoint(checkpoint)
@@ -79,7 +83,7 @@ def export_checkpoint(checkpoint: Path, out: Path, fp16: bool, console, export: 
     if out.suffix != ".onnx":
         raise UserError(f"--out {out}: must end in .onnx")
     tmp_dir = out.parent / f".{out.stem}.export"
-    results = export_state(state, tmp_dir, fp16, export.opset, _tolerance(state["recipe"], export), console)
+    results = export_state(state, tmp_dir, fp16, export.opset, export.parity_atol)
     final = {}
     for direction, result in results.items():
         target = out if len(results) == 1 else out.with_name(f"{out.stem}.{direction}.onnx")
@@ -88,6 +92,6 @@ def export_checkpoint(checkpoint: Path, out: Path, fp16: bool, console, export: 
         if fp16_path.exists():
             fp16_path.replace(target.with_suffix(".fp16.onnx"))
         final[direction] = {**result, "path": str(target)}
-        console.print(f"wrote {target}")
+        console.print(f"wrote {target} ({_parity_text(result)})")
     tmp_dir.rmdir()
     return final

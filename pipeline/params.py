@@ -193,8 +193,6 @@ class ExportParams(Strict):
     opset: Annotated[int, Field(ge=17)] = 18
     fp16: bool = False
     parity_atol: Annotated[float, Field(gt=0)] = 1e-4
-    # A flow translator chains two flows' exp/log scales, which amplify float32 rounding (1e-3 is 0.13 of a level).
-    flow_parity_atol: Annotated[float, Field(gt=0)] = 1e-3
     register_models: bool = True
 
 
