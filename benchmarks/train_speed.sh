@@ -7,12 +7,12 @@ reference=(--set cyclegan.generator.arch=resnet_9blocks --set cyclegan.generator
 
 if [[ "${1:-cpu}" == gpu ]]; then
   for precision in fp32 bf16; do
-    transfigure bench train --recipe cyclegan --size 32 --steps 200 --json --set "cyclegan.precision=$precision"
+    transfigure bench train --recipe cyclegan --size 32 --steps 200 --json --precision "$precision"
     transfigure bench train --recipe cyclegan --size 256 --steps 50 --json "${reference[@]}" \
-      --set "cyclegan.precision=$precision"
+      --precision "$precision"
   done
   transfigure bench train --recipe cyclegan --size 256 --steps 50 --json "${reference[@]}" \
-    --set cyclegan.precision=bf16 --set cyclegan.compile=true
+    --precision bf16 --set cyclegan.compile=true
 else
   transfigure bench train --recipe cyclegan --size 32 --steps 100 --json --set cyclegan.device=cpu
   transfigure bench train --recipe cyclegan --size 256 --steps 5 --json "${reference[@]}" --set cyclegan.device=cpu

@@ -297,18 +297,22 @@ def bench_train(
     recipe: Annotated[str, typer.Option(help="cyclegan | pix2pix | cdcgan")] = "cyclegan",
     size: Annotated[int, typer.Option(help="Image size in pixels.")] = 32,
     steps: Annotated[int, typer.Option(help="Timed training steps.")] = 20,
+    precision: Annotated[
+        str | None, typer.Option(help="auto | fp32 | bf16 | fp16 (default: the recipe's param).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     params: ParamsOption = Path("params.yaml"),
     overrides: SetOption = None,
 ) -> None:
-    """Images/s of real training steps for a recipe, size and precision (set them with --set)."""
+    """Images/s of real training steps for a recipe, size and precision (other knobs with --set)."""
 
     def work() -> None:
         import json
 
         from pipeline.bench_train import run
 
-        result = run(recipe, _params(params, overrides), size, steps)
+        settings = [*(overrides or []), *([f"{recipe}.precision={precision}"] if precision else [])]
+        result = run(recipe, _params(params, settings), size, steps)
         if as_json:
             print(json.dumps(result))
         else:

@@ -69,6 +69,8 @@ def test_bench_train_reports_images_per_second(workdir, run_cli):
         "32",
         "--steps",
         "2",
+        "--precision",
+        "fp32",
         "--json",
         *sum((["--set", o] for o in tiny("pix2pix")), []),
         cwd=workdir,
@@ -76,6 +78,14 @@ def test_bench_train_reports_images_per_second(workdir, run_cli):
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["recipe"] == "pix2pix" and report["precision"] == "fp32" and report["images_per_second"] > 0
+
+
+def test_bench_train_refuses_half_precision_without_a_gpu(workdir, run_cli):
+    result = run_cli(
+        "bench", "train", "--recipe", "cdcgan", "--precision", "bf16", "--set", "cdcgan.device=cpu", cwd=workdir
+    )
+    assert result.returncode == 2
+    assert "precision: 'bf16' needs a CUDA device" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_translate_cli_exit_codes_and_report(tmp_path, run_cli):
