@@ -236,26 +236,13 @@ def _write_photos(folder: Path, n: int, size: int) -> list[np.ndarray]:
 
 
 def _gflop_per_image(net, size: int) -> float:
-    """Convolution FLOPs (2 per multiply-add) of one size x size image, counted by hooks on a real forward."""
+    """FLOPs (2 per multiply-add) of one size x size image, counted by torch's FlopCounterMode on a real forward."""
     import torch
+    from torch.utils.flop_counter import FlopCounterMode
 
-    total = 0
-
-    def count(module, inputs, output):
-        nonlocal total
-        # Each weight multiplies once per output position of a conv, once per input position of a transposed one.
-        positions = output if isinstance(module, torch.nn.Conv2d) else inputs[0]
-        total += 2 * module.weight.numel() * positions[0, 0].numel()
-
-    convs = [m for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
-    handles = [m.register_forward_hook(count) for m in convs]
-    try:
-        with torch.no_grad():
-            net(torch.zeros(1, 3, size, size))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return total / 1e9
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        net(torch.zeros(1, 3, size, size))
+    return counter.get_total_flops() / 1e9
 
 
 def _machine(gpu: str | None) -> str:

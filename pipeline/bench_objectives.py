@@ -207,6 +207,7 @@ def run_benchmark(
     settings = dict(
         steps=steps, lr_scale=LR_SCALE, batch=BATCH, samples=SAMPLES, min_share=MIN_SHARE, z_dim=Z_DIM, hidden=HIDDEN
     )
+    settings |= dict(flow_couplings=FLOW_COUPLINGS, flow_lr=FLOW_LR, flow_nll_weight=FLOW_NLL_WEIGHT)
     report = {"results": results, "settings": settings}
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "objectives.json", report)

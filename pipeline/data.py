@@ -150,6 +150,12 @@ class LabeledDataset(PreparedImages):
         return {"image": to_tensor(image), "label": torch.tensor(entry["label"], dtype=torch.long)}
 
 
+def first_items(dataset: Dataset, n: int, keys: tuple[str, ...] = ("A", "B")) -> dict[str, torch.Tensor]:
+    """The first n items of `dataset`, stacked per key: a recipe's fixed inputs for sample grids and export."""
+    items = [dataset[i] for i in range(n)]
+    return {key: torch.stack([item[key] for item in items]) for key in keys}
+
+
 def _reseed_worker(worker_id: int) -> None:
     info = torch.utils.data.get_worker_info()
     info.dataset.reseed(info.seed % 2**32)

@@ -16,7 +16,7 @@ from torch import nn
 from models import flows
 from models.discriminators import build_discriminator
 from models.init import init_weights
-from pipeline.data import UnpairedDataset, batches
+from pipeline.data import UnpairedDataset, batches, first_items
 from pipeline.params import AlignFlowParams, FlowParams
 from pipeline.recipes.cyclegan import update_critics
 from pipeline.training import Context, ImagePool, set_requires_grad
@@ -77,8 +77,7 @@ class Recipe:
             "D": ctx.optimizer([*self.nets["D_A"].parameters(), *self.nets["D_B"].parameters()]),
         }
         self.pools = {"fake_A": ImagePool(p.pool_size), "fake_B": ImagePool(p.pool_size)}
-        fixed = [self.dataset[i] for i in range(min(8, len(self.dataset.a)))]
-        self.fixed = ctx.to_device({k: torch.stack([f[k] for f in fixed]) for k in ("A", "B")})
+        self.fixed = ctx.to_device(first_items(self.dataset, min(8, len(self.dataset.a))))
         # Two samples: a batch of one would pin the exported batch size to 1.
         self.example_inputs = {
             name: {"image": self.fixed[domain][:2]} for name, domain in (("G_AB", "A"), ("G_BA", "B"))

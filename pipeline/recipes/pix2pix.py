@@ -11,7 +11,7 @@ from torch import nn
 from models.discriminators import build_discriminator
 from models.generators import build_generator
 from models.init import init_weights
-from pipeline.data import PairedDataset, batches
+from pipeline.data import PairedDataset, batches, first_items
 from pipeline.params import Pix2PixParams
 from pipeline.training import Context, set_requires_grad
 
@@ -44,8 +44,7 @@ class Recipe:
             "D": ctx.optimizer(self.nets["D"].parameters()),
         }
         self.pools: dict = {}
-        fixed = [self.dataset[i] for i in range(min(8, len(self.dataset)))]
-        self.fixed = ctx.to_device({k: torch.stack([f[k] for f in fixed]) for k in ("A", "B")})
+        self.fixed = ctx.to_device(first_items(self.dataset, min(8, len(self.dataset))))
         self.example_inputs = {"G": {"image": self.fixed["A"][:2]}}
 
     def batches(self, seed: int, start_step: int):
