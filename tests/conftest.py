@@ -4,6 +4,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# Seeded runs repeat exactly on one machine; tests/README.md says how to run the suite under other CPU kernels.
+torch.use_deterministic_algorithms(True, warn_only=True)
+if os.environ.get("TRANSFIGURE_TEST_MKLDNN") == "0":
+    torch.backends.mkldnn.enabled = False
 
 REPO = Path(__file__).resolve().parents[1]
 # What export needs to know about a model made in a test.

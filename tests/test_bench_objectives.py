@@ -91,13 +91,19 @@ def test_optimizers_are_the_recommended_ones_at_the_scaled_rate():
             assert opt.param_groups[0]["betas"] == rec["betas"]
 
 
-def test_a_short_run_already_covers_most_ring_modes(tmp_path):
-    # The benchmark is only informative if training converges within its budget: at the recommended (image)
-    # learning rates this run covered no mode at all.
+def test_the_scaled_learning_rate_is_what_lets_a_short_run_reach_the_ring(tmp_path, monkeypatch):
+    # The benchmark is only informative if training reaches the modes within its budget, which is what LR_SCALE
+    # is for. Adversarial training amplifies rounding, so a seed's outcome depends on the CPU's kernels: seeds 0-5
+    # under ATEN_CPU_CAPABILITY=avx512/avx2/default and with oneDNN off covered 2-8 modes with 0.148-0.883 of the
+    # samples on a mode; at the unscaled (image) rates none covered a mode and at most 0.0072 landed on one.
+    # The bars sit between the two groups with room on both sides.
+    scaled = bench.run_benchmark(["lsgan"], ["ring8"], seeds=1, steps=1500, out_dir=tmp_path)["results"][0]
+    assert scaled["modes_covered"] >= 2 and scaled["high_quality"] >= 0.10
+    monkeypatch.setattr(bench, "LR_SCALE", 1)
     report = bench.run_benchmark(["lsgan"], ["ring8"], seeds=1, steps=1500, out_dir=tmp_path)
-    (result,) = report["results"]
-    assert result["modes_covered"] >= 4 and result["high_quality"] >= 0.25
-    assert report["settings"]["lr_scale"] == bench.LR_SCALE
+    (unscaled,) = report["results"]
+    assert unscaled["modes_covered"] == 0 and unscaled["high_quality"] < 0.05
+    assert report["settings"]["lr_scale"] == 1
 
 
 def test_unknown_names_are_a_user_error(tmp_path):
@@ -115,7 +121,8 @@ def test_every_registered_objective_has_a_trainer():
 @pytest.mark.parametrize("name", ["flow-mle", "flow-hybrid"])
 def test_flow_generators_learn_to_split_two_modes(name):
     # Two modes 4 apart: a Gaussian fitted by moments (the flow before training, after actnorm's initialisation)
-    # puts 0.40 of its samples near a mode; a trained flow must move its mass onto both.
+    # puts 0.40 of its samples near a mode; a trained flow must move its mass onto both. Over seeds 0-7 and the
+    # CPU paths of tests/README.md, 300 steps put 0.85 or more on the modes and the untrained flow 0.41 at most.
     toy = bench.Toy("pair", torch.tensor([[-2.0, 0.0], [2.0, 0.0]]), 0.3)
     torch.manual_seed(0)
     assert bench.mode_metrics(bench.TRAINERS[name](toy, 0, 2500), toy)[1] < 0.5
