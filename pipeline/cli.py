@@ -40,7 +40,7 @@ def _guard(work: Callable[[], object]) -> object:
     try:
         return work()
     except UserError as exc:
-        from pipeline.training import TrainingDiverged
+        from pipeline.train.loop import TrainingDiverged
 
         _fail(str(exc), 1 if isinstance(exc, TrainingDiverged) else 2)
     except BadImage as exc:
@@ -74,9 +74,9 @@ def prepare(
     def work() -> None:
         from pydantic import ValidationError
 
+        from pipeline.data.prepare import prepare_dataset, prepare_folder
         from pipeline.errors import UserError
         from pipeline.params import DatasetParams, ParamsError, describe
-        from pipeline.prepare import prepare_dataset, prepare_folder
 
         console = _console()
         if source is not None:
@@ -113,7 +113,7 @@ def train(
     """Train a recipe; resumes from runs/RECIPE/checkpoints/last.pt unless --fresh."""
 
     def work() -> None:
-        from pipeline.training import train as run_training
+        from pipeline.train.loop import train as run_training
 
         p = _params(params, overrides)
         p.recipe(recipe)
@@ -143,8 +143,8 @@ def evaluate(
     def work() -> None:
         import json
 
-        from pipeline import evaluation
         from pipeline.errors import UserError
+        from pipeline.evaluate import stage as evaluation
 
         console = _console()
         if real is not None or fake is not None:
@@ -183,8 +183,8 @@ def export(
     """Write artifacts/RECIPE/*.onnx (checked and parity-tested), or one checkpoint with --checkpoint --out."""
 
     def work() -> None:
-        from pipeline import exporting
         from pipeline.errors import UserError
+        from pipeline.export import stage as exporting
 
         console = _console()
         if checkpoint is not None:
@@ -224,8 +224,8 @@ def translate(
     """Translate an image or a folder with an ONNX model; exit 1 if some inputs were rejected."""
 
     def work() -> int:
-        from pipeline.infer import open_engine
-        from pipeline.translate import exit_code, translate_path
+        from pipeline.serve.engine import open_engine
+        from pipeline.serve.translate import exit_code, translate_path
 
         names = [p.strip() for p in providers.split(",") if p.strip()] if providers else None
         engine = open_engine(model, providers=names, require_gpu=require_gpu, fp16=fp16, tensorrt_cache=tensorrt_cache)
@@ -260,7 +260,7 @@ def import_checkpoint(
     """Convert a reference CycleGAN/pix2pix generator checkpoint into our ONNX contract (eval mode)."""
 
     def work() -> None:
-        from pipeline.onnx_export import import_reference_checkpoint
+        from pipeline.export.to_onnx import import_reference_checkpoint
 
         result = import_reference_checkpoint(checkpoint, arch, norm, dropout, out)
         _console().print(f"wrote {out} (max abs error vs PyTorch {result['max_abs_error']:.2e})")
@@ -280,7 +280,7 @@ def sample(
     """Class-conditional samples, or a latent walk, from an exported generator."""
 
     def work() -> None:
-        from pipeline.sampling import sample as draw
+        from pipeline.serve.sample import sample as draw
 
         paths = draw(model, label, n, out, walk=walk, seed=seed)
         _console().print(f"wrote {len(paths)} images to {out}")
@@ -309,7 +309,7 @@ def bench_train(
     def work() -> None:
         import json
 
-        from pipeline.bench_train import run
+        from pipeline.bench.train import run
 
         settings = [*(overrides or []), *([f"{recipe}.precision={precision}"] if precision else [])]
         result = run(recipe, _params(params, settings), size, steps)
@@ -336,7 +336,7 @@ def bench_objectives(
     def work() -> None:
         import json
 
-        from pipeline.bench_objectives import STEPS, format_table, run_benchmark
+        from pipeline.bench.objectives import STEPS, format_table, run_benchmark
 
         console = _console()
         # With --json, stdout carries only the JSON object.
@@ -370,7 +370,7 @@ def bench_inference(
     def work() -> None:
         import json
 
-        from pipeline.bench_inference import markdown_table, run
+        from pipeline.bench.inference import markdown_table, run
 
         result = run(
             arch,

@@ -95,8 +95,8 @@ def tiny(recipe: str, steps: int = 4, every: int = 2) -> list[str]:
 @pytest.fixture(scope="session")
 def digits_root(tmp_path_factory) -> Path:
     """The built-in datasets, prepared once per test session."""
+    from pipeline.data.prepare import prepare_dataset
     from pipeline.params import load_params
-    from pipeline.prepare import prepare_dataset
 
     root = tmp_path_factory.mktemp("prepared")
     params = load_params(REPO / "params.yaml")

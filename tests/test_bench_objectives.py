@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from pipeline import bench_objectives as bench
+from pipeline.bench import objectives as bench
 from pipeline.errors import UserError
 
 

@@ -9,7 +9,7 @@ from corpus import write_good
 from PIL import Image
 
 from pipeline.params import load_params
-from pipeline.training import train
+from pipeline.train.loop import train
 
 
 def test_exported_cdcgan_samples_the_asked_class_and_walks(workdir, run_cli):
@@ -92,7 +92,7 @@ def test_translate_cli_exit_codes_and_report(tmp_path, run_cli):
     from corpus import write_bad_corpus
 
     from models.generators import build_generator
-    from pipeline.onnx_export import export_image_generator
+    from pipeline.export.to_onnx import export_image_generator
 
     export_image_generator(build_generator("resnet_1blocks", ngf=4), tmp_path / "m.onnx", METADATA)
     write_good(tmp_path / "good", 3, size=(36, 20))

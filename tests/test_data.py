@@ -2,9 +2,9 @@ import numpy as np
 import torch
 from corpus import write_good
 
-from pipeline.data import LabeledDataset, PairedDataset, UnpairedDataset, batches
+from pipeline.data.datasets import LabeledDataset, PairedDataset, UnpairedDataset, batches
+from pipeline.data.prepare import prepare_dataset, prepare_folder
 from pipeline.params import AugmentParams, DatasetParams
-from pipeline.prepare import prepare_dataset, prepare_folder
 
 
 def digits(tmp_path, layout="unaligned"):

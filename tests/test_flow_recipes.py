@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.onnx_export import export_image_generator
+from pipeline.export.to_onnx import export_image_generator
 from pipeline.params import load_params
-from pipeline.recipes import alignflow, flowgan
-from pipeline.training import Context
+from pipeline.train.loop import Context
+from pipeline.train.recipes import alignflow, flowgan
 
 TINY_FLOW = ["flow.n_scales=2", "flow.n_couplings=1", "flow.hidden_channels=4", "flow.n_res_blocks=1"]
 TINY_CRITIC = ["discriminator.kind=n_layers", "discriminator.n_layers=1", "discriminator.ndf=4"]

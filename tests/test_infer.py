@@ -9,8 +9,8 @@ from conftest import METADATA
 
 from models.generators import build_generator
 from pipeline.errors import UserError
-from pipeline.infer import Engine, InferenceError, open_engine
-from pipeline.onnx_export import export_image_generator
+from pipeline.export.to_onnx import export_image_generator
+from pipeline.serve.engine import Engine, InferenceError, open_engine
 from tests.corpus import gradient
 
 

@@ -1,4 +1,4 @@
-"""Tests for pipeline.metrics: known answers for PSNR/SSIM/FID/KID, extractors, folder comparison."""
+"""Tests for pipeline.evaluate.metrics: known answers for PSNR/SSIM/FID/KID, extractors, folder comparison."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from pipeline.errors import UserError
-from pipeline.metrics import (
+from pipeline.evaluate.metrics import (
     ClassifierFeatures,
     InceptionFeatures,
     PixelFeatures,

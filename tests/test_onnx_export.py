@@ -13,7 +13,7 @@ import torch
 from models.dcgan import ConditionalGenerator
 from models.generators import build_generator
 from pipeline.errors import UserError
-from pipeline.onnx_export import (
+from pipeline.export.to_onnx import (
     FP16_ATOL,
     IMAGE_INPUT,
     IMAGE_OUTPUT,

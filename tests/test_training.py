@@ -12,11 +12,11 @@ from conftest import BIN, tiny
 from rich.console import Console
 
 from models import objectives
-from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.errors import UserError
 from pipeline.params import load_params
-from pipeline.recipes import build, generators_from_checkpoint
-from pipeline.training import Context, ImagePool, TrainingDiverged, lr_factor, train
+from pipeline.train.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.train.loop import Context, ImagePool, TrainingDiverged, lr_factor, train
+from pipeline.train.recipes import build, generators_from_checkpoint
 
 QUIET = Console(file=open(os.devnull, "w"))  # noqa: SIM115 - lives for the whole test session
 
@@ -70,7 +70,7 @@ def test_train_writes_checkpoint_metrics_and_resumes(workdir):
 
 
 def test_divergence_stops_with_the_loss_and_step_and_keeps_the_last_good_checkpoint(workdir, monkeypatch):
-    from pipeline.recipes import pix2pix
+    from pipeline.train.recipes import pix2pix
 
     original = pix2pix.Recipe.step
     calls = []
@@ -226,7 +226,7 @@ def test_mlflow_server_receives_params_metric_histories_and_images(workdir, tmp_
 
 
 def test_a_resumed_run_continues_the_learning_rate_schedule_not_a_decayed_copy(workdir, monkeypatch):
-    from pipeline.recipes import pix2pix
+    from pipeline.train.recipes import pix2pix
 
     original = pix2pix.Recipe.step
     calls = []

@@ -11,9 +11,9 @@ from PIL import Image
 
 from models.generators import build_generator
 from pipeline.errors import UserError
-from pipeline.infer import Engine
-from pipeline.onnx_export import export_image_generator
-from pipeline.translate import exit_code, translate_path
+from pipeline.export.to_onnx import export_image_generator
+from pipeline.serve.engine import Engine
+from pipeline.serve.translate import exit_code, translate_path
 from tests.corpus import gradient, write_bad_corpus, write_good
 
 REPORT_KEYS = {"translated", "skipped", "rejected", "seconds", "provider", "images_per_second"}
@@ -151,7 +151,7 @@ def test_exit_code():
 
 
 def test_default_batch_is_one_image_on_the_cpu_and_eight_on_a_gpu(engine, tmp_path):
-    from pipeline.translate import default_batch_size
+    from pipeline.serve.translate import default_batch_size
 
     assert [default_batch_size(p) for p in ("cpu", "cuda", "tensorrt")] == [1, 8, 8]
     write_good(tmp_path / "in", 3, size=(40, 36))

@@ -9,9 +9,9 @@ from torch import nn
 
 from models.dcgan import ConditionalDiscriminator, ConditionalGenerator
 from models.init import init_weights
-from pipeline.data import LabeledDataset, batches
+from pipeline.data.datasets import LabeledDataset, batches
 from pipeline.params import CDCGANParams
-from pipeline.training import Context, set_requires_grad
+from pipeline.train.loop import Context, set_requires_grad
 
 EXPORTS = {"generator": "G"}
 

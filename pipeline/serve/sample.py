@@ -13,7 +13,7 @@ from pipeline.images import write_image_atomic
 def _session(model: Path):
     import onnxruntime as ort
 
-    from pipeline.onnx_export import read_metadata
+    from pipeline.export.to_onnx import read_metadata
 
     metadata = read_metadata(model)
     if metadata.get("kind") != "conditional_generation":

@@ -8,12 +8,12 @@ import numpy as np
 import torch
 
 from models.classifier import DigitClassifier
-from pipeline import metrics
-from pipeline.checkpoint import LAST, checkpoint_dir, load_checkpoint, save_checkpoint
-from pipeline.data import LabeledDataset, entries, load_manifest, read_rgb, to_tensor, to_uint8
+from pipeline.data.datasets import LabeledDataset, entries, load_manifest, read_rgb, to_tensor, to_uint8
 from pipeline.errors import UserError
+from pipeline.evaluate import metrics
 from pipeline.images import write_image_atomic, write_json_atomic
 from pipeline.params import Params
+from pipeline.train.checkpoint import LAST, checkpoint_dir, load_checkpoint, save_checkpoint
 
 CLASSIFIER = Path("runs/classifier/classifier.pt")
 TRANSLATION_RECIPES = ("cyclegan", "pix2pix", "alignflow")
@@ -126,7 +126,7 @@ def _direction_metrics(
 
 
 def _sheet(rows: list[torch.Tensor], n: int) -> np.ndarray:
-    from pipeline.training import grid_image
+    from pipeline.train.loop import grid_image
 
     return grid_image([row[:n] for row in rows])
 
@@ -139,7 +139,7 @@ def evaluate_recipe(
     metrics_root: Path = Path("metrics"),
     reports_root: Path = Path("reports"),
 ) -> dict:
-    from pipeline.recipes import generators_from_checkpoint
+    from pipeline.train.recipes import generators_from_checkpoint
 
     state = load_checkpoint(checkpoint_dir(recipe, runs_root) / LAST)
     generators = generators_from_checkpoint(state)
@@ -155,7 +155,7 @@ def evaluate_recipe(
     if recipe in TRANSLATION_RECIPES:
         result = _evaluate_translation(generators, data_dir, manifest, classifier, extractor, batch_size, rows, reports)
         if recipe == "alignflow":
-            from pipeline.recipes import alignflow
+            from pipeline.train.recipes import alignflow
 
             images = {domain: _load_split(data_dir, manifest, domain)[1] for domain in "AB"}
             result["bits_per_dim"] = alignflow.bits_per_dim(generators, images)
@@ -251,7 +251,7 @@ def _evaluate_conditional(generator, params: Params, manifest, data_dir, classif
 def _evaluate_flow_generator(generator, params: Params, manifest, data_dir, extractor, reports) -> dict:
     """KID/FID of samples against the domain's test images, bits/dim of those images, and samples at several
     temperatures (the same latent draws scaled down: lower temperature, smoother and less varied)."""
-    from pipeline.recipes import flowgan
+    from pipeline.train.recipes import flowgan
 
     p = params.flowgan
     n = params.evaluate.n_samples_per_class * max(1, len(manifest["classes"]))

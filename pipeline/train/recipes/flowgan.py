@@ -15,10 +15,10 @@ from torch import nn
 from models import flows
 from models.discriminators import build_discriminator
 from models.init import init_weights
-from pipeline.data import UnpairedDataset, batches
+from pipeline.data.datasets import UnpairedDataset, batches
 from pipeline.params import FlowGANParams
-from pipeline.recipes.alignflow import build_flow, mean_bits_per_dim
-from pipeline.training import Context, set_requires_grad
+from pipeline.train.loop import Context, set_requires_grad
+from pipeline.train.recipes.alignflow import build_flow, mean_bits_per_dim
 
 EXPORTS = {"generator": "G"}
 

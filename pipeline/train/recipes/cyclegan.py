@@ -11,9 +11,9 @@ from torch import nn
 from models.discriminators import build_discriminator
 from models.generators import build_generator
 from models.init import init_weights
-from pipeline.data import UnpairedDataset, batches, first_items
+from pipeline.data.datasets import UnpairedDataset, batches, first_items
 from pipeline.params import CycleGANParams
-from pipeline.training import Context, ImagePool, set_requires_grad
+from pipeline.train.loop import Context, ImagePool, set_requires_grad
 
 EXPORTS = {"AtoB": "G_AB", "BtoA": "G_BA"}
 

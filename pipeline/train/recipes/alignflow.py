@@ -16,10 +16,10 @@ from torch import nn
 from models import flows
 from models.discriminators import build_discriminator
 from models.init import init_weights
-from pipeline.data import UnpairedDataset, batches, first_items
+from pipeline.data.datasets import UnpairedDataset, batches, first_items
 from pipeline.params import AlignFlowParams, FlowParams
-from pipeline.recipes.cyclegan import update_critics
-from pipeline.training import Context, ImagePool, set_requires_grad
+from pipeline.train.loop import Context, ImagePool, set_requires_grad
+from pipeline.train.recipes.cyclegan import update_critics
 
 EXPORTS = {"AtoB": "G_AB", "BtoA": "G_BA"}
 

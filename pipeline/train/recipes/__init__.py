@@ -1,4 +1,4 @@
-"""Recipes: how each kind of model is built and how one training step goes. The loop is pipeline/training.py.
+"""Recipes: how each kind of model is built and how one training step goes. The loop is pipeline/train/loop.py.
 
 Each recipe module has `build_networks(params, **network_args)` (plain construction, also used to rebuild a
 checkpoint's generators for evaluation and export), `EXPORTS` (direction -> generator name) and a `Recipe`
@@ -17,7 +17,7 @@ from pipeline.errors import UserError
 
 
 def module(recipe: str):
-    from pipeline.recipes import alignflow, cdcgan, cyclegan, flowgan, pix2pix
+    from pipeline.train.recipes import alignflow, cdcgan, cyclegan, flowgan, pix2pix
 
     modules = {"cyclegan": cyclegan, "pix2pix": pix2pix, "cdcgan": cdcgan, "alignflow": alignflow, "flowgan": flowgan}
     if recipe not in modules:

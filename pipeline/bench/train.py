@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.data.prepare import prepare_folder
 from pipeline.params import DatasetParams, Params
-from pipeline.prepare import prepare_folder
-from pipeline.training import Context
+from pipeline.train.loop import Context
 
 
 def _synthetic_dataset(root: Path, size: int, layout: str) -> Path:
@@ -34,7 +34,7 @@ def _synthetic_dataset(root: Path, size: int, layout: str) -> Path:
 
 def run(recipe: str, params: Params, size: int, steps: int = 20, warmup: int = 3) -> dict:
     """Times `steps` training steps after `warmup` untimed ones (compilation, allocator, cuDNN autotuning)."""
-    from pipeline import recipes
+    from pipeline.train import recipes
 
     p = params.recipe(recipe)
     layout = {"cyclegan": "unaligned", "pix2pix": "aligned", "cdcgan": "classes"}.get(recipe, "unaligned")

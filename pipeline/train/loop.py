@@ -20,10 +20,10 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from models import objectives
-from pipeline.checkpoint import LAST, checkpoint_dir, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from pipeline.errors import UserError
 from pipeline.images import write_bytes_atomic, write_json_atomic
 from pipeline.params import Params, RecipeParams, flatten, params_hash, training_params
+from pipeline.train.checkpoint import LAST, checkpoint_dir, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 
 class TrainingDiverged(UserError):
@@ -212,7 +212,7 @@ def grid_image(columns: list[torch.Tensor]) -> np.ndarray:
     row is one sample and each column one kind."""
     from torchvision.utils import make_grid
 
-    from pipeline.data import to_uint8
+    from pipeline.data.datasets import to_uint8
 
     stacked = torch.stack(columns, 1).flatten(0, 1)  # sample-major: one sample's kinds side by side
     grid = make_grid(stacked.float().cpu(), nrow=len(columns), padding=2, pad_value=1.0, normalize=False)
@@ -230,7 +230,8 @@ def train(
     metrics_root: Path = Path("metrics"),
 ) -> dict:
     """Trains one recipe to params' step count, resuming from the last checkpoint; returns the summary."""
-    from pipeline import recipes, tracking
+    from pipeline import tracking
+    from pipeline.train import recipes
 
     p = params.recipe(recipe_name)
     wanted = training_params(params, recipe_name)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.checkpoint import LAST, checkpoint_dir, load_checkpoint
 from pipeline.errors import UserError
 from pipeline.images import write_json_atomic
 from pipeline.params import ExportParams, Params
+from pipeline.train.checkpoint import LAST, checkpoint_dir, load_checkpoint
 
 DOMAINS = {"AtoB": ("A", "B"), "BtoA": ("B", "A")}
 
@@ -28,8 +28,8 @@ def _metadata(state: dict, direction: str) -> dict[str, str]:
 
 
 def export_state(state: dict, out_dir: Path, fp16: bool, opset: int, atol: float) -> dict[str, dict]:
-    from pipeline.onnx_export import export_conditional_generator, export_flow_sampler, export_image_generator
-    from pipeline.recipes import generators_from_checkpoint
+    from pipeline.export.to_onnx import export_conditional_generator, export_flow_sampler, export_image_generator
+    from pipeline.train.recipes import generators_from_checkpoint
 
     results = {}
     for direction, net in generators_from_checkpoint(state).items():

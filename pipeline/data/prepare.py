@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import builtin
+from pipeline.data import builtin
 from pipeline.errors import UserError
 from pipeline.images import (
     BadImage,

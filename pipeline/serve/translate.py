@@ -19,7 +19,7 @@ import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.images import BadImage, decode_rgb, list_images, write_image_atomic, write_json_atomic
-from pipeline.infer import Engine, InferenceError
+from pipeline.serve.engine import Engine, InferenceError
 
 FORMATS = ("png", "jpg", "webp")
 _OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")

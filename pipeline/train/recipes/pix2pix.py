@@ -11,9 +11,9 @@ from torch import nn
 from models.discriminators import build_discriminator
 from models.generators import build_generator
 from models.init import init_weights
-from pipeline.data import PairedDataset, batches, first_items
+from pipeline.data.datasets import PairedDataset, batches, first_items
 from pipeline.params import Pix2PixParams
-from pipeline.training import Context, set_requires_grad
+from pipeline.train.loop import Context, set_requires_grad
 
 EXPORTS = {"AtoB": "G"}
 

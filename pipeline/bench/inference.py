@@ -76,8 +76,8 @@ def run(
     import torch
 
     from models.generators import build_generator
-    from pipeline.onnx_export import export_image_generator
-    from pipeline.translate import default_batch_size
+    from pipeline.export.to_onnx import export_image_generator
+    from pipeline.serve.translate import default_batch_size
 
     torch.manual_seed(0)
     net = build_generator(arch)
@@ -195,7 +195,7 @@ def _time_eager_model(net, images: list[np.ndarray], device: str) -> float:
 def _time_engine(
     model: Path, provider: str, fp16: bool, batch_sizes: tuple[int, ...], images: list, baseline: float
 ) -> list[dict]:
-    from pipeline.infer import Engine
+    from pipeline.serve.engine import Engine
 
     engine = Engine(model, providers=[provider], fp16=fp16 and provider == "tensorrt")
     label = "engine only" + (", fp16" if engine.fp16 else ", fp32")
@@ -246,7 +246,7 @@ def _gflop_per_image(net, size: int) -> float:
 
 
 def _machine(gpu: str | None) -> str:
-    from pipeline.infer import cpu_count
+    from pipeline.serve.engine import cpu_count
 
     cpus = f"{cpu_count()}-core CPU ({platform.machine()})"
     return f"{gpu}, {cpus}" if gpu else f"{cpus}, no GPU"

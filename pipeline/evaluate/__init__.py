@@ -1,0 +1,1 @@
+"""Evaluation: metrics, the digit classifier, and the evaluate stage."""

@@ -1,0 +1,1 @@
+"""Export: generators to checked ONNX models, the model card, reference-checkpoint import."""

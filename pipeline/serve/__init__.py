@@ -1,0 +1,1 @@
+"""Serving: the one inference engine and what runs on it (translate, sample)."""
