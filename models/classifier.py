@@ -36,3 +36,8 @@ class DigitClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits (N, n_classes)."""
         return self.head(self.features(x))
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """The most likely class of each image, in chunks of `batch_size`."""
+        return torch.cat([self(chunk).argmax(1) for chunk in x.split(batch_size)])

@@ -49,6 +49,15 @@ def _guard(work: Callable[[], object]) -> object:
         _fail("interrupted; finished work is kept (train resumes from its last checkpoint)", 130)
 
 
+def _recipe_names() -> str:
+    """The recipes, read from the recipes folder's module names without importing them (torch), for --help."""
+    import importlib.util
+    import pkgutil
+
+    folder = importlib.util.find_spec("pipeline.train.recipes").submodule_search_locations
+    return " | ".join(m.name for m in pkgutil.iter_modules(folder) if m.name != "base")
+
+
 def _params(path: Path, overrides: list[str] | None):
     from pipeline.params import load_params
 
@@ -76,7 +85,8 @@ def prepare(
 
         from pipeline.data.prepare import prepare_dataset, prepare_folder
         from pipeline.errors import UserError
-        from pipeline.params import DatasetParams, ParamsError, describe
+        from pipeline.params import ParamsError, describe
+        from pipeline.schema import DatasetParams
 
         console = _console()
         if source is not None:
@@ -99,12 +109,13 @@ def prepare(
 
 @app.command()
 def train(
-    recipe: Annotated[str, typer.Argument(help="cyclegan | pix2pix | cdcgan | alignflow | flowgan")],
+    recipe: Annotated[str, typer.Argument(help=f"{_recipe_names()}, or classifier (the digit classifier)")],
     fresh: Annotated[bool, typer.Option("--fresh", help="Start over instead of resuming.")] = False,
     fresh_if_changed: Annotated[
         bool,
         typer.Option(
-            "--fresh-if-changed", help="Resume if params match the checkpoint's, else start over (the DVC stage)."
+            "--fresh-if-changed",
+            help="Resume if params and training code match the checkpoint's, else start over (the DVC stage).",
         ),
     ] = False,
     params: ParamsOption = Path("params.yaml"),
@@ -113,9 +124,14 @@ def train(
     """Train a recipe; resumes from runs/RECIPE/checkpoints/last.pt unless --fresh."""
 
     def work() -> None:
+        p = _params(params, overrides)
+        if recipe == "classifier":
+            from pipeline.evaluate.classifier import fit_classifier
+
+            fit_classifier(p, _console())
+            return
         from pipeline.train.loop import train as run_training
 
-        p = _params(params, overrides)
         p.recipe(recipe)
         run_training(recipe, p, _console(), fresh=fresh, fresh_if_changed=fresh_if_changed)
 
@@ -144,13 +160,13 @@ def evaluate(
         import json
 
         from pipeline.errors import UserError
-        from pipeline.evaluate import stage as evaluation
+        from pipeline.evaluate import stage
 
         console = _console()
         if real is not None or fake is not None:
             if real is None or fake is None:
                 raise UserError("--real and --fake go together")
-            result = evaluation.compare(real, fake, features, weights, sha256)
+            result = stage.compare(real, fake, features, weights, sha256)
             if as_json:
                 print(json.dumps(result))
             else:
@@ -161,10 +177,13 @@ def evaluate(
             raise UserError("name a recipe, or pass --real DIR --fake DIR")
         p = _params(params, overrides)
         if recipe == "classifier":
-            evaluation.fit_classifier(p, console)
+            from pipeline.evaluate.classifier import fit_classifier
+
+            console.print("note: `evaluate classifier` is now `train classifier`; it trains the digit classifier")
+            fit_classifier(p, console)
             return
         p.recipe(recipe)
-        metrics = evaluation.evaluate_recipe(recipe, p, console)
+        metrics = stage.evaluate_recipe(recipe, p, console)
         if as_json:
             print(json.dumps(metrics))
 
@@ -184,19 +203,19 @@ def export(
 
     def work() -> None:
         from pipeline.errors import UserError
-        from pipeline.export import stage as exporting
+        from pipeline.export import stage
 
         console = _console()
         if checkpoint is not None:
             if out is None:
                 raise UserError("--out: the .onnx file to write (required with --checkpoint)")
-            exporting.export_checkpoint(checkpoint, out, fp16=fp16, console=console)
+            stage.export_checkpoint(checkpoint, out, fp16=fp16, console=console)
             return
         if recipe is None:
             raise UserError("name a recipe, or pass --checkpoint FILE --out FILE.onnx")
         p = _params(params, overrides)
         p.recipe(recipe)
-        exporting.export_recipe(recipe, p, console, fp16=fp16 or p.export.fp16)
+        stage.export_recipe(recipe, p, console, fp16=fp16 or p.export.fp16)
 
     _guard(work)
 
@@ -260,7 +279,7 @@ def import_checkpoint(
     """Convert a reference CycleGAN/pix2pix generator checkpoint into our ONNX contract (eval mode)."""
 
     def work() -> None:
-        from pipeline.export.to_onnx import import_reference_checkpoint
+        from pipeline.export.reference import import_reference_checkpoint
 
         result = import_reference_checkpoint(checkpoint, arch, norm, dropout, out)
         _console().print(f"wrote {out} (max abs error vs PyTorch {result['max_abs_error']:.2e})")
@@ -270,19 +289,20 @@ def import_checkpoint(
 
 @app.command()
 def sample(
-    model: Annotated[Path, typer.Option(help="An exported generator.onnx (cdcgan).")],
-    label: Annotated[int, typer.Option(help="The class to sample.")],
+    model: Annotated[Path, typer.Option(help="An exported generator.onnx (cdcgan or flowgan).")],
     out: Annotated[Path, typer.Option(help="Folder for the PNG files.")],
+    label: Annotated[int | None, typer.Option(help="The class to sample (class-conditional models).")] = None,
     n: Annotated[int, typer.Option("--n", help="How many images.")] = 16,
     walk: Annotated[bool, typer.Option("--walk", help="A latent walk between two points instead.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the latent draws.")] = 0,
+    temperature: Annotated[float, typer.Option(help="Scale of the latent draws (below 1: smoother).")] = 1.0,
 ) -> None:
-    """Class-conditional samples, or a latent walk, from an exported generator."""
+    """Samples, or a latent walk, from an exported generator: of one class (cdcgan) or of a flow (flowgan)."""
 
     def work() -> None:
         from pipeline.serve.sample import sample as draw
 
-        paths = draw(model, label, n, out, walk=walk, seed=seed)
+        paths = draw(model, label, n, out, walk=walk, seed=seed, temperature=temperature)
         _console().print(f"wrote {len(paths)} images to {out}")
 
     _guard(work)
@@ -294,7 +314,7 @@ app.add_typer(bench_app, name="bench")
 
 @bench_app.command("train")
 def bench_train(
-    recipe: Annotated[str, typer.Option(help="cyclegan | pix2pix | cdcgan")] = "cyclegan",
+    recipe: Annotated[str, typer.Option(help=_recipe_names())] = "cyclegan",
     size: Annotated[int, typer.Option(help="Image size in pixels.")] = 32,
     steps: Annotated[int, typer.Option(help="Timed training steps.")] = 20,
     precision: Annotated[

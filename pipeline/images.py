@@ -2,27 +2,26 @@
 
 Every image that enters the pipeline goes through `decode_rgb` / `decode_rgb_bytes`, which either
 return an (H, W, 3) uint8 RGB array or raise `BadImage` with a short, user-facing reason.
-Every file the pipeline produces is written with the atomic helpers below, so an interrupted run
-never leaves a half-written image, manifest or JSON report under its final name.
+Images are written through `pipeline.files.write_atomic`, so an interrupted run never leaves a half-written
+image under its final name.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
-import json
 import os
-import secrets
 import struct
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from pipeline.files import write_atomic
 
 DEFAULT_MAX_PIXELS = 8192 * 8192
 
@@ -244,14 +243,6 @@ def _center_crop(array: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.ascontiguousarray(array[top : top + height, left : left + width])
 
 
-def sha256_of_file(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fp:
-        for chunk in iter(lambda: fp.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------------
 # Atomic writing
 # ---------------------------------------------------------------------------------------------------
@@ -267,16 +258,7 @@ def write_image_atomic(
     pil_format = _save_format(path, format)
     options = {"quality": quality} if pil_format in _LOSSY_FORMATS else {}
     image = Image.fromarray(array)
-    _write_atomic(path, lambda fp: image.save(fp, format=pil_format, **options))
-
-
-def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
-    _write_atomic(Path(path), lambda fp: fp.write(data))
-
-
-def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
-    text = json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False) + "\n"
-    write_bytes_atomic(path, text.encode("utf-8"))
+    write_atomic(path, lambda fp: image.save(fp, format=pil_format, **options))
 
 
 def _save_format(path: Path, format: str | None) -> str:
@@ -289,36 +271,3 @@ def _save_format(path: Path, format: str | None) -> str:
             ) from None
     format = format.upper()
     return "JPEG" if format == "JPG" else format
-
-
-def _write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
-    """Write via a hidden temp file in the same directory, fsync it, then rename over `path`.
-
-    Readers see either the old file or the complete new one, never a partial write; the temp file
-    lives in the target directory because os.replace is only atomic within one filesystem.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    # os.open with mode 0o666 lets the umask decide permissions (tempfile.mkstemp would force 0600).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as fp:
-            write(fp)
-            fp.flush()
-            os.fsync(fp.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Persist the rename itself across a power loss (POSIX only; Windows cannot open directories)."""
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

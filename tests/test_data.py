@@ -4,7 +4,7 @@ from corpus import write_good
 
 from pipeline.data.datasets import LabeledDataset, PairedDataset, UnpairedDataset, batches
 from pipeline.data.prepare import prepare_dataset, prepare_folder
-from pipeline.params import AugmentParams, DatasetParams
+from pipeline.schema import AugmentParams, DatasetParams
 
 
 def digits(tmp_path, layout="unaligned"):

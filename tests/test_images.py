@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from pipeline.files import sha256_of_file, write_bytes_atomic, write_json_atomic
 from pipeline.images import (
     IMAGE_SUFFIXES,
     BadImage,
@@ -24,10 +25,7 @@ from pipeline.images import (
     decode_rgb_bytes,
     list_images,
     resize_image,
-    sha256_of_file,
-    write_bytes_atomic,
     write_image_atomic,
-    write_json_atomic,
 )
 
 RED = (255, 0, 0)

@@ -13,16 +13,9 @@ import torch
 from models.dcgan import ConditionalGenerator
 from models.generators import build_generator
 from pipeline.errors import UserError
-from pipeline.export.to_onnx import (
-    FP16_ATOL,
-    IMAGE_INPUT,
-    IMAGE_OUTPUT,
-    ExportParityError,
-    export_conditional_generator,
-    export_image_generator,
-    import_reference_checkpoint,
-    read_metadata,
-)
+from pipeline.export.model_card import IMAGE_INPUT, IMAGE_OUTPUT, read_metadata
+from pipeline.export.reference import import_reference_checkpoint
+from pipeline.export.to_onnx import FP16_ATOL, ExportParityError, export_conditional_generator, export_image_generator
 
 METADATA = {
     "recipe": "cyclegan",

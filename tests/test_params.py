@@ -4,6 +4,7 @@ import pytest
 import yaml
 
 from pipeline.params import ParamsError, load_params, params_hash, training_params
+from pipeline.train import recipes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -18,13 +19,14 @@ def repo_params() -> dict:
     return yaml.safe_load((REPO / "params.yaml").read_text())
 
 
-def test_the_repository_params_are_valid():
-    params = load_params(REPO / "params.yaml")
-    assert params.cyclegan.dataset in params.data.datasets
-    for recipe in ("cyclegan", "pix2pix", "cdcgan", "alignflow", "flowgan"):
+def test_the_repository_params_are_valid_and_name_every_recipe():
+    params, raw = load_params(REPO / "params.yaml"), repo_params()
+    for recipe in recipes.names():
         section = params.recipe(recipe)
+        assert section.dataset in params.data.datasets
+        # Each recipe's section is written out in params.yaml, and the schema reads what the file says.
         for key in ("steps", "batch_size", "objective", "checkpoint_every", "sample_every"):
-            assert getattr(section, key) is not None
+            assert getattr(section, key) == raw[recipe][key]
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ from PIL import Image
 
 from pipeline.data import builtin
 from pipeline.data.prepare import prepare_dataset, prepare_folder
-from pipeline.params import DatasetParams
+from pipeline.schema import DatasetParams
 
 
 def test_prepare_from_folder_skips_every_bad_file_and_keeps_every_good_one(tmp_path, run_cli):

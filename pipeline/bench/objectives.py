@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from models import flows
 from models import objectives as registry
 from pipeline.errors import UserError
-from pipeline.images import write_bytes_atomic, write_json_atomic
+from pipeline.files import write_bytes_atomic, write_json_atomic
 
 SAMPLES = 2500
 MIN_SHARE = 20 / SAMPLES

@@ -13,8 +13,10 @@ import torch
 from PIL import Image
 
 from pipeline.data.prepare import prepare_folder
-from pipeline.params import DatasetParams, Params
-from pipeline.train.loop import Context
+from pipeline.params import Params
+from pipeline.schema import DatasetParams
+from pipeline.train import recipes
+from pipeline.train.context import Context
 
 
 def _synthetic_dataset(root: Path, size: int, layout: str) -> Path:
@@ -34,17 +36,16 @@ def _synthetic_dataset(root: Path, size: int, layout: str) -> Path:
 
 def run(recipe: str, params: Params, size: int, steps: int = 20, warmup: int = 3) -> dict:
     """Times `steps` training steps after `warmup` untimed ones (compilation, allocator, cuDNN autotuning)."""
-    from pipeline.train import recipes
-
+    recipe_class = recipes.get(recipe)
     p = params.recipe(recipe)
-    layout = {"cyclegan": "unaligned", "pix2pix": "aligned", "cdcgan": "classes"}.get(recipe, "unaligned")
-    if recipe == "cdcgan":
+    if "domain" in type(p).model_fields:
+        # The synthetic dataset is one domain (A); a recipe that learns one domain learns that one here.
         p = p.model_copy(update={"domain": "A"})
     torch.manual_seed(params.seed)
     with tempfile.TemporaryDirectory() as tmp:
-        data_dir = _synthetic_dataset(Path(tmp), size, layout)
+        data_dir = _synthetic_dataset(Path(tmp), size, recipe_class.layout)
         ctx = Context.create(p)
-        model = recipes.build(recipe, p, ctx, data_dir)
+        model = recipe_class(p, ctx, data_dir)
         stream = iter(model.batches(params.seed, 0))
 
         def next_batch():

@@ -14,7 +14,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.errors import UserError
-from pipeline.params import AugmentParams
+from pipeline.pixels import to_model_range, to_pixels
+from pipeline.schema import AugmentParams
 
 MANIFEST = "manifest.json"
 
@@ -32,12 +33,12 @@ def entries(manifest: dict, split: str, domain: str) -> list[dict]:
 
 def to_tensor(rgb: np.ndarray) -> torch.Tensor:
     """uint8 HWC RGB -> float32 CHW in [-1, 1], the contract of every network here."""
-    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div(127.5).sub(1.0)
+    return to_model_range(torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1))
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """float NCHW in [-1, 1] -> uint8 NHWC, rounding as an 8-bit PNG would store it."""
-    return images.detach().float().clamp(-1, 1).add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return to_pixels(images).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def read_rgb(path: Path) -> np.ndarray:

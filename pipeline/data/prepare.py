@@ -13,7 +13,6 @@ end, so an interrupted run never leaves a half-prepared dataset behind.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -27,16 +26,9 @@ import numpy as np
 
 from pipeline.data import builtin
 from pipeline.errors import UserError
-from pipeline.images import (
-    BadImage,
-    decode_rgb,
-    list_images,
-    resize_image,
-    sha256_of_file,
-    write_image_atomic,
-    write_json_atomic,
-)
-from pipeline.params import DatasetParams
+from pipeline.files import json_hash, sha256_of_file, write_json_atomic
+from pipeline.images import BadImage, decode_rgb, list_images, resize_image, write_image_atomic
+from pipeline.schema import DatasetParams
 
 MANIFEST = "manifest.json"
 REPORT = "report.json"
@@ -85,8 +77,7 @@ def prepare_folder(source: Path, out: Path, spec: DatasetParams, seed: int, log:
 
 
 def _fingerprint(data: dict) -> str:
-    data = {"format": FORMAT_VERSION, **data}
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+    return json_hash({"format": FORMAT_VERSION, **data})
 
 
 def _build(

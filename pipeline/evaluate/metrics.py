@@ -28,7 +28,8 @@ from torchmetrics.functional.image import (
 )
 
 from pipeline.errors import UserError
-from pipeline.images import BadImage, decode_rgb, list_images, sha256_of_file
+from pipeline.files import sha256_of_file
+from pipeline.images import BadImage, decode_rgb, list_images
 
 DATA_RANGE = 255.0
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -1,46 +1,34 @@
-"""`export`: a checkpoint's generators as checked, parity-tested ONNX models, logged and registered in MLflow."""
+"""`export`: a checkpoint's generators as checked, parity-tested ONNX models, logged and registered in MLflow.
+What to export comes from the recipe (`Recipe.exports`); how depends only on the model card's kind."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from pipeline.errors import UserError
-from pipeline.images import write_json_atomic
-from pipeline.params import ExportParams, Params
+from pipeline.export import model_card as card
+from pipeline.export.to_onnx import export_conditional_generator, export_flow_sampler, export_image_generator
+from pipeline.files import write_json_atomic
+from pipeline.params import Params
+from pipeline.schema import ExportParams
+from pipeline.train import recipes
 from pipeline.train.checkpoint import LAST, checkpoint_dir, load_checkpoint
 
-DOMAINS = {"AtoB": ("A", "B"), "BtoA": ("B", "A")}
 
-
-def _metadata(state: dict, direction: str) -> dict[str, str]:
-    recipe = state["recipe"]
-    dataset = state["params"][recipe]["dataset"]
-    source, target = DOMAINS.get(direction, ("noise", state["params"][recipe].get("domain", "B")))
-    return {
-        "recipe": recipe,
-        "direction": direction,
-        "source_domain": f"{dataset}:{source}",
-        "target_domain": f"{dataset}:{target}",
-        "training_commit": state.get("git_commit", "unknown"),
-        "params_hash": state["params_hash"],
-        "training_step": str(state["step"]),
-    }
-
-
-def export_state(state: dict, out_dir: Path, fp16: bool, opset: int, atol: float) -> dict[str, dict]:
-    from pipeline.export.to_onnx import export_conditional_generator, export_flow_sampler, export_image_generator
-    from pipeline.train.recipes import generators_from_checkpoint
-
+def export_state(state, out_dir: Path, fp16: bool, opset: int, atol: float) -> dict[str, dict]:
+    recipe = recipes.get(state["recipe"])
+    exports = recipe.exports(recipe.Params.model_validate(state["params"][recipe.name]))
     results = {}
-    for direction, net in generators_from_checkpoint(state).items():
+    for direction, net in recipes.generators_from_checkpoint(state).items():
+        export = exports[direction]
         path = out_dir / f"{direction}.onnx"
-        metadata = _metadata(state, direction)
-        if direction == "generator" and state["recipe"] == "flowgan":
-            results[direction] = export_flow_sampler(net, path, metadata, opset=opset, atol=atol)
-        elif direction == "generator":
+        metadata = card.provenance(state, direction, export.source, export.target)
+        if export.kind == card.IMAGE_TRANSLATION:
+            results[direction] = export_image_generator(net, path, metadata, opset=opset, fp16=fp16, atol=atol)
+        elif export.kind == card.CONDITIONAL_GENERATION:
             results[direction] = export_conditional_generator(net, path, metadata, opset=opset, atol=atol)
         else:
-            results[direction] = export_image_generator(net, path, metadata, opset=opset, fp16=fp16, atol=atol)
+            results[direction] = export_flow_sampler(net, path, metadata, opset=opset, atol=atol)
     return results
 
 
@@ -78,8 +66,8 @@ def export_recipe(
 def export_checkpoint(checkpoint: Path, out: Path, fp16: bool, console, export: ExportParams = ExportParams()) -> dict:
     """One checkpoint file to one .onnx file; a recipe with several generators writes <stem>.<direction>.onnx."""
     state = load_checkpoint(checkpoint)
-    if "recipe" not in state or state["recipe"] == "classifier":
-        raise UserError(f"{checkpoint}: not a generator checkpoint")
+    if state.get("recipe") not in recipes.names():
+        raise UserError(f"{checkpoint}: not a generator checkpoint of any recipe ({', '.join(recipes.names())})")
     if out.suffix != ".onnx":
         raise UserError(f"--out {out}: must end in .onnx")
     tmp_dir = out.parent / f".{out.stem}.export"

@@ -1,10 +1,7 @@
 """ONNX export of trained generators, checked and parity-tested against PyTorch before anything is written.
 
-Image generators follow the ONNX contract of DESIGN.md: float32 NCHW RGB in [-1, 1], dynamic batch, height
-and width (multiples of the network's `size_multiple`), with metadata properties that say where the model came
-from. The input is named ``image``; ONNX forbids a graph output with the name of a graph input (values are
-single-assignment), so the output is named ``translated``. Both names are also in the metadata ("input",
-"output"), and consumers should read them from the session or the metadata rather than hard-code them.
+Every model follows the model card of pipeline/export/model_card.py (names, kinds, metadata keys), with
+metadata properties that say where the model came from.
 
 Every export is checked with the ONNX checker and strict shape inference, then run in ONNX Runtime on the CPU
 against PyTorch eager on several batch sizes and non-square sizes the export never saw. A model that fails
@@ -15,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import math
-import pickle
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,36 +25,12 @@ from torch import nn
 from torch.export import Dim
 
 from models.dcgan import ConditionalGenerator
-from models.generators import (
-    ReferenceLoadError,
-    build_generator,
-    guess_reference_arch,
-    load_reference_state_dict,
-)
 from pipeline.errors import UserError
-from pipeline.images import sha256_of_file, write_bytes_atomic
+from pipeline.export import model_card as card
+from pipeline.files import write_bytes_atomic
 
-IMAGE_INPUT = "image"
 IMAGE_CHANNELS = 3
-IMAGE_OUTPUT = "translated"
-NORMALIZATION = "RGB float32 NCHW in [-1, 1]"
 FP16_ATOL = 5e-2
-
-IMAGE_METADATA = ("recipe", "direction", "source_domain", "target_domain", "training_commit", "params_hash")
-CONDITIONAL_METADATA = ("recipe", "training_commit", "params_hash")
-# Keys the exporter computes itself; a caller passing one would silently contradict the model.
-_DERIVED_METADATA = (
-    "kind",
-    "multiple",
-    "normalization",
-    "input",
-    "output",
-    "precision",
-    "z_dim",
-    "n_classes",
-    "image_size",
-    "latent_shape",
-)
 
 
 class ExportParityError(UserError):
@@ -85,13 +57,13 @@ def export_image_generator(
     multiple = int(net.size_multiple)
     props = _metadata_props(
         metadata,
-        IMAGE_METADATA,
+        card.IMAGE_PROVENANCE,
         {
-            "kind": "image_translation",
+            "kind": card.IMAGE_TRANSLATION,
             "multiple": str(multiple),
-            "normalization": NORMALIZATION,
-            "input": IMAGE_INPUT,
-            "output": IMAGE_OUTPUT,
+            "normalization": card.NORMALIZATION,
+            "input": card.IMAGE_INPUT,
+            "output": card.IMAGE_OUTPUT,
         },
     )
     out_path = Path(out_path)
@@ -109,9 +81,9 @@ def export_image_generator(
         variants.append((out_path.with_suffix(".fp16.onnx"), half, FP16_ATOL, "float16"))
     protos, reports = [], []
     for path, variant, tolerance, precision in variants:
-        proto = _export(variant, example, dims, [IMAGE_INPUT], [IMAGE_OUTPUT], opset)
+        proto = _export(variant, example, dims, [card.IMAGE_INPUT], [card.IMAGE_OUTPUT], opset)
         onnx.helper.set_model_props(proto, {**props, "precision": precision})
-        reports.append(_check_parity(proto, path, [IMAGE_INPUT], cases, expected, tolerance))
+        reports.append(_check_parity(proto, path, [card.IMAGE_INPUT], cases, expected, tolerance))
         protos.append(proto)
     # Both models passed before either is written, so a failure never leaves a mismatched pair behind.
     for (path, *_), proto in zip(variants, protos, strict=True):
@@ -134,15 +106,15 @@ def export_conditional_generator(
     """
     props = _metadata_props(
         metadata,
-        CONDITIONAL_METADATA,
+        card.PROVENANCE,
         {
-            "kind": "conditional_generation",
+            "kind": card.CONDITIONAL_GENERATION,
             "z_dim": str(net.z_dim),
             "n_classes": str(net.n_classes),
             "image_size": str(net.image_size),
-            "normalization": NORMALIZATION,
-            "input": "z,label",
-            "output": "image",
+            "normalization": card.NORMALIZATION,
+            "input": f"{card.LATENT_INPUT},{card.LABEL_INPUT}",
+            "output": card.SAMPLE_OUTPUT,
             "precision": "float32",
         },
     )
@@ -159,9 +131,11 @@ def export_conditional_generator(
     with warnings.catch_warnings():
         # Both inputs share the batch dimension, which the exporter reports as an unused duplicate axis name.
         warnings.filterwarnings("ignore", message=".*The axis name: batch will not be used")
-        proto = _export(model, example, ({0: batch}, {0: batch}), ["z", "label"], ["image"], opset)
+        proto = _export(
+            model, example, ({0: batch}, {0: batch}), [card.LATENT_INPUT, card.LABEL_INPUT], [card.SAMPLE_OUTPUT], opset
+        )
     onnx.helper.set_model_props(proto, props)
-    report = _check_parity(proto, out_path, ["z", "label"], cases, expected, atol)
+    report = _check_parity(proto, out_path, [card.LATENT_INPUT, card.LABEL_INPUT], cases, expected, atol)
     write_bytes_atomic(out_path, proto.SerializeToString())
     return report
 
@@ -174,13 +148,13 @@ def export_flow_sampler(
     c, h, w = net.latent_shape
     props = _metadata_props(
         metadata,
-        CONDITIONAL_METADATA,
+        card.PROVENANCE,
         {
-            "kind": "flow_sampling",
+            "kind": card.FLOW_SAMPLING,
             "latent_shape": f"{c},{h},{w}",
-            "normalization": NORMALIZATION,
-            "input": "z",
-            "output": "image",
+            "normalization": card.NORMALIZATION,
+            "input": card.LATENT_INPUT,
+            "output": card.SAMPLE_OUTPUT,
             "precision": "float32",
         },
     )
@@ -189,63 +163,13 @@ def export_flow_sampler(
     cases = [(torch.randn(n, c, h, w, generator=generator),) for n in (1, 5)]
     with torch.no_grad():
         expected = [model(*inputs) for inputs in cases]
-    proto = _export(model, (torch.zeros(2, c, h, w),), ({0: Dim("batch", min=1)},), ["z"], ["image"], opset)
+    proto = _export(
+        model, (torch.zeros(2, c, h, w),), ({0: Dim("batch", min=1)},), [card.LATENT_INPUT], [card.SAMPLE_OUTPUT], opset
+    )
     onnx.helper.set_model_props(proto, props)
-    report = _check_parity(proto, Path(out_path), ["z"], cases, expected, atol)
+    report = _check_parity(proto, Path(out_path), [card.LATENT_INPUT], cases, expected, atol)
     write_bytes_atomic(Path(out_path), proto.SerializeToString())
     return report
-
-
-def read_metadata(onnx_path: Path) -> dict[str, str]:
-    """The metadata properties of an ONNX file; UserError if it is missing or not an ONNX model."""
-    try:
-        model = onnx.load_model(str(onnx_path), load_external_data=False)
-    except OSError as exc:
-        raise UserError(f"cannot read ONNX model {onnx_path}: {exc.strerror or exc}") from exc
-    except Exception as exc:
-        # A protobuf parse failure (DecodeError and friends) means the file is not an ONNX model.
-        raise UserError(f"{onnx_path} is not an ONNX model ({type(exc).__name__})") from exc
-    return {prop.key: prop.value for prop in model.metadata_props}
-
-
-def import_reference_checkpoint(
-    pth_path: Path, arch: str, norm: str, dropout: bool, out_path: Path, opset: int = 18
-) -> dict:
-    """Convert a generator checkpoint of junyanz/pytorch-CycleGAN-and-pix2pix into our ONNX contract.
-
-    The file must be a plain state dict (as the reference saves it); keys and shapes must fit
-    `build_generator(arch, 3, 3, 64, norm, dropout)` exactly, otherwise the UserError names the misfits
-    and the flags the file probably needs. The export is in eval mode: the reference's test.py keeps
-    pix2pix's batch norm in training mode and dropout on unless `--eval` is passed, so the ONNX model
-    matches `test.py --eval`, not its default output. Domains are unknown, so the metadata says A to B.
-    """
-    pth_path = Path(pth_path)
-    state_dict = _load_state_dict(pth_path)
-    flags = _flags(arch, norm, dropout)
-    try:
-        net = build_generator(arch, 3, 3, 64, norm, dropout)
-    except ValueError as exc:
-        raise UserError(f"cannot import {pth_path.name}: {exc}") from exc
-    try:
-        load_reference_state_dict(net, state_dict)
-    except ReferenceLoadError as exc:
-        # The key listing may end in an ellipsis, which needs no second full stop.
-        separator = " " if str(exc).endswith(".") else ". "
-        hint = _suggest_flags(state_dict, arch, norm, dropout)
-        raise UserError(f"{pth_path.name} does not fit {flags}: {exc}{separator}{hint}") from exc
-    metadata = {
-        "recipe": "reference-import",
-        "direction": "AtoB",
-        "source_domain": "A",
-        "target_domain": "B",
-        "training_commit": "unknown",
-        "params_hash": "",
-        "source_checkpoint": pth_path.name,
-        "source_checkpoint_sha256": sha256_of_file(pth_path),
-        "source_flags": flags,
-    }
-    # Eval mode on purpose (see the docstring): this matches the reference's `test.py --eval`.
-    return export_image_generator(net.eval(), Path(out_path), metadata, opset=opset)
 
 
 class _Float16Compute(nn.Module):
@@ -266,7 +190,7 @@ def _metadata_props(metadata: Mapping[str, str], required: tuple[str, ...], deri
     not_text = [key for key, value in metadata.items() if not isinstance(value, str)]
     if not_text:
         raise ValueError(f"export metadata values must be strings: {', '.join(not_text)}")
-    clashing = [key for key in metadata if key in _DERIVED_METADATA]
+    clashing = [key for key in metadata if key in card.DERIVED]
     if clashing:
         raise ValueError(f"export metadata keys {', '.join(clashing)} are set by the exporter")
     return {**metadata, **derived}
@@ -344,57 +268,3 @@ def _check_parity(
             f"exceeds {atol:g} at batch {worst['batch']}, {worst['height']}x{worst['width']}; nothing written"
         )
     return {"path": str(path), "max_abs_error": worst["max_abs_error"], "tolerance": atol, "cases": results}
-
-
-def _load_state_dict(pth_path: Path) -> dict:
-    try:
-        loaded = torch.load(pth_path, map_location="cpu", weights_only=True)
-    except OSError as exc:
-        raise UserError(f"cannot read checkpoint {pth_path}: {exc.strerror or exc}") from exc
-    except pickle.UnpicklingError as exc:
-        first_line = str(exc).splitlines()[0] if str(exc) else ""
-        raise UserError(
-            f"{pth_path.name} is not a plain state dict ({first_line.rstrip('.')}); "
-            "save the generator with torch.save(net.state_dict(), path)"
-        ) from exc
-    except Exception as exc:
-        # Garbage bytes surface as whatever the unpickler tripped on (KeyError, EOFError, RuntimeError, ...).
-        raise UserError(f"{pth_path.name} is not a PyTorch checkpoint ({type(exc).__name__})") from exc
-    is_state_dict = (
-        isinstance(loaded, Mapping)
-        and loaded
-        and all(isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in loaded.items())
-    )
-    if not is_state_dict:
-        raise UserError(f"{pth_path.name} is not a generator state dict (a mapping of names to tensors)")
-    return dict(loaded)
-
-
-def _flags(arch: str, norm: str, dropout: bool) -> str:
-    return f"--arch {arch} --norm {norm}" + (" --dropout" if dropout else "")
-
-
-def _suggest_flags(state_dict: dict, arch: str, norm: str, dropout: bool) -> str:
-    """The flags the checkpoint's keys point to, plus what import-checkpoint cannot express."""
-    try:
-        guess = guess_reference_arch(state_dict)
-    except (ValueError, KeyError, IndexError) as exc:
-        return f"It does not look like a ResNet or U-Net generator of the reference either ({exc})"
-    hint = f"This looks like {_flags(guess['arch'], guess['norm'], guess['dropout'])}"
-    if guess["arch"].startswith("unet"):
-        hint += " (U-Net dropout leaves no keys and does not change an eval-mode export)"
-    unsupported = {
-        key: guess[key]
-        for key, default in (("ngf", 64), ("input_nc", 3), ("output_nc", 3), ("upsample", "transpose"))
-        if guess[key] != default
-    }
-    if guess.get("padding", "reflect") != "reflect":
-        unsupported["padding"] = guess["padding"]
-    if unsupported:
-        found = ", ".join(f"{key}={value}" for key, value in unsupported.items())
-        return hint + f", but with {found}, which the reference layout import does not support"
-    # Only ResNet dropout shifts keys; U-Net dropout cannot be told from the file.
-    same_dropout = guess["dropout"] == dropout or arch.startswith("unet")
-    if (guess["arch"], guess["norm"]) == (arch, norm) and same_dropout:
-        return hint + ", as given: the file is damaged or was changed after training"
-    return hint

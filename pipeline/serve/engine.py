@@ -20,6 +20,8 @@ import numpy as np
 import onnxruntime as ort
 
 from pipeline.errors import UserError
+from pipeline.export import model_card as card
+from pipeline.pixels import to_model_range, to_pixels
 
 PROVIDERS = {
     "tensorrt": "TensorrtExecutionProvider",
@@ -78,8 +80,8 @@ class Engine:
             )
         self.fp16 = fp16
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
-        kind = self.metadata.get("kind", "image_translation")
-        if kind != "image_translation" or "multiple" not in self.metadata:
+        kind = self.metadata.get("kind", card.IMAGE_TRANSLATION)
+        if kind != card.IMAGE_TRANSLATION or "multiple" not in self.metadata:
             raise UserError(
                 f"{self.model_path.name} is not an image-translation model of this pipeline "
                 f"(kind {kind!r}, multiple {self.metadata.get('multiple')!r}); export it with `transfigure export`"
@@ -92,7 +94,7 @@ class Engine:
 
     def translate_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """Translate (H, W, 3) uint8 images that all have the same size; outputs have that size too."""
-        return list(_to_uint8(self._forward(np.stack(images))))
+        return list(to_pixels(self._forward(np.stack(images))))
 
     def translate(self, image: np.ndarray, tile: int | None = None, batch_size: int = 4) -> np.ndarray:
         """Translate one (H, W, 3) uint8 image; with `tile`, one larger than `tile` on a side goes in tiles.
@@ -119,7 +121,7 @@ class Engine:
             for (y, x), output in zip(chunk, outputs, strict=True):
                 total[y : y + tile_h, x : x + tile_w] += output * window
                 weight[y : y + tile_h, x : x + tile_w] += window
-        return _to_uint8(total / weight)
+        return to_pixels(total / weight)
 
     def _forward(self, batch: np.ndarray) -> np.ndarray:
         """(N, H, W, 3) uint8 -> (N, H, W, 3) float32 in [-1, 1], through the model at a padded size."""
@@ -127,9 +129,7 @@ class Engine:
         pad_h, pad_w = -height % self.multiple, -width % self.multiple
         if pad_h or pad_w:
             batch = np.pad(batch, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="reflect")
-        x = np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32)
-        x *= 1 / 127.5
-        x -= 1
+        x = np.ascontiguousarray(to_model_range(batch.transpose(0, 3, 1, 2)))
         try:
             y = self._run_bound(x) if self.provider in GPU_PROVIDERS else self._run(x)
         except Exception as exc:  # ONNX Runtime raises one bare Exception subclass per status code
@@ -229,7 +229,3 @@ def _starts(length: int, size: int, overlap: int) -> list[int]:
     if length <= size:
         return [0]
     return [*range(0, length - size, size - overlap), length - size]
-
-
-def _to_uint8(y: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint((y + 1) * 127.5), 0, 255).astype(np.uint8)

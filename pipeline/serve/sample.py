@@ -1,4 +1,5 @@
-"""`sample`: class-conditional samples and latent walks from an exported generator (inputs `z`, `label`)."""
+"""`sample`: images drawn from an exported generator: a class-conditional one (inputs `z`, `label`) or a flow
+(input `z` of the latent shape), as independent samples or as a walk on a line between two latent points."""
 
 from __future__ import annotations
 
@@ -7,44 +8,47 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import UserError
+from pipeline.export import model_card as card
 from pipeline.images import write_image_atomic
+from pipeline.pixels import to_pixels
 
 
-def _session(model: Path):
+def sample(
+    model: Path, label: int | None, n: int, out: Path, walk: bool = False, seed: int = 0, temperature: float = 1.0
+) -> list[Path]:
+    """Writes `n` samples (of class `label` for a conditional model) and returns their paths."""
     import onnxruntime as ort
 
-    from pipeline.export.to_onnx import read_metadata
-
-    metadata = read_metadata(model)
-    if metadata.get("kind") != "conditional_generation":
-        raise UserError(
-            f"{model}: not a sampling model (kind {metadata.get('kind', 'unknown')!r}); "
-            "use `translate` for image-to-image models"
-        )
-    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    return session, int(metadata["z_dim"]), int(metadata["n_classes"])
-
-
-def sample(model: Path, label: int, n: int, out: Path, walk: bool = False, seed: int = 0) -> list[Path]:
-    """Writes `n` samples of class `label` (or, with walk, `n` steps on a line between two latent points)."""
-    session, z_dim, n_classes = _session(model)
-    if not 0 <= label < n_classes:
-        raise UserError(f"--label {label}: the model knows classes 0..{n_classes - 1}")
+    metadata = card.read_metadata(model)
+    kind = metadata.get("kind", "unknown")
+    if kind == card.CONDITIONAL_GENERATION:
+        latent_shape, n_classes = (int(metadata["z_dim"]),), int(metadata["n_classes"])
+        if label is None or not 0 <= label < n_classes:
+            raise UserError(f"--label {label}: the model knows classes 0..{n_classes - 1}")
+    elif kind == card.FLOW_SAMPLING:
+        latent_shape = tuple(int(size) for size in metadata["latent_shape"].split(","))
+        if label is not None:
+            raise UserError(f"--label {label}: {model.name} is an unconditional flow; leave --label out")
+    else:
+        raise UserError(f"{model}: not a sampling model (kind {kind!r}); use `translate` for image-to-image models")
     if n < 1:
         raise UserError("--n must be at least 1")
+    if temperature <= 0:
+        raise UserError(f"--temperature {temperature}: must be above 0")
     rng = np.random.default_rng(seed)
     if walk:
-        start, end = rng.standard_normal((2, z_dim), dtype=np.float32)
-        weights = np.linspace(0, 1, n, dtype=np.float32)[:, None]
+        start, end = rng.standard_normal((2, *latent_shape), dtype=np.float32)
+        weights = np.linspace(0, 1, n, dtype=np.float32).reshape(n, *([1] * len(latent_shape)))
         z = (1 - weights) * start + weights * end
     else:
-        z = rng.standard_normal((n, z_dim), dtype=np.float32)
-    labels = np.full(n, label, dtype=np.int64)
-    output_name = session.get_outputs()[0].name
-    images = session.run([output_name], {"z": z, "label": labels})[0]
-    pixels = np.clip(np.rint((images.transpose(0, 2, 3, 1) + 1) * 127.5), 0, 255).astype(np.uint8)
-    stem = "walk" if walk else "sample"
-    paths = [out / f"{stem}_{label}_{i:04d}.png" for i in range(n)]
-    for path, image in zip(paths, pixels, strict=True):
+        z = rng.standard_normal((n, *latent_shape), dtype=np.float32)
+    feed = {card.LATENT_INPUT: z * np.float32(temperature)}
+    if kind == card.CONDITIONAL_GENERATION:
+        feed[card.LABEL_INPUT] = np.full(n, label, dtype=np.int64)
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    images = session.run([card.SAMPLE_OUTPUT], feed)[0]
+    stem = ("walk" if walk else "sample") + (f"_{label}" if label is not None else "")
+    paths = [out / f"{stem}_{i:04d}.png" for i in range(n)]
+    for path, image in zip(paths, to_pixels(images.transpose(0, 2, 3, 1)), strict=True):
         write_image_atomic(path, image)
     return paths

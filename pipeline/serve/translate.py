@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.images import BadImage, decode_rgb, list_images, write_image_atomic, write_json_atomic
+from pipeline.files import write_json_atomic
+from pipeline.images import BadImage, decode_rgb, list_images, write_image_atomic
+from pipeline.progress import Progress
 from pipeline.serve.engine import Engine, InferenceError
 
 FORMATS = ("png", "jpg", "webp")
@@ -66,7 +67,11 @@ def translate_path(
     todo = [job for job in jobs if not (skip_existing and job[1].exists())]
     report = {"translated": 0, "skipped": len(jobs) - len(todo), "rejected": rejected}
 
-    with ThreadPoolExecutor(max(1, workers)) as pool, _progress_bar(len(todo), progress) as advance:
+    from rich.console import Console
+
+    bar = Progress(Console(stderr=True, quiet=not progress), "translating", len(todo), unit="img")
+    with ThreadPoolExecutor(max(1, workers)) as pool, bar:
+        advance = bar.advance
         writes: deque[tuple[Path, Future]] = deque()
         ahead = 2 * batch_size + max(1, workers)
 
@@ -178,30 +183,3 @@ def _decode_ahead(
             yield result(*pending.popleft())
     while pending:
         yield result(*pending.popleft())
-
-
-@contextmanager
-def _progress_bar(total: int, enabled: bool) -> Iterator[Callable[[], None]]:
-    """A rich progress bar with images/s on stderr; yields the function that advances it by one image."""
-    if not enabled:
-        yield lambda: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    columns = (
-        TextColumn("translating"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=Console(stderr=True)) as bar:
-        task = bar.add_task("translate", total=total, rate="")
-
-        def advance() -> None:
-            bar.advance(task)
-            speed = bar.tasks[0].speed
-            bar.update(task, rate=f"{speed:.2f} img/s" if speed else "")
-
-        yield advance

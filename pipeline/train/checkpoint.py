@@ -1,47 +1,50 @@
-"""The one checkpoint format: a dict of tensors and plain values, written atomically, read without pickles.
-
-    {"format": 1, "recipe": str, "step": int, "params": dict, "params_hash": str,
-     "networks": {name: state_dict}, "ema": {name: state_dict}, "optimizers": {name: state_dict},
-     "scaler": state_dict | None, "pools": {name: [tensor, ...]}, "rng": {...}, "history": [row, ...],
-     "mlflow_run_id": str | None}
-
-Evaluation and export rebuild the networks from `params` alone, so a checkpoint file is self-contained.
-"""
+"""The one checkpoint format, written and read here only: a dict of tensors and plain values, written atomically,
+read without pickles. Evaluation and export rebuild the networks from `params` and `network_args` alone, so a
+checkpoint file is self-contained. The classifier's checkpoint uses the same writer with fewer keys."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
+from typing import Any, TypedDict
 
 import torch
 
 from pipeline.errors import UserError
+from pipeline.files import write_atomic
 
 FORMAT = 1
 LAST = "last.pt"
+
+
+class Checkpoint(TypedDict):
+    recipe: str
+    step: int
+    params: dict  # what training depends on (pipeline.params.training_params)
+    params_hash: str
+    code: dict[str, str]  # the training code's source files -> sha256 (pipeline.train.fingerprint)
+    networks: dict[str, dict[str, torch.Tensor]]
+    ema: dict[str, dict[str, torch.Tensor]]  # AveragedModel state dicts, for the generators
+    optimizers: dict[str, dict]
+    scaler: dict | None
+    pools: dict[str, list[torch.Tensor]]
+    rng: dict
+    history: list[dict]  # the smoothed losses, one row per log step
+    mlflow_run_id: str | None
+    network_args: dict  # what build_networks needs beyond params (image size, classes)
+    git_commit: str
+    steps_per_second: float
 
 
 def checkpoint_dir(recipe: str, root: Path = Path("runs")) -> Path:
     return root / recipe / "checkpoints"
 
 
-def save_checkpoint(state: dict, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, rename: a kill leaves the old file intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save({"format": FORMAT, **state}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def save_checkpoint(state: Checkpoint | dict[str, Any], path: Path) -> None:
+    """torch.save through the atomic writer: a kill leaves the old file intact."""
+    write_atomic(path, lambda handle: torch.save({"format": FORMAT, **state}, handle))
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Checkpoint:
     """weights_only=True: a checkpoint is data, never code."""
     if not Path(path).exists():
         raise UserError(f"{path}: no checkpoint here; train first (`transfigure train RECIPE`)")

@@ -9,67 +9,76 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Annotated
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from models import flows
 from models.discriminators import build_discriminator
 from models.init import init_weights
 from pipeline.data.datasets import UnpairedDataset, batches, first_items
-from pipeline.params import AlignFlowParams, FlowParams
-from pipeline.train.loop import Context, ImagePool, set_requires_grad
-from pipeline.train.recipes.cyclegan import update_critics
-
-EXPORTS = {"AtoB": "G_AB", "BtoA": "G_BA"}
-
-
-def build_flow(p: FlowParams, image_size: int, orient: bool = False) -> flows.ImageFlow:
-    return flows.ImageFlow(
-        3, image_size, p.n_scales, p.n_couplings, p.hidden_channels, p.n_res_blocks, p.actnorm, p.invconv, orient
-    )
+from pipeline.evaluate import measures
+from pipeline.schema import DiscriminatorParams, FlowParams, NonNegativeFloat, RecipeParams
+from pipeline.train.context import Context
+from pipeline.train.parts import ImagePool, build_flow, mean_bits_per_dim, set_requires_grad, update_two_critics
+from pipeline.train.recipes.base import EvalInputs, Export, Recipe, register
 
 
-def build_networks(p: AlignFlowParams, image_size: int = 32) -> dict[str, nn.Module]:
-    """G_AB and G_BA hold the same two flows (a checkpoint lists them under both names, so either export loads
-    alone); f_B starts as a copy of f_A, so the translations start close to the identity on image structure."""
-    flow_a = build_flow(p.flow, image_size, orient=True)
-    flow_b = copy.deepcopy(flow_a)
-    d = p.discriminator
-    critics = {
-        name: build_discriminator(d.kind, 3, d.ndf, d.n_layers, d.norm, d.spectral_norm) for name in ("D_A", "D_B")
-    }
-    # Only the critics get the GAN initialisation: the flows' own init makes every coupling start as the identity.
-    for critic in critics.values():
-        init_weights(critic, p.init_type, p.init_gain)
-    return {"G_AB": flows.AlignedTranslator(flow_a, flow_b), "G_BA": flows.AlignedTranslator(flow_b, flow_a), **critics}
+class AlignFlowParams(RecipeParams):
+    flow: FlowParams = FlowParams()
+    discriminator: DiscriminatorParams = DiscriminatorParams()
+    nll_weight: NonNegativeFloat = 1.0
+    pool_size: Annotated[int, Field(ge=0)] = 50
 
 
-@torch.no_grad()
-def bits_per_dim(generators: dict[str, nn.Module], images: dict[str, torch.Tensor], batch_size: int = 256) -> dict:
-    """Mean bits/dim of each domain's images under its flow, e.g. {"A": 3.1, "B": 2.7}, from the exported
-    translators ({"AtoB": G_AB, ...}); dequantisation noise is seeded so the numbers are reproducible."""
-    by_domain = {"A": generators["AtoB"].source, "B": generators["AtoB"].target}
-    return {domain: mean_bits_per_dim(by_domain[domain], images[domain], batch_size) for domain in images}
+@register
+class AlignFlow(Recipe):
+    name = "alignflow"
+    Params = AlignFlowParams
+    layout = "unaligned"
+    losses = ("G", "G_adv", "bpd_A", "bpd_B", "D_A", "D_B")
 
+    @classmethod
+    def build_networks(cls, p: AlignFlowParams, image_size: int = 32) -> dict[str, nn.Module]:
+        """G_AB and G_BA hold the same two flows (a checkpoint lists them under both names, so either export loads
+        alone); f_B starts as a copy of f_A, so the translations start close to the identity on image structure."""
+        flow_a = build_flow(p.flow, image_size, orient=True)
+        flow_b = copy.deepcopy(flow_a)
+        d = p.discriminator
+        critics = {
+            name: build_discriminator(d.kind, 3, d.ndf, d.n_layers, d.norm, d.spectral_norm) for name in ("D_A", "D_B")
+        }
+        # Only the critics get the GAN initialisation: the flows' own init makes every coupling start as the identity.
+        for critic in critics.values():
+            init_weights(critic, p.init_type, p.init_gain)
+        translators = {"G_AB": flows.AlignedTranslator(flow_a, flow_b), "G_BA": flows.AlignedTranslator(flow_b, flow_a)}
+        return translators | critics
 
-@torch.no_grad()
-def mean_bits_per_dim(flow: flows.ImageFlow, images: torch.Tensor, batch_size: int = 256) -> float:
-    """Mean bits/dim of `images` under `flow`, with seeded dequantisation noise (on the CPU, where evaluation runs)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        log_probs = torch.cat([flow.log_prob(chunk) for chunk in images.split(batch_size)])
-    return float(flows.bits_per_dim(log_probs, images[0].numel()).mean())
+    @classmethod
+    def exports(cls, p: AlignFlowParams) -> dict[str, Export]:
+        return {
+            "AtoB": Export("G_AB", "image_translation", "A", "B"),
+            "BtoA": Export("G_BA", "image_translation", "B", "A"),
+        }
 
-
-class Recipe:
-    generator_names = ("G_AB", "G_BA")
+    @classmethod
+    def evaluate(cls, generators, p: AlignFlowParams, inputs: EvalInputs) -> dict:
+        """The translation metrics, plus each domain's bits/dim under its flow (an exact likelihood)."""
+        result = measures.translation(generators, inputs)
+        flows_by_domain = {"A": generators["AtoB"].source, "B": generators["AtoB"].target}
+        result["bits_per_dim"] = {
+            domain: mean_bits_per_dim(flow, measures.load_split(inputs, domain)[1])
+            for domain, flow in flows_by_domain.items()
+        }
+        return result
 
     def __init__(self, p: AlignFlowParams, ctx: Context, data_dir: Path):
         self.p, self.ctx = p, ctx
         self.dataset = UnpairedDataset(data_dir, "train", p.augment)
         self.network_args = {"image_size": self.dataset[0]["A"].shape[-1]}
-        self.nets = {k: ctx.prepare(v) for k, v in build_networks(p, **self.network_args).items()}
+        self.nets = {k: ctx.prepare(v) for k, v in self.build_networks(p, **self.network_args).items()}
         self.f_A, self.f_B = self.nets["G_AB"].source, self.nets["G_AB"].target
         self.D_A, self.D_B = ctx.forward(self.nets["D_A"]), ctx.forward(self.nets["D_B"])
         self.optimizers = {
@@ -108,18 +117,15 @@ class Recipe:
         ctx.update(g_loss, self.optimizers["G"])
         set_requires_grad(critics, True)
 
-        d_losses = [self._critic_step(real_A, real_B, fake_A.detach(), fake_B.detach())]
+        d_losses = [update_two_critics(self, real_A, real_B, fake_A.detach(), fake_B.detach())]
         for _ in range(ctx.n_critic - 1):
             extra = next_batch()
             with torch.no_grad():
                 fresh_B, fresh_A = self.f_B.inverse(self.f_A(extra["A"])[0]), self.f_A.inverse(self.f_B(extra["B"])[0])
-            d_losses.append(self._critic_step(extra["A"], extra["B"], fresh_A, fresh_B))
+            d_losses.append(update_two_critics(self, extra["A"], extra["B"], fresh_A, fresh_B))
         d_mean = torch.stack(d_losses).mean(0)
         values = torch.stack([g_loss, adv, nll_A, nll_B, d_mean[0], d_mean[1]]).tolist()
-        return dict(zip(["G", "G_adv", "bpd_A", "bpd_B", "D_A", "D_B"], values, strict=True))
-
-    def _critic_step(self, real_A, real_B, fake_A, fake_B) -> torch.Tensor:
-        return update_critics(self, real_A, real_B, fake_A, fake_B)
+        return dict(zip(self.losses, values, strict=True))
 
     @torch.no_grad()
     def sample_rows(self) -> list[torch.Tensor]:

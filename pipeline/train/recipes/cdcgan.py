@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -10,31 +11,53 @@ from torch import nn
 from models.dcgan import ConditionalDiscriminator, ConditionalGenerator
 from models.init import init_weights
 from pipeline.data.datasets import LabeledDataset, batches
-from pipeline.params import CDCGANParams
-from pipeline.train.loop import Context, set_requires_grad
-
-EXPORTS = {"generator": "G"}
-
-
-def build_networks(p: CDCGANParams, n_classes: int = 10, image_size: int = 32) -> dict[str, nn.Module]:
-    nets = {
-        "G": ConditionalGenerator(p.z_dim, n_classes, image_size, p.ngf),
-        "D": ConditionalDiscriminator(n_classes, image_size, p.ndf, 3, p.conditioning, p.d_norm),
-    }
-    for net in nets.values():
-        init_weights(net, p.init_type, p.init_gain)
-    return nets
+from pipeline.evaluate import measures
+from pipeline.schema import PositiveInt, RecipeParams
+from pipeline.train.context import Context
+from pipeline.train.parts import set_requires_grad
+from pipeline.train.recipes.base import EvalInputs, Export, Recipe, register
 
 
-class Recipe:
-    generator_names = ("G",)
+class CDCGANParams(RecipeParams):
+    domain: Literal["A", "B"] = "B"
+    z_dim: PositiveInt = 100
+    ngf: PositiveInt = 64
+    ndf: PositiveInt = 64
+    conditioning: Literal["projection", "concat"] = "projection"
+    d_norm: Literal["none", "batch", "spectral"] = "spectral"
+
+
+@register
+class CDCGAN(Recipe):
+    name = "cdcgan"
+    Params = CDCGANParams
+    layout = "classes"
+    losses = ("G", "D")
+
+    @classmethod
+    def build_networks(cls, p: CDCGANParams, n_classes: int = 10, image_size: int = 32) -> dict[str, nn.Module]:
+        nets = {
+            "G": ConditionalGenerator(p.z_dim, n_classes, image_size, p.ngf),
+            "D": ConditionalDiscriminator(n_classes, image_size, p.ndf, 3, p.conditioning, p.d_norm),
+        }
+        for net in nets.values():
+            init_weights(net, p.init_type, p.init_gain)
+        return nets
+
+    @classmethod
+    def exports(cls, p: CDCGANParams) -> dict[str, Export]:
+        return {"generator": Export("G", "conditional_generation", "noise", p.domain)}
+
+    @classmethod
+    def evaluate(cls, generators, p: CDCGANParams, inputs: EvalInputs) -> dict:
+        return measures.conditional_samples(generators["generator"], p.z_dim, p.domain, inputs)
 
     def __init__(self, p: CDCGANParams, ctx: Context, data_dir: Path):
         self.p, self.ctx = p, ctx
         self.dataset = LabeledDataset(data_dir, "train", p.domain, p.augment)
         self.n_classes = self.dataset.n_classes
         self.network_args = {"n_classes": self.n_classes, "image_size": self.dataset[0]["image"].shape[-1]}
-        self.nets = {k: ctx.prepare(v) for k, v in build_networks(p, **self.network_args).items()}
+        self.nets = {k: ctx.prepare(v) for k, v in self.build_networks(p, **self.network_args).items()}
         self.G, self.D = ctx.forward(self.nets["G"]), ctx.forward(self.nets["D"])
         self.optimizers = {
             "G": ctx.optimizer(self.nets["G"].parameters()),
@@ -65,7 +88,7 @@ class Recipe:
         ctx.update(g_loss, self.optimizers["G"])
         set_requires_grad([self.nets["D"]], True)
         values = torch.stack([g_loss, torch.stack(d_losses).mean()]).tolist()
-        return dict(zip(["G", "D"], values, strict=True))
+        return dict(zip(self.losses, values, strict=True))
 
     def _critic_step(self, real: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         ctx, obj = self.ctx, self.ctx.objective

@@ -3,40 +3,67 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from models.discriminators import build_discriminator
 from models.generators import build_generator
 from models.init import init_weights
 from pipeline.data.datasets import UnpairedDataset, batches, first_items
-from pipeline.params import CycleGANParams
-from pipeline.train.loop import Context, ImagePool, set_requires_grad
-
-EXPORTS = {"AtoB": "G_AB", "BtoA": "G_BA"}
-
-
-def build_networks(p: CycleGANParams) -> dict[str, nn.Module]:
-    g, d = p.generator, p.discriminator
-    nets = {name: build_generator(g.arch, 3, 3, g.ngf, g.norm, g.dropout, g.upsample) for name in ("G_AB", "G_BA")}
-    nets |= {
-        name: build_discriminator(d.kind, 3, d.ndf, d.n_layers, d.norm, d.spectral_norm) for name in ("D_A", "D_B")
-    }
-    for net in nets.values():
-        init_weights(net, p.init_type, p.init_gain)
-    return nets
+from pipeline.evaluate import measures
+from pipeline.schema import DiscriminatorParams, GeneratorParams, NonNegativeFloat, RecipeParams
+from pipeline.train.context import Context
+from pipeline.train.parts import ImagePool, set_requires_grad, update_two_critics
+from pipeline.train.recipes.base import EvalInputs, Export, Recipe, register
 
 
-class Recipe:
-    generator_names = ("G_AB", "G_BA")
+class CycleGANParams(RecipeParams):
+    generator: GeneratorParams = GeneratorParams()
+    discriminator: DiscriminatorParams = DiscriminatorParams()
+    lambda_A: NonNegativeFloat = 10.0
+    lambda_B: NonNegativeFloat = 10.0
+    lambda_identity: NonNegativeFloat = 0.5
+    pool_size: Annotated[int, Field(ge=0)] = 50
+
+
+@register
+class CycleGAN(Recipe):
+    name = "cyclegan"
+    Params = CycleGANParams
+    layout = "unaligned"
+    losses = ("G", "G_adv", "cycle", "identity", "D_A", "D_B")
+
+    @classmethod
+    def build_networks(cls, p: CycleGANParams) -> dict[str, nn.Module]:
+        g, d = p.generator, p.discriminator
+        nets = {name: build_generator(g.arch, 3, 3, g.ngf, g.norm, g.dropout, g.upsample) for name in ("G_AB", "G_BA")}
+        nets |= {
+            name: build_discriminator(d.kind, 3, d.ndf, d.n_layers, d.norm, d.spectral_norm) for name in ("D_A", "D_B")
+        }
+        for net in nets.values():
+            init_weights(net, p.init_type, p.init_gain)
+        return nets
+
+    @classmethod
+    def exports(cls, p: CycleGANParams) -> dict[str, Export]:
+        return {
+            "AtoB": Export("G_AB", "image_translation", "A", "B"),
+            "BtoA": Export("G_BA", "image_translation", "B", "A"),
+        }
+
+    @classmethod
+    def evaluate(cls, generators, p: CycleGANParams, inputs: EvalInputs) -> dict:
+        return measures.translation(generators, inputs)
 
     def __init__(self, p: CycleGANParams, ctx: Context, data_dir: Path):
         self.p, self.ctx = p, ctx
         self.network_args: dict = {}
         self.dataset = UnpairedDataset(data_dir, "train", p.augment)
-        self.nets = {k: ctx.prepare(v) for k, v in build_networks(p).items()}
+        self.nets = {k: ctx.prepare(v) for k, v in self.build_networks(p).items()}
         self.G_AB, self.G_BA = ctx.forward(self.nets["G_AB"]), ctx.forward(self.nets["G_BA"])
         self.D_A, self.D_B = ctx.forward(self.nets["D_A"]), ctx.forward(self.nets["D_B"])
         self.optimizers = {
@@ -75,44 +102,24 @@ class Recipe:
         ctx.update(g_loss, self.optimizers["G"])
         set_requires_grad(critics, True)
 
-        d_losses = [self._critic_step(real_A, real_B, fake_A.detach(), fake_B.detach())]
+        d_losses = [update_two_critics(self, real_A, real_B, fake_A.detach(), fake_B.detach())]
         for _ in range(ctx.n_critic - 1):
             extra = next_batch()
             with torch.no_grad(), ctx.autocast():
                 fresh_B, fresh_A = self.G_AB(extra["A"]), self.G_BA(extra["B"])
-            d_losses.append(self._critic_step(extra["A"], extra["B"], fresh_A, fresh_B))
+            d_losses.append(update_two_critics(self, extra["A"], extra["B"], fresh_A, fresh_B))
         d_mean = torch.stack(d_losses).mean(0)
         values = torch.stack([g_loss, adv, cycle, identity, d_mean[0], d_mean[1]]).tolist()
-        return dict(zip(["G", "G_adv", "cycle", "identity", "D_A", "D_B"], values, strict=True))
-
-    def _critic_step(self, real_A, real_B, fake_A, fake_B) -> torch.Tensor:
-        return update_critics(self, real_A, real_B, fake_A, fake_B)
+        return dict(zip(self.losses, values, strict=True))
 
     @torch.no_grad()
     def sample_rows(self) -> list[torch.Tensor]:
         """input A | A->B | A->B->A, then input B | B->A | B->A->B."""
-        for net in self.generator_names:
+        for net in ("G_AB", "G_BA"):
             self.nets[net].eval()
         with self.ctx.autocast():
             fake_B, fake_A = self.G_AB(self.fixed["A"]), self.G_BA(self.fixed["B"])
             rows = [self.fixed["A"], fake_B, self.G_BA(fake_B), self.fixed["B"], fake_A, self.G_AB(fake_A)]
-        for net in self.generator_names:
+        for net in ("G_AB", "G_BA"):
             self.nets[net].train()
         return rows
-
-
-def update_critics(recipe, real_A, real_B, fake_A, fake_B) -> torch.Tensor:
-    """One update of both domains' critics on pooled fakes; shared by every recipe with two critics.
-
-    `recipe` has ctx, pools fake_A/fake_B, forwards D_A/D_B, nets D_A/D_B and the optimizer "D".
-    """
-    ctx, obj = recipe.ctx, recipe.ctx.objective
-    fake_A, fake_B = recipe.pools["fake_A"].query(fake_A), recipe.pools["fake_B"].query(fake_B)
-    with ctx.autocast():
-        # Halved as in the reference, so D learns at half the rate of G.
-        loss_A = 0.5 * obj.d_loss(recipe.D_A(real_A), recipe.D_A(fake_A)) + obj.penalty(recipe.D_A, real_A, fake_A)
-        loss_B = 0.5 * obj.d_loss(recipe.D_B(real_B), recipe.D_B(fake_B)) + obj.penalty(recipe.D_B, real_B, fake_B)
-    ctx.update(loss_A + loss_B, recipe.optimizers["D"])
-    obj.after_critic_step(recipe.nets["D_A"])
-    obj.after_critic_step(recipe.nets["D_B"])
-    return torch.stack([loss_A.detach(), loss_B.detach()])

@@ -8,44 +8,73 @@ the generator is a flow, its bits/dim are exact whatever objective trained it.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import model_validator
 from torch import nn
 
 from models import flows
 from models.discriminators import build_discriminator
 from models.init import init_weights
 from pipeline.data.datasets import UnpairedDataset, batches
-from pipeline.params import FlowGANParams
-from pipeline.train.loop import Context, set_requires_grad
-from pipeline.train.recipes.alignflow import build_flow, mean_bits_per_dim
-
-EXPORTS = {"generator": "G"}
-
-
-def build_networks(p: FlowGANParams, image_size: int = 32) -> dict[str, nn.Module]:
-    d = p.discriminator
-    critic = build_discriminator(d.kind, 3, d.ndf, d.n_layers, d.norm, d.spectral_norm)
-    # Only the critic gets the GAN initialisation: the flow's own init makes every coupling start as the identity.
-    init_weights(critic, p.init_type, p.init_gain)
-    return {"G": flows.FlowSampler(build_flow(p.flow, image_size)), "D": critic}
+from pipeline.evaluate import measures
+from pipeline.schema import DiscriminatorParams, FlowParams, NonNegativeFloat, RecipeParams
+from pipeline.train.context import Context
+from pipeline.train.parts import build_flow, mean_bits_per_dim, set_requires_grad
+from pipeline.train.recipes.base import EvalInputs, Export, Recipe, register
 
 
-@torch.no_grad()
-def bits_per_dim(generators: dict[str, nn.Module], images: torch.Tensor, batch_size: int = 256) -> float:
-    """Mean bits/dim of a domain's images under the exported generator's flow ({"generator": G})."""
-    return mean_bits_per_dim(generators["generator"].flow, images, batch_size)
+class FlowGANParams(RecipeParams):
+    domain: Literal["A", "B"] = "B"
+    flow: FlowParams = FlowParams()
+    discriminator: DiscriminatorParams = DiscriminatorParams()
+    nll_weight: NonNegativeFloat = 1.0
+    mle_only: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mle_objective(cls, data):
+        """`objective: mle` is pure maximum likelihood: the same as mle_only, with no critic to train."""
+        if isinstance(data, dict) and data.get("objective") == "mle":
+            return {**data, "objective": "nsgan", "mle_only": True}
+        return data
 
 
-class Recipe:
-    generator_names = ("G",)
+@register
+class FlowGAN(Recipe):
+    name = "flowgan"
+    Params = FlowGANParams
+    layout = "unaligned"
+    losses = ("G", "G_adv", "bpd", "D")
+
+    @classmethod
+    def build_networks(cls, p: FlowGANParams, image_size: int = 32) -> dict[str, nn.Module]:
+        d = p.discriminator
+        critic = build_discriminator(d.kind, 3, d.ndf, d.n_layers, d.norm, d.spectral_norm)
+        # Only the critic gets the GAN initialisation: the flow's own init makes every coupling start as the identity.
+        init_weights(critic, p.init_type, p.init_gain)
+        return {"G": flows.FlowSampler(build_flow(p.flow, image_size)), "D": critic}
+
+    @classmethod
+    def exports(cls, p: FlowGANParams) -> dict[str, Export]:
+        return {"generator": Export("G", "flow_sampling", "noise", p.domain)}
+
+    @classmethod
+    def evaluate(cls, generators, p: FlowGANParams, inputs: EvalInputs) -> dict:
+        """KID/FID of samples against the domain's test images, and the bits/dim of those images."""
+        generator = generators["generator"]
+        real = measures.load_split(inputs, p.domain)[1]
+        result = measures.flow_samples(generator, real, inputs)
+        result["bits_per_dim"] = {p.domain: mean_bits_per_dim(generator.flow, real)}
+        return result
 
     def __init__(self, p: FlowGANParams, ctx: Context, data_dir: Path):
         self.p, self.ctx = p, ctx
         # Any unaligned dataset works: the other domain's images are simply not used.
         self.dataset = UnpairedDataset(data_dir, "train", p.augment)
         self.network_args = {"image_size": self.dataset[0][p.domain].shape[-1]}
-        self.nets = {k: ctx.prepare(v) for k, v in build_networks(p, **self.network_args).items()}
+        self.nets = {k: ctx.prepare(v) for k, v in self.build_networks(p, **self.network_args).items()}
         self.flow, self.D = self.nets["G"].flow, ctx.forward(self.nets["D"])
         self.optimizers = {"G": ctx.optimizer(self.nets["G"].parameters())}
         if not p.mle_only:
@@ -85,7 +114,7 @@ class Recipe:
                 fresh = self.flow.inverse(torch.randn_like(extra))
             d_losses.append(self._critic_step(extra, fresh))
         values = torch.stack([g_loss, adv, nll, torch.stack(d_losses).mean()]).tolist()
-        return dict(zip(["G", "G_adv", "bpd", "D"], values, strict=True))
+        return dict(zip(self.losses, values, strict=True))
 
     def _critic_step(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
         ctx, obj = self.ctx, self.ctx.objective

@@ -12,32 +12,52 @@ from models.discriminators import build_discriminator
 from models.generators import build_generator
 from models.init import init_weights
 from pipeline.data.datasets import PairedDataset, batches, first_items
-from pipeline.params import Pix2PixParams
-from pipeline.train.loop import Context, set_requires_grad
-
-EXPORTS = {"AtoB": "G"}
-
-
-def build_networks(p: Pix2PixParams) -> dict[str, nn.Module]:
-    g, d = p.generator, p.discriminator
-    nets = {
-        "G": build_generator(g.arch, 3, 3, g.ngf, g.norm, g.dropout, g.upsample),
-        # The critic sees the condition and the image side by side: 3 + 3 channels.
-        "D": build_discriminator(d.kind, 6, d.ndf, d.n_layers, d.norm, d.spectral_norm),
-    }
-    for net in nets.values():
-        init_weights(net, p.init_type, p.init_gain)
-    return nets
+from pipeline.evaluate import measures
+from pipeline.schema import DiscriminatorParams, GeneratorParams, NonNegativeFloat, RecipeParams
+from pipeline.train.context import Context
+from pipeline.train.parts import set_requires_grad
+from pipeline.train.recipes.base import EvalInputs, Export, Recipe, register
 
 
-class Recipe:
-    generator_names = ("G",)
+class Pix2PixParams(RecipeParams):
+    dataset: str = "digits_paired"
+    generator: GeneratorParams = GeneratorParams(arch="unet_256", norm="batch", dropout=True)
+    discriminator: DiscriminatorParams = DiscriminatorParams(norm="batch")
+    lambda_L1: NonNegativeFloat = 100.0
+
+
+@register
+class Pix2Pix(Recipe):
+    name = "pix2pix"
+    Params = Pix2PixParams
+    layout = "aligned"
+    losses = ("G", "G_adv", "L1", "D")
+
+    @classmethod
+    def build_networks(cls, p: Pix2PixParams) -> dict[str, nn.Module]:
+        g, d = p.generator, p.discriminator
+        nets = {
+            "G": build_generator(g.arch, 3, 3, g.ngf, g.norm, g.dropout, g.upsample),
+            # The critic sees the condition and the image side by side: 3 + 3 channels.
+            "D": build_discriminator(d.kind, 6, d.ndf, d.n_layers, d.norm, d.spectral_norm),
+        }
+        for net in nets.values():
+            init_weights(net, p.init_type, p.init_gain)
+        return nets
+
+    @classmethod
+    def exports(cls, p: Pix2PixParams) -> dict[str, Export]:
+        return {"AtoB": Export("G", "image_translation", "A", "B")}
+
+    @classmethod
+    def evaluate(cls, generators, p: Pix2PixParams, inputs: EvalInputs) -> dict:
+        return measures.translation(generators, inputs)
 
     def __init__(self, p: Pix2PixParams, ctx: Context, data_dir: Path):
         self.p, self.ctx = p, ctx
         self.network_args: dict = {}
         self.dataset = PairedDataset(data_dir, "train", p.augment)
-        self.nets = {k: ctx.prepare(v) for k, v in build_networks(p).items()}
+        self.nets = {k: ctx.prepare(v) for k, v in self.build_networks(p).items()}
         self.G, self.D = ctx.forward(self.nets["G"]), ctx.forward(self.nets["D"])
         self.optimizers = {
             "G": ctx.optimizer(self.nets["G"].parameters()),
@@ -71,7 +91,7 @@ class Recipe:
                 fresh = self.G(extra["A"])
             d_losses.append(self._critic_step(extra["A"], extra["B"], fresh))
         values = torch.stack([g_loss, adv, l1, torch.stack(d_losses).mean()]).tolist()
-        return dict(zip(["G", "G_adv", "L1", "D"], values, strict=True))
+        return dict(zip(self.losses, values, strict=True))
 
     def _critic_step(self, real_A, real_B, fake_B) -> torch.Tensor:
         ctx, obj = self.ctx, self.ctx.objective

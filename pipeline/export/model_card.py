@@ -1,0 +1,72 @@
+"""The ONNX model card: the input and output names and the metadata keys of every model this pipeline writes,
+defined once here and read by export, the inference engine, `sample`, the benchmarks and the tests.
+
+Kinds:
+- image_translation: input `image`, output `translated`, float32 NCHW RGB in [-1, 1], dynamic batch, height and
+  width (multiples of `multiple`). ONNX forbids a graph output named like an input, hence `translated`.
+- conditional_generation: inputs `z` (float32, N x z_dim) and `label` (int64, N), output `image`.
+- flow_sampling: input `z` (float32, N x C x H x W, `latent_shape`), output `image`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.errors import UserError
+from pipeline.pixels import MODEL_RANGE
+
+IMAGE_TRANSLATION = "image_translation"
+CONDITIONAL_GENERATION = "conditional_generation"
+FLOW_SAMPLING = "flow_sampling"
+
+IMAGE_INPUT = "image"
+IMAGE_OUTPUT = "translated"
+LATENT_INPUT = "z"
+LABEL_INPUT = "label"
+SAMPLE_OUTPUT = "image"
+NORMALIZATION = MODEL_RANGE
+
+# What the caller of an export must say about where the model came from.
+PROVENANCE = ("recipe", "training_commit", "params_hash")
+IMAGE_PROVENANCE = (*PROVENANCE, "direction", "source_domain", "target_domain")
+# Keys the exporter computes from the network itself; a caller passing one would silently contradict the model.
+DERIVED = (
+    "kind",
+    "multiple",
+    "normalization",
+    "input",
+    "output",
+    "precision",
+    "z_dim",
+    "n_classes",
+    "image_size",
+    "latent_shape",
+)
+
+
+def provenance(state, direction: str, source: str, target: str) -> dict[str, str]:
+    """The caller's half of the card, from a checkpoint: recipe, direction, domains, commit, params hash, step."""
+    dataset = state["params"][state["recipe"]]["dataset"]
+    return {
+        "recipe": state["recipe"],
+        "direction": direction,
+        "source_domain": f"{dataset}:{source}",
+        "target_domain": f"{dataset}:{target}",
+        "training_commit": state.get("git_commit", "unknown"),
+        "params_hash": state["params_hash"],
+        "training_step": str(state["step"]),
+    }
+
+
+def read_metadata(onnx_path: Path) -> dict[str, str]:
+    """The metadata properties of an ONNX file; UserError if it is missing or not an ONNX model."""
+    import onnx
+
+    try:
+        model = onnx.load_model(str(onnx_path), load_external_data=False)
+    except OSError as exc:
+        raise UserError(f"cannot read ONNX model {onnx_path}: {exc.strerror or exc}") from exc
+    except Exception as exc:
+        # A protobuf parse failure (DecodeError and friends) means the file is not an ONNX model.
+        raise UserError(f"{onnx_path} is not an ONNX model ({type(exc).__name__})") from exc
+    return {prop.key: prop.value for prop in model.metadata_props}

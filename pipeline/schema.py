@@ -1,0 +1,138 @@
+"""The pieces of the params schema that several sections share: datasets, augmentation, networks, the loop.
+
+Each recipe defines its own section class on top of `RecipeParams` (pipeline/train/recipes/); pipeline/params.py
+puts the sections together into the one schema that params.yaml is checked against.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+OBJECTIVES = ("minimax", "nsgan", "lsgan", "wgan", "wgan-gp", "wgan-lp", "hinge")
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetParams(Strict):
+    source: Literal["builtin", "folder"] = "folder"
+    path: str | None = None
+    layout: Literal["unaligned", "aligned", "classes"] = "unaligned"
+    size: PositiveInt = 256
+    resize: Literal["resize_and_crop", "scale_width", "none"] = "resize_and_crop"
+    test_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1
+
+    @field_validator("size")
+    @classmethod
+    def _multiple_of_4(cls, size: int) -> int:
+        if size % 4:
+            raise ValueError("must be a multiple of 4 (generators downsample twice)")
+        return size
+
+    @model_validator(mode="after")
+    def _folder_needs_path(self) -> DatasetParams:
+        if self.source == "folder" and not self.path:
+            raise ValueError("path: a dataset with source 'folder' needs a path")
+        return self
+
+
+class DataParams(Strict):
+    root: str = "data/prepared"
+    datasets: dict[str, DatasetParams]
+
+
+class AugmentParams(Strict):
+    flip: bool = False
+    crop: PositiveInt | None = None
+    shift: Annotated[float, Field(ge=0, le=0.5)] = 0.0
+    rotate: Annotated[float, Field(ge=0, le=180)] = 0.0
+    color_jitter: Annotated[float, Field(ge=0, le=1)] = 0.0
+
+
+class GeneratorParams(Strict):
+    arch: str = "resnet_9blocks"
+    ngf: PositiveInt = 64
+    norm: Literal["instance", "batch", "none"] = "instance"
+    dropout: bool = False
+    upsample: Literal["transpose", "resize"] = "transpose"
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, arch: str) -> str:
+        import re
+
+        if not re.fullmatch(r"resnet_\d+blocks|unet_256|unet_128|unet_\d+down", arch):
+            raise ValueError("unknown generator arch; use resnet_<N>blocks, unet_256, unet_128 or unet_<N>down")
+        return arch
+
+
+class DiscriminatorParams(Strict):
+    kind: Literal["basic", "n_layers", "pixel"] = "basic"
+    ndf: PositiveInt = 64
+    n_layers: PositiveInt = 3
+    norm: Literal["instance", "batch", "none"] = "instance"
+    spectral_norm: bool = False
+
+
+class RecipeParams(Strict):
+    """What every recipe shares: the loop, the objective, the optimizer, logging and checkpoints."""
+
+    dataset: str = "digits"
+    steps: PositiveInt = 1000
+    batch_size: PositiveInt = 16
+    objective: Literal[OBJECTIVES] = "lsgan"
+    objective_params: dict[str, float] = {}
+    n_critic: PositiveInt | None = None
+    optimizer: Literal["adam", "rmsprop"] | None = None
+    lr: Annotated[float, Field(gt=0)] | None = None
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] | None = None
+    lr_decay: bool = True
+    init_type: Literal["normal", "xavier", "kaiming", "orthogonal"] = "normal"
+    init_gain: Annotated[float, Field(gt=0)] = 0.02
+    ema_decay: Annotated[float, Field(ge=0, lt=1)] | None = None
+    augment: AugmentParams = AugmentParams()
+    num_workers: Annotated[int, Field(ge=0)] = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    compile: bool = False
+    channels_last: bool = True
+    checkpoint_every: PositiveInt = 500
+    sample_every: PositiveInt = 500
+    log_every: PositiveInt = 50
+
+
+class FlowParams(Strict):
+    n_scales: PositiveInt = 2
+    n_couplings: PositiveInt = 4
+    hidden_channels: PositiveInt = 64
+    n_res_blocks: PositiveInt = 2
+    actnorm: bool = True
+    invconv: bool = False
+
+
+class ClassifierParams(Strict):
+    dataset: str = "digits"
+    steps: PositiveInt = 800
+    batch_size: PositiveInt = 64
+    lr: Annotated[float, Field(gt=0)] = 1e-3
+    augment: AugmentParams = AugmentParams(shift=0.1, rotate=10)
+
+
+class EvaluateParams(Strict):
+    classifier: ClassifierParams = ClassifierParams()
+    n_samples_per_class: PositiveInt = 50
+    sheet_rows: PositiveInt = 8
+    batch_size: PositiveInt = 64
+
+
+class ExportParams(Strict):
+    opset: Annotated[int, Field(ge=17)] = 18
+    fp16: bool = False
+    parity_atol: Annotated[float, Field(gt=0)] = 1e-4
+    register_models: bool = True

@@ -1,0 +1,101 @@
+"""What a recipe gets from the training loop: the device, the precision, the objective and how to update."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from models import objectives
+from pipeline.errors import UserError
+from pipeline.schema import RecipeParams
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError("device: 'cuda' was asked for but no CUDA device is available")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def resolve_precision(choice: str, device: torch.device) -> str:
+    if choice == "auto":
+        if device.type != "cuda":
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if choice != "fp32" and device.type != "cuda":
+        raise UserError(f"precision: {choice!r} needs a CUDA device; use fp32 or auto on CPU")
+    return choice
+
+
+@dataclass
+class Context:
+    """What a recipe needs from the loop: where to run, how to update, which objective."""
+
+    params: RecipeParams
+    device: torch.device
+    precision: str
+    objective: objectives.Objective
+    n_critic: int
+    scaler: torch.amp.GradScaler | None = None
+    compiled: dict[int, Callable] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, p: RecipeParams) -> Context:
+        device = resolve_device(p.device)
+        precision = resolve_precision(p.precision, device)
+        objective = objectives.get(p.objective, **p.objective_params)
+        n_critic = p.n_critic or objective.recommended["n_critic"]
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
+        scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+        return cls(p, device, precision, objective, n_critic, scaler)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def prepare(self, net: nn.Module) -> nn.Module:
+        net = net.to(self.device)
+        if self.device.type == "cuda" and self.params.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        return net
+
+    def forward(self, net: nn.Module) -> Callable:
+        """The network's forward, compiled when asked; the module itself stays plain for its state dict."""
+        if not self.params.compile:
+            return net
+        return self.compiled.setdefault(id(net), torch.compile(net))
+
+    def optimizer(self, parameters) -> torch.optim.Optimizer:
+        p, rec = self.params, self.objective.recommended
+        kind = p.optimizer or rec["optimizer"]
+        lr = p.lr or rec["lr"]
+        if kind == "rmsprop":
+            return torch.optim.RMSprop(parameters, lr=lr)
+        betas = tuple(p.betas or rec.get("betas", (0.5, 0.999)))
+        return torch.optim.Adam(parameters, lr=lr, betas=betas, fused=self.device.type == "cuda")
+
+    def update(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        if self.scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(optimizer)
+            self.scaler.update()
+
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        moved = {}
+        for key, value in batch.items():
+            value = value.to(self.device, non_blocking=True)
+            if value.dim() == 4 and self.device.type == "cuda" and self.params.channels_last:
+                value = value.contiguous(memory_format=torch.channels_last)
+            moved[key] = value
+        return moved

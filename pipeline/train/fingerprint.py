@@ -1,0 +1,32 @@
+"""The fingerprint of the code that shapes a recipe's training, by content (not the git commit), so that
+`train --fresh-if-changed` (what `dvc repro` runs) starts over after a fix to a loss, a network or the data,
+and a plain `train` can say which files changed since its checkpoint."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import models
+import pipeline
+from pipeline.files import source_digests
+
+ROOT = Path(pipeline.__file__).resolve().parent.parent
+_SHARED = (
+    Path(models.__file__).resolve().parent,
+    ROOT / "pipeline" / "data",
+    ROOT / "pipeline" / "schema.py",
+    *sorted((ROOT / "pipeline" / "train").glob("*.py")),
+    ROOT / "pipeline" / "train" / "recipes" / "base.py",
+)
+
+
+def code_fingerprint(recipe: type) -> dict[str, str]:
+    """{file: sha256} of models/, the data package, the training package's own modules and the recipe's module."""
+    own = Path(inspect.getsourcefile(recipe)).resolve()
+    digests = source_digests(_SHARED, ROOT)
+    return digests | source_digests([own], ROOT if own.is_relative_to(ROOT) else own.parent)
+
+
+def changed_files(old: dict[str, str], new: dict[str, str]) -> list[str]:
+    return sorted(name for name in old.keys() | new.keys() if old.get(name) != new.get(name))

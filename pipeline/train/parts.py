@@ -1,0 +1,77 @@
+"""Pieces that several recipes share: freezing critics, the image pool, the two-critic update, image flows."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models import flows
+from pipeline.schema import FlowParams
+
+
+def set_requires_grad(nets: list[nn.Module], flag: bool) -> None:
+    for net in nets:
+        for parameter in net.parameters():
+            parameter.requires_grad_(flag)
+
+
+class ImagePool:
+    """A history of generated images (Shrivastava et al. 2017): the critic also sees older fakes."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.images: list[torch.Tensor] = []
+
+    def query(self, images: torch.Tensor) -> torch.Tensor:
+        if self.size == 0:
+            return images
+        out = []
+        for image in images.detach():
+            if len(self.images) < self.size:
+                self.images.append(image.clone())
+                out.append(image)
+            elif torch.rand(()) < 0.5:
+                slot = int(torch.randint(self.size, ()))
+                out.append(self.images[slot].clone())
+                self.images[slot] = image.clone()
+            else:
+                out.append(image)
+        return torch.stack(out)
+
+    def state(self) -> list[torch.Tensor]:
+        return [image.cpu() for image in self.images]
+
+    def load(self, images: list[torch.Tensor], device: torch.device) -> None:
+        self.images = [image.to(device) for image in images]
+
+
+def update_two_critics(recipe, real_A, real_B, fake_A, fake_B) -> torch.Tensor:
+    """One update of both domains' critics on pooled fakes; shared by every recipe with two critics.
+
+    `recipe` has ctx, pools fake_A/fake_B, forwards D_A/D_B, nets D_A/D_B and the optimizer "D".
+    """
+    ctx, obj = recipe.ctx, recipe.ctx.objective
+    fake_A, fake_B = recipe.pools["fake_A"].query(fake_A), recipe.pools["fake_B"].query(fake_B)
+    with ctx.autocast():
+        # Halved as in the reference, so D learns at half the rate of G.
+        loss_A = 0.5 * obj.d_loss(recipe.D_A(real_A), recipe.D_A(fake_A)) + obj.penalty(recipe.D_A, real_A, fake_A)
+        loss_B = 0.5 * obj.d_loss(recipe.D_B(real_B), recipe.D_B(fake_B)) + obj.penalty(recipe.D_B, real_B, fake_B)
+    ctx.update(loss_A + loss_B, recipe.optimizers["D"])
+    obj.after_critic_step(recipe.nets["D_A"])
+    obj.after_critic_step(recipe.nets["D_B"])
+    return torch.stack([loss_A.detach(), loss_B.detach()])
+
+
+def build_flow(p: FlowParams, image_size: int, orient: bool = False) -> flows.ImageFlow:
+    return flows.ImageFlow(
+        3, image_size, p.n_scales, p.n_couplings, p.hidden_channels, p.n_res_blocks, p.actnorm, p.invconv, orient
+    )
+
+
+@torch.no_grad()
+def mean_bits_per_dim(flow: flows.ImageFlow, images: torch.Tensor, batch_size: int = 256) -> float:
+    """Mean bits/dim of `images` under `flow`, with seeded dequantisation noise (on the CPU, where evaluation runs)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        log_probs = torch.cat([flow.log_prob(chunk) for chunk in images.split(batch_size)])
+    return float(flows.bits_per_dim(log_probs, images[0].numel()).mean())

@@ -1,0 +1,114 @@
+"""The recipe contract. A recipe is one module in this folder with one `Recipe` subclass marked `@register`; it
+owns everything particular to it, so nothing else in the pipeline names it:
+
+- `name`, its params.yaml section class `Params` (a `RecipeParams`), the dataset `layout` it trains on and the
+  loss names its `step` returns (the CSV columns and `dvc plots`);
+- `build_networks(p, **network_args)`: plain construction, also used to rebuild a checkpoint's generators;
+- `exports(p)`: direction -> `Export` (which network, which kind of ONNX model, from which domain to which);
+- `__init__(p, ctx, data_dir)`: sets `nets`, `optimizers`, `pools`, `network_args` and `example_inputs`;
+  `batches(seed, start_step)`, `step(next_batch)` and `sample_rows()` are the training loop's calls;
+- `evaluate(generators, p, inputs)`: the metrics dict; it writes its sample sheets to `inputs.reports`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel
+
+from pipeline.schema import RecipeParams
+
+Layout = Literal["unaligned", "aligned", "classes"]
+_REGISTERED: dict[str, type[Recipe]] = {}
+
+
+@dataclass(frozen=True)
+class Export:
+    """One exported model: the network it comes from, its model-card kind and its domains (A, B or noise)."""
+
+    network: str
+    kind: Literal["image_translation", "conditional_generation", "flow_sampling"]
+    source: str
+    target: str
+
+
+@dataclass(frozen=True)
+class EvalInputs:
+    """What evaluation hands a recipe: the prepared test data, the digit classifier (or None) and the feature
+    extractor for KID/FID, the evaluate section, the seed, and the folder for the sample sheets."""
+
+    data_dir: Path
+    manifest: dict
+    classifier: nn.Module | None
+    extractor: object
+    settings: object
+    seed: int
+    reports: Path
+
+
+class Recipe:
+    name: ClassVar[str]
+    Params: ClassVar[type[RecipeParams]]
+    layout: ClassVar[Layout]
+    losses: ClassVar[tuple[str, ...]]
+
+    nets: dict[str, nn.Module]
+    optimizers: dict[str, torch.optim.Optimizer]
+    pools: dict
+    network_args: dict
+    example_inputs: dict[str, dict[str, torch.Tensor]]
+
+    @classmethod
+    def build_networks(cls, p: RecipeParams, **network_args) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+    @classmethod
+    def exports(cls, p: RecipeParams) -> dict[str, Export]:
+        raise NotImplementedError
+
+    @classmethod
+    def generator_names(cls, p: RecipeParams) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(export.network for export in cls.exports(p).values()))
+
+    @classmethod
+    def evaluate(cls, generators: dict[str, nn.Module], p: RecipeParams, inputs: EvalInputs) -> dict:
+        raise NotImplementedError
+
+    @classmethod
+    def generators(cls, p: RecipeParams, networks: dict, ema: dict, network_args: dict) -> dict[str, nn.Module]:
+        """The exported generators, by direction, in eval mode on the CPU, with EMA weights where saved."""
+        nets = cls.build_networks(p, **network_args)
+        out = {}
+        for direction, export in cls.exports(p).items():
+            net = nets[export.network]
+            if export.network in ema:
+                averaged = AveragedModel(net, use_buffers=True)
+                averaged.load_state_dict(ema[export.network])
+                net = averaged.module
+            else:
+                net.load_state_dict(networks[export.network])
+            out[direction] = net.eval()
+        return out
+
+    def batches(self, seed: int, start_step: int):
+        raise NotImplementedError
+
+    def step(self, next_batch) -> dict[str, float]:
+        raise NotImplementedError
+
+    def sample_rows(self) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+
+def register(recipe: type[Recipe]) -> type[Recipe]:
+    """Class decorator: makes the recipe known to params, train, evaluate, export, bench and the CLI."""
+    _REGISTERED[recipe.name] = recipe
+    return recipe
+
+
+def registered() -> dict[str, type[Recipe]]:
+    return _REGISTERED
