@@ -78,9 +78,6 @@ class Run:
     def log_image(self, image, key: str, step: int) -> None:
         self.mlflow.log_image(image, key=key, step=step)
 
-    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self.mlflow.log_artifact(str(path), artifact_path=artifact_path)
-
     def log_model(self, module, name: str, example: dict) -> None:
         """As a torch.export (pt2) program traced on `example` (input name -> tensor): no pickled code."""
         import mlflow.pytorch

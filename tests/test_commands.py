@@ -40,6 +40,37 @@ def test_exported_cdcgan_samples_the_asked_class_and_walks(workdir, run_cli):
     assert bad.returncode == 2 and "0..9" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_exported_flowgan_sampler_draws_images_and_takes_no_label(workdir, run_cli):
+    from rich.console import Console
+
+    train("flowgan", load_params("params.yaml", tiny("flowgan", steps=2, every=2)), Console(quiet=True))
+    checkpoint = workdir / "runs/flowgan/checkpoints/last.pt"
+    result = run_cli("export", "--checkpoint", str(checkpoint), "--out", str(workdir / "flow.onnx"), cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    out = workdir / "flow_samples"
+    result = run_cli("sample", "--model", str(workdir / "flow.onnx"), "--n", "3", "--out", str(out), cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    images = [np.asarray(Image.open(p)) for p in sorted(out.glob("sample_*.png"))]
+    assert len(images) == 3 and images[0].shape == (32, 32, 3) and not np.array_equal(images[0], images[1])
+    cooler = run_cli(
+        "sample",
+        "--model",
+        str(workdir / "flow.onnx"),
+        "--n",
+        "3",
+        "--temperature",
+        "0.5",
+        "--out",
+        str(workdir / "cool"),
+    )
+    assert cooler.returncode == 0, cooler.stderr
+    # The same latent draws at half the temperature: different pictures, nearer to the flow's mean.
+    assert not np.array_equal(np.asarray(Image.open(workdir / "cool/sample_0000.png")), images[0])
+
+    labelled = run_cli("sample", "--model", str(workdir / "flow.onnx"), "--label", "1", "--out", str(workdir / "y"))
+    assert labelled.returncode == 2 and "unconditional" in labelled.stderr and "Traceback" not in labelled.stderr
+
+
 def test_export_of_a_missing_checkpoint_is_a_clear_error(run_cli, tmp_path):
     result = run_cli("export", "--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "x.onnx"))
     assert result.returncode == 2 and "nope.pt" in result.stderr and "Traceback" not in result.stderr

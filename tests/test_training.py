@@ -14,11 +14,11 @@ from rich.console import Console
 from models import objectives
 from pipeline.errors import UserError
 from pipeline.params import load_params
+from pipeline.train import recipes
 from pipeline.train.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.train.context import Context
 from pipeline.train.loop import TrainingDiverged, lr_factor, train
 from pipeline.train.parts import ImagePool
-from pipeline.train import recipes
 
 QUIET = Console(file=open(os.devnull, "w"))  # noqa: SIM115 - lives for the whole test session
 
@@ -55,7 +55,17 @@ def test_train_writes_checkpoint_metrics_and_resumes(workdir):
     summary = train("pix2pix", params, QUIET)
     state = load_checkpoint(workdir / "runs/pix2pix/checkpoints/last.pt")
     assert state["step"] == 4 and summary["steps"] == 4
-    assert set(state) >= {"networks", "optimizers", "scaler", "pools", "rng", "params", "params_hash", "history", "code"}
+    assert set(state) >= {
+        "networks",
+        "optimizers",
+        "scaler",
+        "pools",
+        "rng",
+        "params",
+        "params_hash",
+        "history",
+        "code",
+    }
     assert [row["step"] for row in state["history"]] == [2, 4]
     metrics = json.loads((workdir / "metrics/pix2pix.train.json").read_text())
     assert set(metrics["losses"]) == {"G", "G_adv", "L1", "D"} and metrics["steps_per_second"] > 0
@@ -70,6 +80,33 @@ def test_train_writes_checkpoint_metrics_and_resumes(workdir):
         train("pix2pix", longer, QUIET)
     train("pix2pix", longer, QUIET, fresh=True)
     assert load_checkpoint(workdir / "runs/pix2pix/checkpoints/last.pt")["step"] == 6
+
+
+def test_changed_training_code_resumes_with_a_note_or_starts_over_when_asked(workdir, monkeypatch):
+    from pipeline.train import loop
+
+    lines = []
+    console = Console(file=open(os.devnull, "w"))  # noqa: SIM115
+    monkeypatch.setattr(console, "print", lambda *a, **k: lines.append(" ".join(map(str, a))))
+    params = load_params("params.yaml", tiny("pix2pix", steps=2, every=2))
+    train("pix2pix", params, console)
+    recorded = load_checkpoint(workdir / "runs/pix2pix/checkpoints/last.pt")["code"]
+    assert "pipeline/train/recipes/pix2pix.py" in recorded and "models/objectives.py" in recorded
+    assert "pipeline/train/recipes/cyclegan.py" not in recorded, "another recipe's module does not shape pix2pix"
+
+    edited = {**recorded, "models/objectives.py": "0" * 64}
+    monkeypatch.setattr(loop, "code_fingerprint", lambda recipe: edited)
+    longer = load_params("params.yaml", tiny("pix2pix", steps=2, every=2))
+    train("pix2pix", longer, console)
+    assert any(
+        "training code changed" in line and "models/objectives.py" in line and "resuming" in line for line in lines
+    )
+    assert load_checkpoint(workdir / "runs/pix2pix/checkpoints/last.pt")["code"] == recorded, "nothing to redo"
+
+    lines.clear()
+    train("pix2pix", longer, console, fresh_if_changed=True)
+    assert any("training code changed" in line and "starting fresh" in line for line in lines)
+    assert load_checkpoint(workdir / "runs/pix2pix/checkpoints/last.pt")["code"] == edited
 
 
 def test_divergence_stops_with_the_loss_and_step_and_keeps_the_last_good_checkpoint(workdir, monkeypatch):

@@ -2,7 +2,7 @@
 
 Domain A is ink on paper: dark strokes on a light, warm page. Domain B is the same digit as neon: a hot
 core with a coloured glow on a dark night-blue ground. B is a deterministic function of A (recover the
-ink from A's luminance, then restyle), so every A has one true B, and copying A scores about 1 dB PSNR
+ink from A's luminance, then restyle), so every A has one true B, and copying A scores about 2.3 dB PSNR
 against it, far below any real translation.
 """
 

@@ -4,6 +4,7 @@ and samples of a flow, each with the sample sheets a person looks at. Every func
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,20 @@ from pipeline.errors import UserError
 from pipeline.evaluate import metrics
 from pipeline.images import write_image_atomic
 from pipeline.pixels import sample_sheet
-from pipeline.train.recipes.base import EvalInputs
+
+
+@dataclass(frozen=True)
+class EvalInputs:
+    """What evaluation hands a recipe: the prepared test data, the digit classifier (or None) and the feature
+    extractor for KID/FID, the evaluate section, the seed, and the folder for the sample sheets."""
+
+    data_dir: Path
+    manifest: dict
+    classifier: torch.nn.Module | None
+    extractor: object
+    settings: object
+    seed: int
+    reports: Path
 
 
 def load_split(inputs: EvalInputs, domain: str) -> tuple[list[str], torch.Tensor, list[int | None]]:

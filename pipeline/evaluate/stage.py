@@ -8,11 +8,11 @@ from pipeline.data.datasets import load_manifest
 from pipeline.errors import UserError
 from pipeline.evaluate import metrics
 from pipeline.evaluate.classifier import CLASSIFIER, load_classifier
+from pipeline.evaluate.measures import EvalInputs
 from pipeline.files import write_json_atomic
 from pipeline.params import Params, flatten
 from pipeline.train import recipes
 from pipeline.train.checkpoint import LAST, checkpoint_dir, load_checkpoint
-from pipeline.train.recipes.base import EvalInputs
 
 
 def evaluate_recipe(

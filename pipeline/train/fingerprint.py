@@ -7,13 +7,11 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
-import models
-import pipeline
 from pipeline.files import source_digests
 
-ROOT = Path(pipeline.__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the folder that holds models/ and pipeline/
 _SHARED = (
-    Path(models.__file__).resolve().parent,
+    ROOT / "models",
     ROOT / "pipeline" / "data",
     ROOT / "pipeline" / "schema.py",
     *sorted((ROOT / "pipeline" / "train").glob("*.py")),

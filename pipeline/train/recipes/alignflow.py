@@ -20,10 +20,11 @@ from models.discriminators import build_discriminator
 from models.init import init_weights
 from pipeline.data.datasets import UnpairedDataset, batches, first_items
 from pipeline.evaluate import measures
+from pipeline.evaluate.measures import EvalInputs
 from pipeline.schema import DiscriminatorParams, FlowParams, NonNegativeFloat, RecipeParams
 from pipeline.train.context import Context
 from pipeline.train.parts import ImagePool, build_flow, mean_bits_per_dim, set_requires_grad, update_two_critics
-from pipeline.train.recipes.base import EvalInputs, Export, Recipe, register
+from pipeline.train.recipes.base import Export, Recipe, register
 
 
 class AlignFlowParams(RecipeParams):

@@ -13,13 +13,13 @@ owns everything particular to it, so nothing else in the pipeline names it:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
+from pipeline.evaluate.measures import EvalInputs
 from pipeline.schema import RecipeParams
 
 Layout = Literal["unaligned", "aligned", "classes"]
@@ -34,20 +34,6 @@ class Export:
     kind: Literal["image_translation", "conditional_generation", "flow_sampling"]
     source: str
     target: str
-
-
-@dataclass(frozen=True)
-class EvalInputs:
-    """What evaluation hands a recipe: the prepared test data, the digit classifier (or None) and the feature
-    extractor for KID/FID, the evaluate section, the seed, and the folder for the sample sheets."""
-
-    data_dir: Path
-    manifest: dict
-    classifier: nn.Module | None
-    extractor: object
-    settings: object
-    seed: int
-    reports: Path
 
 
 class Recipe:

@@ -12,10 +12,11 @@ from models.dcgan import ConditionalDiscriminator, ConditionalGenerator
 from models.init import init_weights
 from pipeline.data.datasets import LabeledDataset, batches
 from pipeline.evaluate import measures
+from pipeline.evaluate.measures import EvalInputs
 from pipeline.schema import PositiveInt, RecipeParams
 from pipeline.train.context import Context
 from pipeline.train.parts import set_requires_grad
-from pipeline.train.recipes.base import EvalInputs, Export, Recipe, register
+from pipeline.train.recipes.base import Export, Recipe, register
 
 
 class CDCGANParams(RecipeParams):

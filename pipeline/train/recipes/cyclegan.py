@@ -15,10 +15,11 @@ from models.generators import build_generator
 from models.init import init_weights
 from pipeline.data.datasets import UnpairedDataset, batches, first_items
 from pipeline.evaluate import measures
+from pipeline.evaluate.measures import EvalInputs
 from pipeline.schema import DiscriminatorParams, GeneratorParams, NonNegativeFloat, RecipeParams
 from pipeline.train.context import Context
 from pipeline.train.parts import ImagePool, set_requires_grad, update_two_critics
-from pipeline.train.recipes.base import EvalInputs, Export, Recipe, register
+from pipeline.train.recipes.base import Export, Recipe, register
 
 
 class CycleGANParams(RecipeParams):

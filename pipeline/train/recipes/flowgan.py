@@ -19,10 +19,11 @@ from models.discriminators import build_discriminator
 from models.init import init_weights
 from pipeline.data.datasets import UnpairedDataset, batches
 from pipeline.evaluate import measures
+from pipeline.evaluate.measures import EvalInputs
 from pipeline.schema import DiscriminatorParams, FlowParams, NonNegativeFloat, RecipeParams
 from pipeline.train.context import Context
 from pipeline.train.parts import build_flow, mean_bits_per_dim, set_requires_grad
-from pipeline.train.recipes.base import EvalInputs, Export, Recipe, register
+from pipeline.train.recipes.base import Export, Recipe, register
 
 
 class FlowGANParams(RecipeParams):

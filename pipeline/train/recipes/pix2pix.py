@@ -13,10 +13,11 @@ from models.generators import build_generator
 from models.init import init_weights
 from pipeline.data.datasets import PairedDataset, batches, first_items
 from pipeline.evaluate import measures
+from pipeline.evaluate.measures import EvalInputs
 from pipeline.schema import DiscriminatorParams, GeneratorParams, NonNegativeFloat, RecipeParams
 from pipeline.train.context import Context
 from pipeline.train.parts import set_requires_grad
-from pipeline.train.recipes.base import EvalInputs, Export, Recipe, register
+from pipeline.train.recipes.base import Export, Recipe, register
 
 
 class Pix2PixParams(RecipeParams):
