@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from pathlib import Path
+from urllib.parse import urlparse
+
+from pipeline.errors import UserError
 
 EXPERIMENT = "transfigure"
+# Tags a run gets when the run its checkpoint names is not in this store (copied by `dvc pull` or by hand).
+LINEAGE_TAGS = ("transfigure.original_run_id", "transfigure.checkpoint_sha256", "transfigure.checkpoint_commit")
+
+
+class TrackingUnavailable(UserError):
+    """The tracking server named by MLFLOW_TRACKING_URI does not answer."""
 
 
 def repo_root() -> Path:
@@ -34,10 +44,29 @@ def git_commit() -> str:
         return "unknown"
 
 
+def check_reachable(uri: str | None = None, timeout: float = 3.0) -> None:
+    """Raise TrackingUnavailable, naming the URI, unless an http(s) tracking server accepts a connection; MLflow
+    itself would retry for minutes and then end in a traceback. File and database stores need no check."""
+    uri = uri or tracking_uri()
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=timeout).close()
+    except OSError as exc:
+        raise TrackingUnavailable(
+            f"MLflow tracking server {uri} cannot be reached ({exc.strerror or exc}); start it, "
+            "or unset MLFLOW_TRACKING_URI to log to mlflow.db here"
+        ) from None
+
+
 def _mlflow():
     import logging
 
     import mlflow
+
+    check_reachable()
 
     # Alembic and MLflow's own INFO lines bury the training log on every start.
     for name in ("alembic", "mlflow"):
@@ -51,26 +80,22 @@ def _mlflow():
 
 
 class Run:
-    """One MLflow run for one training of one recipe; resumes the same run id after a restart."""
+    """One MLflow run for one training of one recipe; resumes the same run id after a restart. A run id that
+    this store does not have (a checkpoint from elsewhere) gets a new run tagged with what `lineage()` returns."""
 
-    def __init__(self, recipe: str, params_flat: dict, tags: dict, run_id: str | None = None):
+    def __init__(self, recipe: str, params_flat: dict, tags: dict, run_id: str | None = None, lineage=None):
         self.mlflow = _mlflow()
-        if run_id is not None and self._exists(run_id):
+        self.replaced = run_id if run_id is not None and not _exists(self.mlflow, run_id) else None
+        if run_id is not None and not self.replaced:
             self.active = self.mlflow.start_run(run_id=run_id)
         else:
-            self.active = self.mlflow.start_run(run_name=recipe, tags=tags)
+            extra = lineage() if self.replaced and lineage else {}
+            self.active = self.mlflow.start_run(run_name=recipe, tags={**tags, **extra})
             # MLflow limits a batch to 100 params.
             items = [(k, str(v)) for k, v in params_flat.items()]
             for start in range(0, len(items), 100):
                 self.mlflow.log_params(dict(items[start : start + 100]))
         self.run_id = self.active.info.run_id
-
-    def _exists(self, run_id: str) -> bool:
-        try:
-            self.mlflow.get_run(run_id)
-            return True
-        except Exception:  # a run from another tracking store: start a new one
-            return False
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self.mlflow.log_metrics(metrics, step=step)
@@ -103,6 +128,41 @@ class Run:
 
     def end(self, status: str = "FINISHED") -> None:
         self.mlflow.end_run(status=status)
+
+
+def _exists(mlflow, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.get_run(run_id)
+        return True
+    except MlflowException:  # a run from another tracking store
+        return False
+
+
+def lineage(state, checkpoint: Path) -> dict[str, str]:
+    """The tags that tie a new run to the checkpoint's original one: its run id, file hash and commit."""
+    from pipeline.files import sha256_of_file
+
+    values = (state.get("mlflow_run_id") or "none", sha256_of_file(checkpoint), state.get("git_commit", "unknown"))
+    return dict(zip(LINEAGE_TAGS, values, strict=True))
+
+
+def run_for_checkpoint(state, checkpoint: Path, console) -> str:
+    """The id of the run to log a checkpoint's results to: its own run when this store has it, else a new run
+    in the same experiment, tagged with the original run id, the checkpoint's sha256 and commit (said in one line)."""
+    mlflow = _mlflow()
+    run_id = state.get("mlflow_run_id")
+    if run_id and _exists(mlflow, run_id):
+        return run_id
+    tags = {"recipe": state["recipe"], **lineage(state, checkpoint)}
+    with mlflow.start_run(run_name=state["recipe"], tags=tags) as run:
+        new_id = run.info.run_id
+    console.print(
+        f"MLflow run {run_id} of {checkpoint} is not in {tracking_uri()}; logging to new run {new_id} "
+        "(tagged with the original run id and the checkpoint's sha256)"
+    )
+    return new_id
 
 
 def log_to_run(

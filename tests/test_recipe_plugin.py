@@ -12,7 +12,7 @@ from torch import nn
 
 from models.discriminators import build_discriminator
 from models.generators import build_generator
-from pipeline.data.datasets import PairedDataset, batches, first_items
+from pipeline.data.datasets import PairedDataset, first_items
 from pipeline.evaluate import measures
 from pipeline.evaluate.stage import evaluate_recipe
 from pipeline.export.stage import export_recipe
@@ -63,9 +63,6 @@ class TinyPaired(Recipe):
         self.optimizers = {name: ctx.optimizer(net.parameters()) for name, net in self.nets.items()}
         self.fixed = first_items(self.dataset, 4)
         self.example_inputs = {"G": {"image": self.fixed["A"][:2]}}
-
-    def batches(self, seed: int, start_step: int):
-        return batches(self.dataset, self.p.batch_size, seed, start_step)
 
     def step(self, next_batch) -> dict[str, float]:
         obj, batch = self.ctx.objective, next_batch()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline import tracking
 from pipeline.data.datasets import load_manifest
 from pipeline.errors import UserError
 from pipeline.evaluate import metrics
@@ -24,7 +25,8 @@ def evaluate_recipe(
     reports_root: Path = Path("reports"),
 ) -> dict:
     recipe = recipes.get(recipe_name)
-    state = load_checkpoint(checkpoint_dir(recipe_name, runs_root) / LAST)
+    checkpoint = checkpoint_dir(recipe_name, runs_root) / LAST
+    state = load_checkpoint(checkpoint)
     generators = recipes.generators_from_checkpoint(state)
     p = params.recipe(recipe_name)
     data_dir = Path(params.data.root) / p.dataset
@@ -36,11 +38,12 @@ def evaluate_recipe(
     result = recipe.evaluate(generators, p, inputs)
     result["features"] = extractor.name
     write_json_atomic(metrics_root / f"{recipe_name}.json", result)
-    if state.get("mlflow_run_id"):
-        from pipeline import tracking
-
-        numbers = {f"eval.{k}": float(v) for k, v in flatten(result).items() if isinstance(v, int | float)}
-        tracking.log_to_run(state["mlflow_run_id"], numbers, sorted(reports.glob("*.png")), "reports")
+    numbers = {f"eval.{k}": float(v) for k, v in flatten(result).items() if isinstance(v, int | float)}
+    try:
+        run_id = tracking.run_for_checkpoint(state, checkpoint, console)
+        tracking.log_to_run(run_id, numbers, sorted(reports.glob("*.png")), "reports")
+    except tracking.TrackingUnavailable as exc:
+        console.print(f"warning: {exc}; the metrics are in {metrics_root / f'{recipe_name}.json'}, not in MLflow")
     summary = ", ".join(f"{k}={v:.4g}" for k, v in flatten(result).items() if isinstance(v, float))
     console.print(f"{recipe_name}: {summary}")
     return result

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline import tracking
 from pipeline.errors import UserError
 from pipeline.export import model_card as card
 from pipeline.export.to_onnx import export_conditional_generator, export_flow_sampler, export_image_generator
@@ -47,18 +48,20 @@ def export_recipe(
     runs_root: Path = Path("runs"),
     artifacts_root: Path = Path("artifacts"),
 ) -> dict:
-    state = load_checkpoint(checkpoint_dir(recipe, runs_root) / LAST)
+    checkpoint = checkpoint_dir(recipe, runs_root) / LAST
+    state = load_checkpoint(checkpoint)
+    if params.export.register_models:
+        tracking.check_reachable()  # before the work, not after it
     out_dir = artifacts_root / recipe
     results = export_state(state, out_dir, fp16, params.export.opset, params.export.parity_atol)
     for result in results.values():
         console.print(f"wrote {result['path']} ({_parity_text(result)})")
     write_json_atomic(out_dir / "export.json", results)
-    if params.export.register_models and state.get("mlflow_run_id"):
-        from pipeline import tracking
-
+    if params.export.register_models:
+        run_id = tracking.run_for_checkpoint(state, checkpoint, console)
         for direction, result in results.items():
             name = f"transfigure-{recipe}-{direction}"
-            version = tracking.register_onnx(state["mlflow_run_id"], Path(result["path"]), name)
+            version = tracking.register_onnx(run_id, Path(result["path"]), name)
             console.print(f"registered models:/{name}@latest (version {version})")
     return results
 

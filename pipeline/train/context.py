@@ -91,6 +91,12 @@ class Context:
             self.scaler.step(optimizer)
             self.scaler.update()
 
+    def update_critics(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, *critics: nn.Module) -> None:
+        """One critic update, then the objective's constraint on each critic (weight clipping for wgan)."""
+        self.update(loss, optimizer)
+        for critic in critics:
+            self.objective.after_critic_step(critic)
+
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         moved = {}
         for key, value in batch.items():

@@ -96,7 +96,10 @@ def train(
         console.print(f"{recipe_name}: already trained to step {start_step}; nothing to do")
 
     tags = {"git_commit": tracking.git_commit(), "params_hash": wanted_hash, "recipe": recipe_name}
-    run = tracking.Run(recipe_name, flatten(wanted), tags, run_id=run_id)
+    lineage = lambda: tracking.lineage(state, ckpt_path)  # noqa: E731 - hashed only when the run is missing
+    run = tracking.Run(recipe_name, flatten(wanted), tags, run_id=run_id, lineage=lineage)
+    if run.replaced:
+        console.print(f"MLflow run {run.replaced} is not in {tracking.tracking_uri()}; logging to new run {run.run_id}")
     stream = iter(recipe.batches(params.seed, start_step))
     next_batch: Callable[[], dict] = lambda: ctx.to_device(next(stream))  # noqa: E731
 

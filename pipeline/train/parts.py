@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from models import flows
+from pipeline.data.datasets import first_items
 from pipeline.schema import FlowParams
 
 
@@ -45,6 +46,16 @@ class ImagePool:
         self.images = [image.to(device) for image in images]
 
 
+def unpaired_fixtures(ctx, dataset, pool_size: int) -> tuple[dict, dict, dict]:
+    """What a two-domain translator keeps besides its networks: image pools of fakes per domain, eight fixed inputs
+    per domain for the sample sheets, and the example inputs that MLflow logs each generator with."""
+    pools = {"fake_A": ImagePool(pool_size), "fake_B": ImagePool(pool_size)}
+    fixed = ctx.to_device(first_items(dataset, min(8, len(dataset.a))))
+    # Two samples: a batch of one would pin the exported batch size to 1.
+    examples = {name: {"image": fixed[domain][:2]} for name, domain in (("G_AB", "A"), ("G_BA", "B"))}
+    return pools, fixed, examples
+
+
 def update_two_critics(recipe, real_A, real_B, fake_A, fake_B) -> torch.Tensor:
     """One update of both domains' critics on pooled fakes; shared by every recipe with two critics.
 
@@ -56,9 +67,7 @@ def update_two_critics(recipe, real_A, real_B, fake_A, fake_B) -> torch.Tensor:
         # Halved as in the reference, so D learns at half the rate of G.
         loss_A = 0.5 * obj.d_loss(recipe.D_A(real_A), recipe.D_A(fake_A)) + obj.penalty(recipe.D_A, real_A, fake_A)
         loss_B = 0.5 * obj.d_loss(recipe.D_B(real_B), recipe.D_B(fake_B)) + obj.penalty(recipe.D_B, real_B, fake_B)
-    ctx.update(loss_A + loss_B, recipe.optimizers["D"])
-    obj.after_critic_step(recipe.nets["D_A"])
-    obj.after_critic_step(recipe.nets["D_B"])
+    ctx.update_critics(loss_A + loss_B, recipe.optimizers["D"], recipe.nets["D_A"], recipe.nets["D_B"])
     return torch.stack([loss_A.detach(), loss_B.detach()])
 
 

@@ -5,8 +5,9 @@ owns everything particular to it, so nothing else in the pipeline names it:
   loss names its `step` returns (the CSV columns and `dvc plots`);
 - `build_networks(p, **network_args)`: plain construction, also used to rebuild a checkpoint's generators;
 - `exports(p)`: direction -> `Export` (which network, which kind of ONNX model, from which domain to which);
-- `__init__(p, ctx, data_dir)`: sets `nets`, `optimizers`, `pools`, `network_args` and `example_inputs`;
-  `batches(seed, start_step)`, `step(next_batch)` and `sample_rows()` are the training loop's calls;
+- `__init__(p, ctx, data_dir)`: sets `p`, `dataset`, `nets`, `optimizers`, `pools`, `network_args` and
+  `example_inputs`; `step(next_batch)`, `sample_rows()` and `batches(seed, start_step)` (seeded batches of
+  `dataset` unless a recipe says otherwise) are the training loop's calls;
 - `evaluate(generators, p, inputs)`: the metrics dict; it writes its sample sheets to `inputs.reports`.
 """
 
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
+from pipeline.data.datasets import batches
 from pipeline.evaluate.measures import EvalInputs
 from pipeline.schema import RecipeParams
 
@@ -42,6 +44,8 @@ class Recipe:
     layout: ClassVar[Layout]
     losses: ClassVar[tuple[str, ...]]
 
+    p: RecipeParams
+    dataset: torch.utils.data.Dataset
     nets: dict[str, nn.Module]
     optimizers: dict[str, torch.optim.Optimizer]
     pools: dict
@@ -81,7 +85,8 @@ class Recipe:
         return out
 
     def batches(self, seed: int, start_step: int):
-        raise NotImplementedError
+        """The endless, seeded stream of training batches from `self.dataset`."""
+        return batches(self.dataset, self.p.batch_size, seed, start_step, self.p.num_workers)
 
     def step(self, next_batch) -> dict[str, float]:
         raise NotImplementedError

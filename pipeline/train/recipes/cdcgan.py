@@ -10,7 +10,7 @@ from torch import nn
 
 from models.dcgan import ConditionalDiscriminator, ConditionalGenerator
 from models.init import init_weights
-from pipeline.data.datasets import LabeledDataset, batches
+from pipeline.data.datasets import LabeledDataset
 from pipeline.evaluate import measures
 from pipeline.evaluate.measures import EvalInputs
 from pipeline.schema import PositiveInt, RecipeParams
@@ -70,9 +70,6 @@ class CDCGAN(Recipe):
         self.fixed_labels = torch.arange(self.n_classes).repeat_interleave(4).to(ctx.device)
         self.example_inputs = {"G": {"z": self.fixed_z[:2], "label": self.fixed_labels[:2]}}
 
-    def batches(self, seed: int, start_step: int):
-        return batches(self.dataset, self.p.batch_size, seed, start_step, self.p.num_workers)
-
     def step(self, next_batch) -> dict[str, float]:
         ctx, obj = self.ctx, self.ctx.objective
         batch = next_batch()
@@ -101,8 +98,7 @@ class CDCGAN(Recipe):
             loss = obj.d_loss(self.D(real, labels), self.D(fake, labels)) + obj.penalty(
                 lambda x: self.D(x, labels), real, fake
             )
-        ctx.update(loss, self.optimizers["D"])
-        obj.after_critic_step(self.nets["D"])
+        ctx.update_critics(loss, self.optimizers["D"], self.nets["D"])
         return loss.detach()
 
     @torch.no_grad()

@@ -13,12 +13,12 @@ from torch import nn
 from models.discriminators import build_discriminator
 from models.generators import build_generator
 from models.init import init_weights
-from pipeline.data.datasets import UnpairedDataset, batches, first_items
+from pipeline.data.datasets import UnpairedDataset
 from pipeline.evaluate import measures
 from pipeline.evaluate.measures import EvalInputs
 from pipeline.schema import DiscriminatorParams, GeneratorParams, NonNegativeFloat, RecipeParams
 from pipeline.train.context import Context
-from pipeline.train.parts import ImagePool, set_requires_grad, update_two_critics
+from pipeline.train.parts import set_requires_grad, unpaired_fixtures, update_two_critics
 from pipeline.train.recipes.base import Export, Recipe, register
 
 
@@ -71,15 +71,7 @@ class CycleGAN(Recipe):
             "G": ctx.optimizer([*self.nets["G_AB"].parameters(), *self.nets["G_BA"].parameters()]),
             "D": ctx.optimizer([*self.nets["D_A"].parameters(), *self.nets["D_B"].parameters()]),
         }
-        self.pools = {"fake_A": ImagePool(p.pool_size), "fake_B": ImagePool(p.pool_size)}
-        self.fixed = ctx.to_device(first_items(self.dataset, min(8, len(self.dataset.a))))
-        # Two samples: a batch of one would pin the exported batch size to 1.
-        self.example_inputs = {
-            name: {"image": self.fixed[domain][:2]} for name, domain in (("G_AB", "A"), ("G_BA", "B"))
-        }
-
-    def batches(self, seed: int, start_step: int):
-        return batches(self.dataset, self.p.batch_size, seed, start_step, self.p.num_workers)
+        self.pools, self.fixed, self.example_inputs = unpaired_fixtures(ctx, self.dataset, p.pool_size)
 
     def step(self, next_batch) -> dict[str, float]:
         p, ctx, obj = self.p, self.ctx, self.ctx.objective

@@ -17,7 +17,7 @@ from torch import nn
 from models import flows
 from models.discriminators import build_discriminator
 from models.init import init_weights
-from pipeline.data.datasets import UnpairedDataset, batches
+from pipeline.data.datasets import UnpairedDataset
 from pipeline.evaluate import measures
 from pipeline.evaluate.measures import EvalInputs
 from pipeline.schema import DiscriminatorParams, FlowParams, NonNegativeFloat, RecipeParams
@@ -85,9 +85,6 @@ class FlowGAN(Recipe):
         self.fixed_z = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(0)).to(ctx.device)
         self.example_inputs = {"G": {"z": self.fixed_z[:2]}}
 
-    def batches(self, seed: int, start_step: int):
-        return batches(self.dataset, self.p.batch_size, seed, start_step, self.p.num_workers)
-
     def step(self, next_batch) -> dict[str, float]:
         p, ctx, obj = self.p, self.ctx, self.ctx.objective
         real = next_batch()[p.domain]
@@ -121,8 +118,7 @@ class FlowGAN(Recipe):
         ctx, obj = self.ctx, self.ctx.objective
         with ctx.autocast():
             loss = obj.d_loss(self.D(real), self.D(fake)) + obj.penalty(self.D, real, fake)
-        ctx.update(loss, self.optimizers["D"])
-        obj.after_critic_step(self.nets["D"])
+        ctx.update_critics(loss, self.optimizers["D"], self.nets["D"])
         return loss.detach()
 
     @torch.no_grad()

@@ -11,7 +11,7 @@ from torch import nn
 from models.discriminators import build_discriminator
 from models.generators import build_generator
 from models.init import init_weights
-from pipeline.data.datasets import PairedDataset, batches, first_items
+from pipeline.data.datasets import PairedDataset, first_items
 from pipeline.evaluate import measures
 from pipeline.evaluate.measures import EvalInputs
 from pipeline.schema import DiscriminatorParams, GeneratorParams, NonNegativeFloat, RecipeParams
@@ -68,9 +68,6 @@ class Pix2Pix(Recipe):
         self.fixed = ctx.to_device(first_items(self.dataset, min(8, len(self.dataset))))
         self.example_inputs = {"G": {"image": self.fixed["A"][:2]}}
 
-    def batches(self, seed: int, start_step: int):
-        return batches(self.dataset, self.p.batch_size, seed, start_step, self.p.num_workers)
-
     def step(self, next_batch) -> dict[str, float]:
         p, ctx, obj = self.p, self.ctx, self.ctx.objective
         batch = next_batch()
@@ -103,8 +100,7 @@ class Pix2Pix(Recipe):
             loss = 0.5 * obj.d_loss(scores_real, scores_fake) + obj.penalty(
                 lambda x: self.D(torch.cat([real_A, x], 1)), real_B, fake_B
             )
-        ctx.update(loss, self.optimizers["D"])
-        obj.after_critic_step(self.nets["D"])
+        ctx.update_critics(loss, self.optimizers["D"], self.nets["D"])
         return loss.detach()
 
     @torch.no_grad()
