@@ -112,4 +112,5 @@ def test_dvc_repro_runs_every_stage_and_then_has_nothing_to_do(tmp_path):
     assert "training code changed" in third and "pipeline/train/recipes/pix2pix.py" in third, third[-3000:]
     after = {recipe: load_checkpoint(repo / f"runs/{recipe}/checkpoints/last.pt")["code"] for recipe in RECIPES}
     assert [recipe for recipe in RECIPES if after[recipe] != before[recipe]] == ["pix2pix"]
-    assert "Running stage 'evaluate@pix2pix'" in third
+    assert "Running stage 'evaluate@pix2pix'" in third and "Running stage 'export@pix2pix'" in third
+    assert "Running stage 'train@cyclegan'" not in third, "another recipe's code did not change"

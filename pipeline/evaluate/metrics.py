@@ -18,18 +18,14 @@ import numpy as np
 import scipy.linalg
 import torch
 import torch.nn.functional as F
-import torchvision
 from PIL import Image
 from scipy.spatial.distance import pdist
 from torch import nn
-from torchmetrics.functional.image import (
-    peak_signal_noise_ratio,
-    structural_similarity_index_measure,
-)
 
 from pipeline.errors import UserError
 from pipeline.files import sha256_of_file
 from pipeline.images import BadImage, decode_rgb, list_images
+from pipeline.pixels import to_model_range
 
 DATA_RANGE = 255.0
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -65,10 +61,15 @@ def ssim(real_uint8: np.ndarray, fake_uint8: np.ndarray) -> float:
 
 
 def _psnr_batch(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    # torchmetrics and torchvision import in seconds; every `train` imports this module through the recipes.
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
     return peak_signal_noise_ratio(fake, real, data_range=DATA_RANGE, reduction="none", dim=(1, 2, 3))
 
 
 def _ssim_batch(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
     return structural_similarity_index_measure(
         fake, real, gaussian_kernel=True, sigma=1.5, kernel_size=11, data_range=DATA_RANGE, reduction="none"
     )
@@ -210,7 +211,7 @@ class ClassifierFeatures:
         try:
             with torch.no_grad():
                 batches = _tensor_batches(_image_batch(images_uint8), self.batch_size, device, torch.float32)
-                feats = [self.classifier.features(x / 127.5 - 1) for x in batches]
+                feats = [self.classifier.features(to_model_range(x)) for x in batches]
         finally:
             self.classifier.train(was_training)
         return torch.nn.functional.normalize(torch.cat(feats).double(), dim=1).cpu().numpy()
@@ -242,6 +243,8 @@ class InceptionFeatures:
         if expected_sha256 is not None and actual != expected_sha256.lower():
             raise UserError(f"{path}: sha256 is {actual}, expected {expected_sha256}")
         self.name = f"inception-v3 (weights sha256 {actual[:16]})"
+        import torchvision
+
         model = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         model.fc = nn.Identity()  # forward then returns the pooled 2048-d vector instead of logits
