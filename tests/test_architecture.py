@@ -94,7 +94,7 @@ ALLOWED = {
     "pipeline.progress": TOP,
     "pipeline.schema": TOP,
     "pipeline.tracking": TOP,
-    "pipeline.doctor": (*TOP, "pipeline.serve.engine"),
+    "pipeline.doctor": TOP,
     "pipeline.params": (*TOP, "pipeline.train.recipes"),  # the schema is assembled from the recipes' sections
     "pipeline.cli": ("pipeline", "models"),
     "pipeline.data": (*TOP, "pipeline.data"),
