@@ -28,7 +28,7 @@ run: setup
 	@$(BIN)/dvc metrics show
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 lint: setup
 	$(BIN)/ruff check .
