@@ -158,10 +158,10 @@ def run_for_checkpoint(state, checkpoint: Path, console) -> str:
     tags = {"recipe": state["recipe"], **lineage(state, checkpoint)}
     with mlflow.start_run(run_name=state["recipe"], tags=tags) as run:
         new_id = run.info.run_id
-    console.print(
-        f"MLflow run {run_id} of {checkpoint} is not in {tracking_uri()}; logging to new run {new_id} "
-        "(tagged with the original run id and the checkpoint's sha256)"
+    missing = (
+        f"MLflow run {run_id} of {checkpoint} is not in {tracking_uri()}" if run_id else f"{checkpoint} has no run"
     )
+    console.print(f"{missing}; logging to new run {new_id}, tagged with the original run id and the file's sha256")
     return new_id
 
 

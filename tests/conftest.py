@@ -17,6 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 def pytest_collection_modifyitems(items):
     """The slow end-to-end tests first: with `-n 2` (make test) one worker runs them while the other runs the rest."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 # What export needs to know about a model made in a test.
 METADATA = {
     "recipe": "test",
