@@ -20,7 +20,6 @@ from models.discriminators import build_discriminator
 from models.init import init_weights
 from pipeline.data.datasets import UnpairedDataset
 from pipeline.evaluate import measures
-from pipeline.evaluate.measures import EvalInputs
 from pipeline.schema import DiscriminatorParams, FlowParams, NonNegativeFloat, RecipeParams
 from pipeline.train.context import Context
 from pipeline.train.parts import build_flow, mean_bits_per_dim, set_requires_grad, unpaired_fixtures, update_two_critics
@@ -65,7 +64,7 @@ class AlignFlow(Recipe):
         }
 
     @classmethod
-    def evaluate(cls, generators, p: AlignFlowParams, inputs: EvalInputs) -> dict:
+    def evaluate(cls, generators, p: AlignFlowParams, inputs: measures.EvalInputs) -> dict:
         """The translation metrics, plus each domain's bits/dim under its flow (an exact likelihood)."""
         result = measures.translation(generators, inputs)
         flows_by_domain = {"A": generators["AtoB"].source, "B": generators["AtoB"].target}

@@ -21,7 +21,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from pipeline.data.datasets import batches
-from pipeline.evaluate.measures import EvalInputs
+from pipeline.evaluate import measures
 from pipeline.schema import RecipeParams
 
 Layout = Literal["unaligned", "aligned", "classes"]
@@ -65,7 +65,7 @@ class Recipe:
         return tuple(dict.fromkeys(export.network for export in cls.exports(p).values()))
 
     @classmethod
-    def evaluate(cls, generators: dict[str, nn.Module], p: RecipeParams, inputs: EvalInputs) -> dict:
+    def evaluate(cls, generators: dict[str, nn.Module], p: RecipeParams, inputs: measures.EvalInputs) -> dict:
         raise NotImplementedError
 
     @classmethod

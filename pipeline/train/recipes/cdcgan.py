@@ -12,7 +12,6 @@ from models.dcgan import ConditionalDiscriminator, ConditionalGenerator
 from models.init import init_weights
 from pipeline.data.datasets import LabeledDataset
 from pipeline.evaluate import measures
-from pipeline.evaluate.measures import EvalInputs
 from pipeline.schema import PositiveInt, RecipeParams
 from pipeline.train.context import Context
 from pipeline.train.parts import set_requires_grad
@@ -50,7 +49,7 @@ class CDCGAN(Recipe):
         return {"generator": Export("G", "conditional_generation", "noise", p.domain)}
 
     @classmethod
-    def evaluate(cls, generators, p: CDCGANParams, inputs: EvalInputs) -> dict:
+    def evaluate(cls, generators, p: CDCGANParams, inputs: measures.EvalInputs) -> dict:
         return measures.conditional_samples(generators["generator"], p.z_dim, p.domain, inputs)
 
     def __init__(self, p: CDCGANParams, ctx: Context, data_dir: Path):

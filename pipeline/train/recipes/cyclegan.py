@@ -15,7 +15,6 @@ from models.generators import build_generator
 from models.init import init_weights
 from pipeline.data.datasets import UnpairedDataset
 from pipeline.evaluate import measures
-from pipeline.evaluate.measures import EvalInputs
 from pipeline.schema import DiscriminatorParams, GeneratorParams, NonNegativeFloat, RecipeParams
 from pipeline.train.context import Context
 from pipeline.train.parts import set_requires_grad, unpaired_fixtures, update_two_critics
@@ -57,7 +56,7 @@ class CycleGAN(Recipe):
         }
 
     @classmethod
-    def evaluate(cls, generators, p: CycleGANParams, inputs: EvalInputs) -> dict:
+    def evaluate(cls, generators, p: CycleGANParams, inputs: measures.EvalInputs) -> dict:
         return measures.translation(generators, inputs)
 
     def __init__(self, p: CycleGANParams, ctx: Context, data_dir: Path):

@@ -19,7 +19,6 @@ from models.discriminators import build_discriminator
 from models.init import init_weights
 from pipeline.data.datasets import UnpairedDataset
 from pipeline.evaluate import measures
-from pipeline.evaluate.measures import EvalInputs
 from pipeline.schema import DiscriminatorParams, FlowParams, NonNegativeFloat, RecipeParams
 from pipeline.train.context import Context
 from pipeline.train.parts import build_flow, mean_bits_per_dim, set_requires_grad
@@ -62,7 +61,7 @@ class FlowGAN(Recipe):
         return {"generator": Export("G", "flow_sampling", "noise", p.domain)}
 
     @classmethod
-    def evaluate(cls, generators, p: FlowGANParams, inputs: EvalInputs) -> dict:
+    def evaluate(cls, generators, p: FlowGANParams, inputs: measures.EvalInputs) -> dict:
         """KID/FID of samples against the domain's test images, and the bits/dim of those images."""
         generator = generators["generator"]
         real = measures.load_split(inputs, p.domain)[1]

@@ -13,7 +13,6 @@ from models.generators import build_generator
 from models.init import init_weights
 from pipeline.data.datasets import PairedDataset, first_items
 from pipeline.evaluate import measures
-from pipeline.evaluate.measures import EvalInputs
 from pipeline.schema import DiscriminatorParams, GeneratorParams, NonNegativeFloat, RecipeParams
 from pipeline.train.context import Context
 from pipeline.train.parts import set_requires_grad
@@ -51,7 +50,7 @@ class Pix2Pix(Recipe):
         return {"AtoB": Export("G", "image_translation", "A", "B")}
 
     @classmethod
-    def evaluate(cls, generators, p: Pix2PixParams, inputs: EvalInputs) -> dict:
+    def evaluate(cls, generators, p: Pix2PixParams, inputs: measures.EvalInputs) -> dict:
         return measures.translation(generators, inputs)
 
     def __init__(self, p: Pix2PixParams, ctx: Context, data_dir: Path):
