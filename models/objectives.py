@@ -1,7 +1,8 @@
 """GAN objectives selected by name: critic and generator losses, Lipschitz penalties and weight clipping.
 
 Losses take raw critic scores of any shape (logits for minimax/nsgan, so PatchGAN maps work unchanged) and
-average over every element. ``d_loss`` is the sum of the real and the fake term; recipes may halve it.
+average over every element. ``d_loss`` is the sum of the real and the fake term at the scale each docstring
+states (LSGAN keeps the paper's 1/2); a recipe's loss balance (pipeline/train/parts.py) builds on these.
 
     objective = get("wgan-gp", weight=10.0)
     d_loss = objective.d_loss(D(real), D(fake.detach())) + objective.penalty(D, real, fake)
@@ -82,7 +83,11 @@ class NonSaturating(Minimax):
 
 @dataclass
 class LeastSquares(Objective):
-    """Least-squares GAN of Mao et al. (2017): D regresses fakes to a and reals to b, G pushes fakes to c."""
+    """Least-squares GAN of Mao et al. (2017): D regresses fakes to a and reals to b, G pushes fakes to c.
+
+    Both losses carry the paper's factor 1/2: d = 1/2 E[(D(x) - b)^2] + 1/2 E[(D(G(z)) - a)^2] and
+    g = 1/2 E[(D(G(z)) - c)^2]. (The CycleGAN/pix2pix reference uses plain mean squared error, twice these.)
+    """
 
     a: float = 0.0
     b: float = 1.0

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from pipeline.cli_support import (
+    ParamsOption,
+    SetOption,
+    ThreadsOption,
+    guard,
+    load,
+    recipe_names,
+    use_threads,
+)
+from pipeline.cli_support import console as _console
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -14,54 +24,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Image-to-image translation: prepare, train, evaluate, export, translate.",
 )
-
-ParamsOption = Annotated[Path, typer.Option("--params", help="The params file.")]
-SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override a param: section.key=value (repeatable).")]
-
-
-def _console():
-    from rich.console import Console
-
-    return Console(highlight=False, soft_wrap=True)
-
-
-def _fail(message: str, code: int) -> None:
-    from rich.console import Console
-
-    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {message}", markup=True)
-    raise typer.Exit(code)
-
-
-def _guard(work: Callable[[], object]) -> object:
-    """A user's mistake ends with one line and exit 2; a diverged run with exit 1; bugs keep their traceback."""
-    from pipeline.errors import UserError
-    from pipeline.images import BadImage
-
-    try:
-        return work()
-    except UserError as exc:
-        from pipeline.train.loop import TrainingDiverged
-
-        _fail(str(exc), 1 if isinstance(exc, TrainingDiverged) else 2)
-    except BadImage as exc:
-        _fail(str(exc), 2)
-    except KeyboardInterrupt:
-        _fail("interrupted; finished work is kept (train resumes from its last checkpoint)", 130)
-
-
-def _recipe_names() -> str:
-    """The recipes, read from the recipes folder's module names without importing them (torch), for --help."""
-    import importlib.util
-    import pkgutil
-
-    folder = importlib.util.find_spec("pipeline.train.recipes").submodule_search_locations
-    return " | ".join(m.name for m in pkgutil.iter_modules(folder) if m.name != "base")
-
-
-def _params(path: Path, overrides: list[str] | None):
-    from pipeline.params import load_params
-
-    return load_params(path, overrides or [])
 
 
 @app.command()
@@ -77,6 +39,7 @@ def prepare(
     out: Annotated[Path | None, typer.Option(help="Output folder (with --from).")] = None,
     params: ParamsOption = Path("params.yaml"),
     overrides: SetOption = None,
+    threads: ThreadsOption = None,
 ) -> None:
     """Build every dataset named in params.yaml, or one folder with --from DIR --layout L --size N --out DIR."""
 
@@ -96,20 +59,21 @@ def prepare(
                 spec = DatasetParams(source="folder", path=str(source), layout=layout, size=size, resize=resize)
             except ValidationError as exc:
                 raise ParamsError(describe(exc, "prepare")) from None
+            use_threads(threads)
             report = prepare_folder(source, out, spec, seed=0, log=console.print)
             rejected = len(report["rejected"])
             console.print(f"prepared {report['prepared']}, rejected {rejected}; see {out / 'report.json'}")
             return
-        p = _params(params, overrides)
+        p = load(params, overrides, threads)
         for name, spec in p.data.datasets.items():
             prepare_dataset(name, spec, Path(p.data.root), p.seed, log=console.print)
 
-    _guard(work)
+    guard(work)
 
 
 @app.command()
 def train(
-    recipe: Annotated[str, typer.Argument(help=f"{_recipe_names()}, or classifier (the digit classifier)")],
+    recipe: Annotated[str, typer.Argument(help=f"{recipe_names()}, or classifier (the digit classifier)")],
     fresh: Annotated[bool, typer.Option("--fresh", help="Start over instead of resuming.")] = False,
     fresh_if_changed: Annotated[
         bool,
@@ -120,11 +84,12 @@ def train(
     ] = False,
     params: ParamsOption = Path("params.yaml"),
     overrides: SetOption = None,
+    threads: ThreadsOption = None,
 ) -> None:
-    """Train a recipe; resumes from runs/RECIPE/checkpoints/last.pt unless --fresh."""
+    """Train a recipe; resumes from runs/RECIPE/checkpoints/last.pt unless --fresh (a higher `steps` extends it)."""
 
     def work() -> None:
-        p = _params(params, overrides)
+        p = load(params, overrides, threads)
         if recipe == "classifier":
             from pipeline.evaluate.classifier import fit_classifier
 
@@ -135,7 +100,7 @@ def train(
         p.recipe(recipe)
         run_training(recipe, p, _console(), fresh=fresh, fresh_if_changed=fresh_if_changed)
 
-    _guard(work)
+    guard(work)
 
 
 @app.command()
@@ -143,18 +108,30 @@ def evaluate(
     recipe: Annotated[str | None, typer.Argument(help="A trained recipe, or nothing with --real/--fake.")] = None,
     real: Annotated[Path | None, typer.Option(help="Folder of real images (compare two folders).")] = None,
     fake: Annotated[Path | None, typer.Option(help="Folder of generated images (compare two folders).")] = None,
-    features: Annotated[str, typer.Option(help="builtin | inception (needs --weights).")] = "builtin",
-    weights: Annotated[
-        Path | None, typer.Option(help="Local Inception-v3 state dict for --features inception.")
+    features: Annotated[
+        str | None,
+        typer.Option(
+            help="KID/FID features: auto | digits-classifier | pixels-16 | inception-v3 "
+            "(a recipe: default evaluate.features; two folders: default pixels-16)."
+        ),
     ] = None,
+    weights: Annotated[Path | None, typer.Option(help="Local Inception-v3 state dict (two folders).")] = None,
     sha256: Annotated[
         str | None, typer.Option(help="The weights file's expected sha256; refused if it differs.")
+    ] = None,
+    classifier: Annotated[
+        Path | None, typer.Option(help="The digit classifier for --features digits-classifier (two folders).")
+    ] = None,
+    step: Annotated[int | None, typer.Option(help="A kept checkpoint of this step instead of last.pt.")] = None,
+    on_dataset: Annotated[
+        str | None, typer.Option(help="Score on this dataset of params, not the one it was trained on.")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     params: ParamsOption = Path("params.yaml"),
     overrides: SetOption = None,
+    threads: ThreadsOption = None,
 ) -> None:
-    """Write metrics/RECIPE.json and reports/RECIPE/, or compare --real DIR with --fake DIR."""
+    """Write metrics/RECIPE.json and reports/RECIPE/ (on the checkpoint's data), or compare --real with --fake."""
 
     def work() -> None:
         import json
@@ -166,7 +143,11 @@ def evaluate(
         if real is not None or fake is not None:
             if real is None or fake is None:
                 raise UserError("--real and --fake go together")
-            result = stage.compare(real, fake, features, weights, sha256)
+            use_threads(threads)
+            result = stage.compare(real, fake, features or "pixels-16", weights, sha256, classifier)
+            warning = stage.small_sample_warning(min(result["n_real"], result["n_fake"]))
+            if warning:
+                typer.echo(warning, err=True)
             if as_json:
                 print(json.dumps(result))
             else:
@@ -175,7 +156,7 @@ def evaluate(
             return
         if recipe is None:
             raise UserError("name a recipe, or pass --real DIR --fake DIR")
-        p = _params(params, overrides)
+        p = load(params, overrides, threads)
         if recipe == "classifier":
             from pipeline.evaluate.classifier import fit_classifier
 
@@ -183,11 +164,11 @@ def evaluate(
             fit_classifier(p, console)
             return
         p.recipe(recipe)
-        metrics = stage.evaluate_recipe(recipe, p, console)
+        metrics = stage.evaluate_recipe(recipe, p, console, step=step, on_dataset=on_dataset, features=features)
         if as_json:
             print(json.dumps(metrics))
 
-    _guard(work)
+    guard(work)
 
 
 @app.command()
@@ -196,8 +177,10 @@ def export(
     checkpoint: Annotated[Path | None, typer.Option(help="Export this checkpoint file instead.")] = None,
     out: Annotated[Path | None, typer.Option(help="The .onnx file to write (with --checkpoint).")] = None,
     fp16: Annotated[bool, typer.Option("--fp16", help="Also write an fp16 model (IO stays float32).")] = False,
+    step: Annotated[int | None, typer.Option(help="A kept checkpoint of this step (not registered).")] = None,
     params: ParamsOption = Path("params.yaml"),
     overrides: SetOption = None,
+    threads: ThreadsOption = None,
 ) -> None:
     """Write artifacts/RECIPE/*.onnx (checked and parity-tested), or one checkpoint with --checkpoint --out."""
 
@@ -213,11 +196,11 @@ def export(
             return
         if recipe is None:
             raise UserError("name a recipe, or pass --checkpoint FILE --out FILE.onnx")
-        p = _params(params, overrides)
+        p = load(params, overrides, threads)
         p.recipe(recipe)
-        stage.export_recipe(recipe, p, console, fp16=fp16 or p.export.fp16)
+        stage.export_recipe(recipe, p, console, fp16=fp16 or p.export.fp16, step=step)
 
-    _guard(work)
+    guard(work)
 
 
 @app.command()
@@ -232,22 +215,29 @@ def translate(
         str | None, typer.Option(help="Comma-separated, in order: tensorrt,cuda,cpu (default: the best that loads).")
     ] = None,
     require_gpu: Annotated[bool, typer.Option("--require-gpu", help="Fail unless CUDA or TensorRT loaded.")] = False,
-    fp16: Annotated[bool, typer.Option("--fp16", help="TensorRT fp16 engines.")] = False,
+    tensorrt_fp16: Annotated[
+        bool, typer.Option("--tensorrt-fp16", help="Let TensorRT build fp16 engines (the model file stays fp32).")
+    ] = False,
     tensorrt_cache: Annotated[Path | None, typer.Option(help="TensorRT engine cache folder.")] = None,
     fmt: Annotated[str, typer.Option("--format", help="png | jpg | webp")] = "png",
     skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Keep outputs that already exist.")] = False,
     tile: Annotated[int | None, typer.Option(help="Translate images larger than N px in overlapping tiles.")] = None,
     workers: Annotated[int, typer.Option(help="Decode/encode threads.")] = 2,
     report: Annotated[Path | None, typer.Option(help="Write the JSON report here.")] = None,
+    threads: ThreadsOption = None,
 ) -> None:
     """Translate an image or a folder with an ONNX model; exit 1 if some inputs were rejected."""
 
     def work() -> int:
         from pipeline.serve.engine import open_engine
-        from pipeline.serve.translate import exit_code, translate_path
+        from pipeline.serve.translate import check_writable, exit_code, rejections_text, translate_path
 
+        use_threads(threads)
+        check_writable(output, report)
         names = [p.strip() for p in providers.split(",") if p.strip()] if providers else None
-        engine = open_engine(model, providers=names, require_gpu=require_gpu, fp16=fp16, tensorrt_cache=tensorrt_cache)
+        engine = open_engine(
+            model, providers=names, require_gpu=require_gpu, fp16=tensorrt_fp16, tensorrt_cache=tensorrt_cache
+        )
         result = translate_path(
             input_path,
             output,
@@ -259,13 +249,16 @@ def translate(
             workers=workers,
             report_path=report,
         )
-        _console().print(
+        console = _console()
+        for line in rejections_text(result):
+            console.print(line)
+        console.print(
             f"translated {result['translated']}, skipped {result['skipped']}, "
             f"rejected {len(result['rejected'])} on {result['provider']}"
         )
         return exit_code(result)
 
-    raise typer.Exit(_guard(work))
+    raise typer.Exit(guard(work))
 
 
 @app.command("import-checkpoint")
@@ -284,7 +277,7 @@ def import_checkpoint(
         result = import_reference_checkpoint(checkpoint, arch, norm, dropout, out)
         _console().print(f"wrote {out} (max abs error vs PyTorch {result['max_abs_error']:.2e})")
 
-    _guard(work)
+    guard(work)
 
 
 @app.command()
@@ -305,107 +298,12 @@ def sample(
         paths = draw(model, label, n, out, walk=walk, seed=seed, temperature=temperature)
         _console().print(f"wrote {len(paths)} images to {out}")
 
-    _guard(work)
+    guard(work)
 
 
-bench_app = typer.Typer(no_args_is_help=True, help="The built-in benchmarks.")
+from pipeline.bench.cli import bench_app  # noqa: E402 - after the helpers it uses
+
 app.add_typer(bench_app, name="bench")
-
-
-@bench_app.command("train")
-def bench_train(
-    recipe: Annotated[str, typer.Option(help=_recipe_names())] = "cyclegan",
-    size: Annotated[int, typer.Option(help="Image size in pixels.")] = 32,
-    steps: Annotated[int, typer.Option(help="Timed training steps.")] = 20,
-    precision: Annotated[
-        str | None, typer.Option(help="auto | fp32 | bf16 | fp16 (default: the recipe's param).")
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-    params: ParamsOption = Path("params.yaml"),
-    overrides: SetOption = None,
-) -> None:
-    """Images/s of real training steps for a recipe, size and precision (other knobs with --set)."""
-
-    def work() -> None:
-        import json
-
-        from pipeline.bench.train import run
-
-        settings = [*(overrides or []), *([f"{recipe}.precision={precision}"] if precision else [])]
-        result = run(recipe, _params(params, settings), size, steps)
-        if as_json:
-            print(json.dumps(result))
-        else:
-            _console().print(" ".join(f"{k}={v}" for k, v in result.items()))
-
-    _guard(work)
-
-
-@bench_app.command("objectives")
-def bench_objectives(
-    steps: Annotated[int | None, typer.Option(help="Generator steps per run (default: the benchmark's).")] = None,
-    seeds: Annotated[int, typer.Option(help="Seeds per objective and dataset.")] = 3,
-    objective: Annotated[
-        list[str] | None, typer.Option(help="Only this objective (repeatable), e.g. flow-mle; default: all.")
-    ] = None,
-    dataset: Annotated[list[str] | None, typer.Option(help="Only this dataset (repeatable): ring8, grid25.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-) -> None:
-    """Every objective and flow generator on 2-D toy mixtures (ring8, grid25): modes covered and sample quality."""
-
-    def work() -> None:
-        import json
-
-        from pipeline.bench.objectives import STEPS, format_table, run_benchmark
-
-        console = _console()
-        # With --json, stdout carries only the JSON object.
-        report = run_benchmark(
-            objective, dataset, seeds=seeds, steps=steps or STEPS, progress=None if as_json else console.print
-        )
-        if as_json:
-            print(json.dumps(report))
-        else:
-            console.print(format_table(report["results"]))
-            console.print("scatter plots: reports/bench/objectives.png")
-
-    _guard(work)
-
-
-@bench_app.command("inference")
-def bench_inference(
-    arch: Annotated[str, typer.Option(help="Generator architecture.")] = "resnet_9blocks",
-    size: Annotated[int, typer.Option(help="Image size in pixels.")] = 256,
-    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes for the engine.")] = "1,8",
-    providers: Annotated[str, typer.Option(help="Comma-separated: cpu, cuda, tensorrt.")] = "cpu",
-    n_images: Annotated[int, typer.Option(help="Synthetic photos per timed run.")] = 24,
-    fp16: Annotated[bool, typer.Option("--fp16", help="TensorRT fp16.")] = False,
-    weights: Annotated[Path | None, typer.Option(help="A checkpoint instead of random weights.")] = None,
-    repeats: Annotated[int, typer.Option(help="Timed repeats; the best counts.")] = 2,
-    peak_tflops: Annotated[float | None, typer.Option(help="The GPU's peak, for the fraction reached.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-) -> None:
-    """Images/s of the translate CLI and the engine against a plain PyTorch eager loop, side by side."""
-
-    def work() -> None:
-        import json
-
-        from pipeline.bench.inference import markdown_table, run
-
-        result = run(
-            arch,
-            size,
-            tuple(int(b) for b in batch_sizes.split(",")),
-            tuple(providers.split(",")),
-            n_images,
-            fp16,
-            weights,
-            repeats,
-            peak_tflops,
-        )
-        print(json.dumps(result) if as_json else markdown_table(result))
-
-    _guard(work)
 
 
 @app.command()
@@ -417,4 +315,4 @@ def doctor() -> None:
 
         report(_console())
 
-    _guard(work)
+    guard(work)

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import platform
+import re
 from importlib import metadata
+
+from pipeline import threads
+
+# ONNX Runtime's own error texts carry terminal colour codes; a report that is piped or pasted must not.
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 def _version(package: str) -> str:
@@ -11,6 +17,15 @@ def _version(package: str) -> str:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
         return "not installed"
+
+
+def _onnxruntime() -> str:
+    """Its version and which build: `onnxruntime` and `onnxruntime-gpu` install the same module."""
+    for distribution in ("onnxruntime-gpu", "onnxruntime"):
+        version = _version(distribution)
+        if version != "not installed":
+            return f"{version} ({distribution})"
+    return "not installed"
 
 
 def provider_status() -> dict[str, str]:
@@ -36,7 +51,7 @@ def provider_status() -> dict[str, str]:
             loaded = session.get_providers()[0]
             status[provider] = "ok" if loaded == provider else f"fell back to {loaded}"
         except Exception as exc:  # the provider's own error says why (missing CUDA/TensorRT libraries)
-            status[provider] = f"fails: {str(exc).splitlines()[0][:200]}"
+            status[provider] = f"fails: {_ANSI.sub('', str(exc)).splitlines()[0][:200]}"
     return status
 
 
@@ -44,8 +59,9 @@ def report(console) -> None:
     import torch
 
     console.print(f"python {platform.python_version()} on {platform.platform()}")
-    for package in ("transfigure", "torch", "torchvision", "onnx", "onnxruntime-gpu", "onnxruntime", "mlflow", "dvc"):
+    for package in ("transfigure", "torch", "torchvision", "onnx", "mlflow", "dvc"):
         console.print(f"{package}: {_version(package)}")
+    console.print(f"onnxruntime: {_onnxruntime()}")
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(index)
@@ -55,6 +71,8 @@ def report(console) -> None:
             )
     else:
         console.print(f"cuda: not available (torch built for CUDA {torch.version.cuda}); training runs on the CPU")
-    console.print(f"cpu threads: {torch.get_num_threads()}")
+    for line in threads.describe():
+        console.print(line)
+    console.print(f"torch intra-op threads now: {torch.get_num_threads()}")
     for provider, status in provider_status().items():
         console.print(f"onnxruntime {provider}: {status}")

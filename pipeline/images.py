@@ -190,8 +190,9 @@ def _float_to_uint8(values: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------
 
 
-def list_images(folder: str | os.PathLike[str]) -> list[Path]:
-    """All files under `folder` with an image suffix (any case), sorted, skipping hidden files and dirs."""
+def list_images(folder: str | os.PathLike[str], others: list[Path] | None = None) -> list[Path]:
+    """All files under `folder` with an image suffix (any case), sorted, skipping hidden files and dirs; the
+    other files are appended to `others` when it is given, so that a caller can say what it left out."""
     root = Path(folder)
     if not root.is_dir():
         raise NotADirectoryError(f"not a directory: {root}")
@@ -202,6 +203,10 @@ def list_images(folder: str | os.PathLike[str]) -> list[Path]:
         for name in filenames:
             if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
                 found.append(Path(dirpath) / name)
+            elif others is not None and not name.startswith("."):
+                others.append(Path(dirpath) / name)
+    if others is not None:
+        others.sort()
     return sorted(found)
 
 

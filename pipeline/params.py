@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from functools import cache
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import ValidationError, create_model, model_validator
@@ -28,6 +29,7 @@ class Params(Strict):
     """The sections every pipeline has; `schema()` adds one per recipe."""
 
     seed: int = 0
+    threads: int | Literal["auto"] = "auto"  # CPU threads (pipeline/threads.py); --threads overrides
     data: DataParams
     evaluate: EvaluateParams = EvaluateParams()
     export: ExportParams = ExportParams()
@@ -94,18 +96,38 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
     except FileNotFoundError:
         raise ParamsError(f"{path}: no such file (run from the repository root or pass --params)") from None
     except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise ParamsError(f"{path}:{_yaml_position(exc)} not valid YAML: {_yaml_problem(exc)}") from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: the top level must be a mapping of sections")
     raw = apply_overrides(raw, overrides or [])
     try:
         return schema().model_validate(raw)
     except ValidationError as exc:
-        raise ParamsError(describe(exc, str(path))) from None
+        raise ParamsError(describe(exc, _source(exc, path, overrides or []))) from None
+
+
+def _source(error: ValidationError, path: Path, overrides: list[str]) -> str:
+    """`--set KEY=VALUE` when the first wrong key came from an override, else the params file."""
+    key = ".".join(str(part) for part in error.errors()[0]["loc"])
+    for override in reversed(overrides):
+        name = override.partition("=")[0]
+        if key == name or key.startswith(f"{name}.") or name.startswith(f"{key}."):
+            return f"--set {override}"
+    return str(path)
+
+
+def _yaml_position(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    return f"{mark.line + 1}:{mark.column + 1}:" if mark is not None else ""
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    problem = getattr(exc, "problem", None)
+    return problem or str(exc).splitlines()[0]
 
 
 # Keys that change what is logged or how fast, not what is learned; they may differ on resume.
-_RUNTIME_KEYS = {"checkpoint_every", "sample_every", "log_every", "num_workers", "compile"}
+_RUNTIME_KEYS = {"checkpoint_every", "keep_checkpoints", "sample_every", "log_every", "num_workers", "compile"}
 
 
 def training_params(params: Params, recipe: str) -> dict:

@@ -25,12 +25,28 @@ def to_pixels(values):
     return values.detach().float().add(1).mul(HALF_RANGE).round().clamp(0, 255).to(torch.uint8)
 
 
-def sample_sheet(columns) -> np.ndarray:
-    """Equal-sized image batches, one per kind (input, translation, ...) -> one uint8 HWC picture in which each
-    row is one sample and each column one kind."""
+def sample_sheet(columns: dict) -> np.ndarray:
+    """Equal-sized image batches, one per kind, by label ("real A": ..., "fake B": ...) -> one uint8 HWC picture
+    in which each row is one sample and each column one kind, named above it. Small images are enlarged
+    (nearest neighbour, whole multiples) to at least 64 px so that the labels fit and digits stay legible."""
     import torch
+    import torch.nn.functional as F
+    from PIL import Image, ImageDraw, ImageFont
     from torchvision.utils import make_grid
 
-    stacked = torch.stack(columns, 1).flatten(0, 1)  # sample-major: one sample's kinds side by side
-    grid = make_grid(stacked.float().cpu(), nrow=len(columns), padding=2, pad_value=1.0, normalize=False)
-    return to_pixels(grid.permute(1, 2, 0)).numpy()
+    padding, header = 2, 14
+    stacked = torch.stack(list(columns.values()), 1).flatten(0, 1).float().cpu()  # one sample's kinds side by side
+    scale = -(-64 // stacked.shape[-1])
+    if scale > 1:
+        stacked = F.interpolate(stacked, scale_factor=scale, mode="nearest")
+    grid = make_grid(stacked, nrow=len(columns), padding=padding, pad_value=1.0, normalize=False)
+    body = to_pixels(grid.permute(1, 2, 0)).numpy()
+    title = Image.new("RGB", (body.shape[1], header), "white")
+    draw, font, width = ImageDraw.Draw(title), ImageFont.load_default(), stacked.shape[-1]
+    for index, label in enumerate(columns):
+        text = str(label)
+        while len(text) > 1 and draw.textlength(text, font=font) > width:
+            text = text[:-1]
+        left = padding + index * (width + padding) + (width - draw.textlength(text, font=font)) / 2
+        draw.text((left, 1), text, fill="black", font=font)
+    return np.concatenate([np.asarray(title), body])

@@ -97,12 +97,16 @@ class RecipeParams(Strict):
     init_gain: Annotated[float, Field(gt=0)] = 0.02
     ema_decay: Annotated[float, Field(ge=0, lt=1)] | None = None
     augment: AugmentParams = AugmentParams()
+    # Fine-tuning: network name -> a reference .pth (latest_net_G_A.pth ...) or one of our checkpoints; a fresh
+    # run starts from these weights, a resumed one from its own checkpoint.
+    init_from: dict[str, str] = {}
     num_workers: Annotated[int, Field(ge=0)] = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False
     channels_last: bool = True
     checkpoint_every: PositiveInt = 500
+    keep_checkpoints: Annotated[int, Field(ge=0)] = 3  # step_NNNNNN.pt copies besides last.pt
     sample_every: PositiveInt = 500
     log_every: PositiveInt = 50
 
@@ -124,11 +128,24 @@ class ClassifierParams(Strict):
     augment: AugmentParams = AugmentParams(shift=0.1, rotate=10)
 
 
+FEATURES = ("auto", "digits-classifier", "pixels-16", "inception-v3")
+
+
 class EvaluateParams(Strict):
     classifier: ClassifierParams = ClassifierParams()
+    # KID/FID features. auto: the digit classifier on the images it was trained on, pixels-16 on anything else.
+    features: Literal[FEATURES] = "auto"
+    inception_weights: str | None = None  # a local Inception-v3 state dict, for inception-v3
+    inception_sha256: str | None = None
     n_samples_per_class: PositiveInt = 50
     sheet_rows: PositiveInt = 8
     batch_size: PositiveInt = 64
+
+    @model_validator(mode="after")
+    def _inception_needs_weights(self) -> EvaluateParams:
+        if self.features == "inception-v3" and not self.inception_weights:
+            raise ValueError("inception_weights: features inception-v3 needs a local weights file")
+        return self
 
 
 class ExportParams(Strict):

@@ -11,6 +11,7 @@ from urllib.parse import urlparse
 from pipeline.errors import UserError
 
 EXPERIMENT = "transfigure"
+STORE = "mlflow.db"
 # Tags a run gets when the run its checkpoint names is not in this store (copied by `dvc pull` or by hand).
 LINEAGE_TAGS = ("transfigure.original_run_id", "transfigure.checkpoint_sha256", "transfigure.checkpoint_commit")
 
@@ -30,7 +31,21 @@ def repo_root() -> Path:
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / STORE}"
+
+
+def existing_store() -> str:
+    """The store to read registered models from: MLFLOW_TRACKING_URI, else the nearest mlflow.db in this folder or
+    a parent (the project's). Never creates one: opening a missing sqlite file would leave an empty database."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    for folder in (repo_root(), *repo_root().parents):
+        if (folder / STORE).is_file():
+            return f"sqlite:///{folder / STORE}"
+    raise UserError(
+        f"no MLflow store: no {STORE} in {repo_root()} or its parents and MLFLOW_TRACKING_URI is not set; "
+        "run from the project folder, set MLFLOW_TRACKING_URI, or pass a .onnx file"
+    )
 
 
 def git_commit() -> str:
@@ -71,12 +86,19 @@ def _mlflow():
     # Alembic and MLflow's own INFO lines bury the training log on every start.
     for name in ("alembic", "mlflow"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("mlflow.models.model").addFilter(_drop_serving_input_warning)
     mlflow.set_tracking_uri(tracking_uri())
     if not os.environ.get("MLFLOW_TRACKING_URI") and mlflow.get_experiment_by_name(EXPERIMENT) is None:
         # Artifacts next to mlflow.db, not in ./mlruns of whichever copy (a DVC experiment's) ran first.
         mlflow.create_experiment(EXPERIMENT, artifact_location=(repo_root() / "mlruns").as_uri())
     mlflow.set_experiment(EXPERIMENT)
     return mlflow
+
+
+def _drop_serving_input_warning(record) -> bool:
+    """MLflow tries to serve a pt2 model's input example at each training end and warns that its multi-input
+    example cannot be served; the signature is explicit and our exported models are ONNX, so the line is noise."""
+    return not record.getMessage().startswith("Failed to validate serving input example")
 
 
 class Run:
@@ -102,6 +124,9 @@ class Run:
 
     def log_image(self, image, key: str, step: int) -> None:
         self.mlflow.log_image(image, key=key, step=step)
+
+    def log_artifact(self, path: Path) -> None:
+        self.mlflow.log_artifact(str(path))
 
     def log_model(self, module, name: str, example: dict) -> None:
         """As a torch.export (pt2) program traced on `example` (input name -> tensor): no pickled code."""
@@ -170,21 +195,22 @@ def log_to_run(
     metrics: dict[str, float] | None = None,
     artifacts: list[Path] | None = None,
     artifact_path: str | None = None,
+    step: int | None = None,
 ) -> None:
-    """Adds results (evaluation metrics, sheets) to an existing training run."""
+    """Adds results (evaluation metrics at the checkpoint's step, sheets) to an existing training run."""
     mlflow = _mlflow()
     with mlflow.start_run(run_id=run_id):
         if metrics:
-            mlflow.log_metrics(metrics)
+            mlflow.log_metrics(metrics, step=step)
         for path in artifacts or []:
             mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
 
-def register_onnx(run_id: str, path: Path, name: str) -> str:
-    """Logs an ONNX file to the run and registers it as a new version of `name`.
+def register_onnx(run_id: str, path: Path, name: str, alias: str | None = None) -> str:
+    """Logs an ONNX file to the run and registers it as a new version of `name`, with `alias` if given.
 
     MLflow reserves the alias `latest`: `models:/NAME/latest` (and our `models:/NAME@latest`) is always the
-    newest version, so no alias is set here.
+    newest version, so it is never set here.
     """
     import onnx
 
@@ -195,4 +221,7 @@ def register_onnx(run_id: str, path: Path, name: str) -> str:
         info = mlflow_onnx.log_model(
             onnx.load(str(path)), name=path.stem, registered_model_name=name, pip_requirements=["onnxruntime"]
         )
-    return str(info.registered_model_version)
+    version = str(info.registered_model_version)
+    if alias:
+        mlflow.MlflowClient().set_registered_model_alias(name, alias, version)
+    return version

@@ -56,8 +56,9 @@ def test_alignflow_trains_and_translates_through_exact_inverses(workdir):
         unclamped_B = f_B.inverse(z_A)
         assert torch.equal(fake_B, unclamped_B.clamp(-1, 1))
         assert (f_A.inverse(f_B(unclamped_B)[0]) - real_A).abs().max() < 1e-4
-        rows = model.sample_rows()
-    assert len(rows) == 6 and all(row.shape == real_A.shape for row in rows)
+        columns = model.sample_columns()
+    assert list(columns) == ["real A", "fake B", "rec A", "real B", "fake A", "rec B"]
+    assert all(column.shape == real_A.shape for column in columns.values())
 
     bpd = [mean_bits_per_dim(flow, images) for flow, images in ((f_A, real_A), (f_B, model.fixed["B"]))]
     assert all(0 < v < 16 for v in bpd)
@@ -91,8 +92,9 @@ def test_flowgan_trains_by_likelihood_adversarially_or_both(workdir, mode):
         losses = model.step(next_batch)
         assert set(losses) == expected and all(math.isfinite(v) for v in losses.values())
     assert any(not torch.equal(a, b) for a, b in zip(flow_before, model.flow.parameters(), strict=True))
-    rows = model.sample_rows()
-    assert len(rows) == 4 and all(r.shape == (8, 3, 32, 32) and r.abs().max() <= 1 for r in rows)
+    columns = model.sample_columns()
+    assert list(columns) == ["T=1.0", "T=0.85", "T=0.7", "T=0.5"]
+    assert all(c.shape == (8, 3, 32, 32) and c.abs().max() <= 1 for c in columns.values())
 
     generator = model.nets["G"].eval()
     with torch.no_grad():

@@ -117,7 +117,7 @@ def test_missing_or_broken_model_is_a_user_error(tmp_path):
         Engine(tmp_path / "notes.onnx")
 
 
-def test_registered_model_uri_resolves_through_mlflow(instance_model, local_model, tmp_path, monkeypatch):
+def test_registered_model_uri_resolves_through_mlflow(instance_model, local_model, tmp_path, monkeypatch, capfd):
     from pipeline import tracking
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -138,5 +138,14 @@ def test_registered_model_uri_resolves_through_mlflow(instance_model, local_mode
         ("models:/horse2zebra@champion", first),
     ]:
         assert np.array_equal(open_engine(uri, providers=["cpu"]).translate(image), expected), uri
+    assert "Downloading artifacts" not in capfd.readouterr().err, "MLflow's progress bar for a local copy"
     with pytest.raises(UserError, match="models:/zebra2horse@latest"):
         open_engine("models:/zebra2horse@latest", providers=["cpu"])
+
+
+def test_a_registered_model_from_a_folder_without_a_store_is_refused_without_creating_one(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="no MLflow store: no mlflow.db in"):
+        open_engine("models:/horse2zebra@latest", providers=["cpu"])
+    assert list(tmp_path.iterdir()) == []

@@ -69,9 +69,28 @@ def test_overrides_are_typed_and_checked_like_the_file(tmp_path):
 def test_missing_or_broken_file_is_a_clear_error(tmp_path):
     with pytest.raises(ParamsError, match="no such file"):
         load_params(tmp_path / "nope.yaml")
-    (tmp_path / "bad.yaml").write_text("seed: [unclosed\n")
-    with pytest.raises(ParamsError, match="not valid YAML"):
+    (tmp_path / "bad.yaml").write_text("seed: 0\ndata:\n  root: [unclosed\n  x: 1\n")
+    with pytest.raises(ParamsError, match=r"bad\.yaml:4:\d+: not valid YAML"):
         load_params(tmp_path / "bad.yaml")
+
+
+def test_a_wrong_override_is_named_as_the_override_not_as_the_file(tmp_path):
+    path = write(tmp_path, repo_params())
+    with pytest.raises(ParamsError, match=r"^--set cyclegan\.steps=abc: cyclegan\.steps: "):
+        load_params(path, ["cyclegan.steps=abc"])
+    with pytest.raises(ParamsError, match=r"^--set cyclegan\.generator=3: cyclegan\.generator"):
+        load_params(path, ["cyclegan.generator=3"])
+    broken = repo_params()
+    broken["cyclegan"]["steps"] = "many"
+    with pytest.raises(ParamsError, match=r"params\.yaml: cyclegan\.steps"):
+        load_params(write(tmp_path, broken), ["cyclegan.lr=1e-3"])
+
+
+def test_threads_is_auto_or_a_positive_count(tmp_path):
+    path = write(tmp_path, repo_params())
+    assert load_params(path).threads == "auto" and load_params(path, ["threads=1"]).threads == 1
+    with pytest.raises(ParamsError, match="threads"):
+        load_params(path, ["threads=many"])
 
 
 def test_training_hash_ignores_logging_knobs_but_not_what_is_learned(tmp_path):

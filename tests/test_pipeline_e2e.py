@@ -1,6 +1,6 @@
-"""The whole `dvc repro` on a fresh copy of the repository, with tiny params: every stage's outputs, a clean
-`dvc status` and a second `dvc repro` that does nothing; then a change to one recipe's loss retrains that recipe
-and only that one."""
+"""The whole `dvc repro` on a fresh copy of the repository, with tiny params: one recipe first (metrics and plots
+show only it), then every stage's outputs, a clean `dvc status` and a second `dvc repro` that does nothing; a change
+to one recipe's loss retrains that recipe and only that one; two `dvc exp run -S` experiments keep their metrics."""
 
 import json
 import os
@@ -27,7 +27,8 @@ def fresh_copy(target):
         text=True,
         check=True,
     ).stdout.split("\0")
-    for name in filter(None, files):
+    # Metrics of the developer's own runs are not ignored (DVC experiments keep them in git), but not the copy's.
+    for name in filter(lambda name: name and not name.startswith("metrics/"), files):
         source = REPO / name
         if source.is_file():
             (target / name).parent.mkdir(parents=True, exist_ok=True)
@@ -59,6 +60,17 @@ def test_dvc_repro_runs_every_stage_and_then_has_nothing_to_do(tmp_path):
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
         return result.stdout
 
+    dvc("repro", "evaluate@cyclegan")
+    shown = next(iter(json.loads(dvc("metrics", "show", "--json")).values()))["data"]  # the workspace's
+    expected = {"metrics/classifier.json", "metrics/cyclegan.train.json", "metrics/cyclegan.json"}
+    assert set(shown) == expected, "recipes never trained are not listed"
+    assert all("error" not in entry for entry in shown.values()), shown
+    plots = json.loads(dvc("plots", "show", "--json"))["data"]
+    pictures = [name for name, entries in plots.items() if entries]
+    assert pictures and all(name.startswith(("runs/cyclegan/samples/", "reports/cyclegan/")) for name in pictures)
+    assert {entry["type"] for name in pictures for entry in plots[name]} == {"image"}
+    assert "runs/cyclegan/samples/losses.png" in pictures and "reports/cyclegan/AtoB.png" in pictures
+
     dvc("repro")
 
     assert json.loads((repo / "data/prepared/digits/report.json").read_text())["rejected"] == []
@@ -66,7 +78,8 @@ def test_dvc_repro_runs_every_stage_and_then_has_nothing_to_do(tmp_path):
     for recipe in RECIPES:
         assert (repo / f"runs/{recipe}/checkpoints/last.pt").exists()
         assert json.loads((repo / f"metrics/{recipe}.train.json").read_text())["steps"] == 4
-        assert (repo / f"metrics/{recipe}.train_losses.csv").read_text().startswith("step,")
+        assert (repo / f"runs/{recipe}/losses.csv").read_text().startswith("step,")
+        assert (repo / f"runs/{recipe}/samples/losses.png").exists()
     cyclegan = json.loads((repo / "metrics/cyclegan.json").read_text())
     for key in ("psnr", "ssim", "psnr_identity", "content_accuracy", "kid", "fid"):
         assert isinstance(cyclegan["AtoB"][key], float) and isinstance(cyclegan["BtoA"][key], float)
@@ -114,3 +127,17 @@ def test_dvc_repro_runs_every_stage_and_then_has_nothing_to_do(tmp_path):
     assert [recipe for recipe in RECIPES if after[recipe] != before[recipe]] == ["pix2pix"]
     assert "Running stage 'evaluate@pix2pix'" in third and "Running stage 'export@pix2pix'" in third
     assert "Running stage 'train@cyclegan'" not in third, "another recipe's code did not change"
+
+    # Experiments: each keeps its own metrics (metrics/ is in git), and a higher `steps` extends the run.
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)  # metrics/ and dvc.lock, as a user commits them
+    subprocess.run([*git, "commit", "-qm", "after repro"], cwd=repo, check=True)
+    for steps in (6, 8):
+        out = dvc("exp", "run", "-S", f"cyclegan.steps={steps}", "evaluate@cyclegan")
+        assert f"steps changed from {steps - 2} to {steps}: continuing" in out, out[-2000:]
+    table = json.loads(dvc("exp", "show", "--json"))
+    experiments = [e["revs"][0]["data"] for row in table for e in (row.get("experiments") or [])]
+    steps_seen = sorted(e["metrics"]["metrics/cyclegan.json"]["data"]["step"] for e in experiments)
+    assert steps_seen == [6, 8], table
+    diff = json.loads(dvc("metrics", "diff", "--json"))
+    assert diff["metrics/cyclegan.json"]["step"] == {"old": 4, "new": 8, "diff": 4}

@@ -146,3 +146,14 @@ def test_builtin_digits_are_deterministic_paired_and_not_trivial(tmp_path):
     again = tmp_path / "again"
     prepare_dataset("digits", spec, again, seed=3, log=lambda _: None)
     assert (again / "digits" / "manifest.json").read_text() == (tmp_path / "digits" / "manifest.json").read_text()
+
+
+def test_an_empty_domain_stops_prepare_with_exit_2_and_writes_nothing(tmp_path, run_cli):
+    (tmp_path / "src" / "trainA").mkdir(parents=True)
+    write_good(tmp_path / "src" / "trainB", 2)
+    (tmp_path / "src" / "trainA" / "broken.png").write_bytes(b"")
+    result = run_cli("prepare", "--from", str(tmp_path / "src"), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2, result.stdout
+    assert "no training images in trainA" in result.stderr and "1 files were rejected" in result.stderr
+    assert "broken.png: empty file" in result.stdout and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()

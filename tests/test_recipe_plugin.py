@@ -78,8 +78,8 @@ class TinyPaired(Recipe):
         return {"G": g_loss.item(), "L1": l1.item(), "D": d_loss.item()}
 
     @torch.no_grad()
-    def sample_rows(self) -> list[torch.Tensor]:
-        return [self.fixed["A"], self.nets["G"](self.fixed["A"]), self.fixed["B"]]
+    def sample_columns(self) -> dict[str, torch.Tensor]:
+        return {"real A": self.fixed["A"], "fake B": self.nets["G"](self.fixed["A"]), "real B": self.fixed["B"]}
 
 
 @pytest.fixture
@@ -99,9 +99,9 @@ def test_a_new_recipe_trains_evaluates_and_exports_through_the_ordinary_paths(wo
 
     summary = train("tinypaired", params, console)
     assert summary["steps"] == 3 and set(summary["losses"]) == {"G", "L1", "D"}
-    assert (workdir / "metrics/tinypaired.train_losses.csv").read_text().startswith("step,G,L1,D\n")
+    assert (workdir / "runs/tinypaired/losses.csv").read_text().startswith("step,G,L1,D\n")
 
-    metrics = evaluate_recipe("tinypaired", params, console)
+    metrics = evaluate_recipe("tinypaired", params, console, features="pixels-16")
     assert {"psnr", "ssim", "kid", "fid"} <= set(metrics["AtoB"])
     assert json.loads((workdir / "metrics/tinypaired.json").read_text())["AtoB"]["psnr"] == metrics["AtoB"]["psnr"]
     assert (workdir / "reports/tinypaired/AtoB.png").exists()

@@ -16,6 +16,7 @@ from pipeline.train.loop import train
 
 TINY = tiny("cyclegan", steps=2, every=2)
 SETS = [arg for override in TINY for arg in ("--set", override)]
+EVALUATE = ["evaluate", "cyclegan", *SETS, "--features", "pixels-16"]  # no digit classifier in these folders
 
 
 def trained_cyclegan(workdir):
@@ -32,7 +33,7 @@ def test_a_checkpoint_from_another_store_logs_to_a_new_run_that_names_its_origin
     shutil.copytree(checkpoint.parent, clone / "runs/cyclegan/checkpoints")
     own_store = {"MLFLOW_TRACKING_URI": ""}  # unset: the clone's own mlflow.db
 
-    evaluated = run_cli("evaluate", "cyclegan", *SETS, cwd=clone, env=own_store)
+    evaluated = run_cli(*EVALUATE, cwd=clone, env=own_store)
     assert evaluated.returncode == 0, evaluated.stderr
     assert f"MLflow run {original}" in evaluated.stdout and "is not in" in evaluated.stdout
     client = MlflowClient(f"sqlite:///{clone / 'mlflow.db'}")
@@ -73,7 +74,7 @@ def test_a_tracking_server_that_does_not_answer_is_one_line_naming_it(workdir, r
         assert uri in result.stderr and "cannot be reached" in result.stderr and "Traceback" not in result.stderr
     assert not (workdir / "artifacts").exists(), "export checks the server before doing its work"
 
-    evaluated = run_cli("evaluate", "cyclegan", *SETS, cwd=workdir, env=away, timeout=120)
+    evaluated = run_cli(*EVALUATE, cwd=workdir, env=away, timeout=120)
     assert evaluated.returncode == 0, evaluated.stderr
     assert "warning" in evaluated.stdout and uri in evaluated.stdout
     assert (workdir / "metrics/cyclegan.json").exists()

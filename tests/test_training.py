@@ -1,3 +1,4 @@
+import csv
 import json
 import math
 import os
@@ -6,6 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import BIN, tiny
@@ -47,7 +49,8 @@ def test_every_recipe_trains_with_every_objective(workdir, recipe, objective):
     if objective == "wgan":
         clip = objectives.get("wgan").clip
         assert all(p.abs().max() <= clip + 1e-7 for p in critic.parameters())
-    assert all(row.shape[1:] == model.sample_rows()[0].shape[1:] for row in model.sample_rows())
+    columns = list(model.sample_columns().values())
+    assert all(column.shape == columns[0].shape for column in columns)
 
 
 def test_train_writes_checkpoint_metrics_and_resumes(workdir):
@@ -69,17 +72,80 @@ def test_train_writes_checkpoint_metrics_and_resumes(workdir):
     assert [row["step"] for row in state["history"]] == [2, 4]
     metrics = json.loads((workdir / "metrics/pix2pix.train.json").read_text())
     assert set(metrics["losses"]) == {"G", "G_adv", "L1", "D"} and metrics["steps_per_second"] > 0
-    # The CSV's columns are the recipe's declared losses, in its order: what dvc plots reads.
-    assert (workdir / "metrics/pix2pix.train_losses.csv").read_text().splitlines()[0] == "step,G,G_adv,L1,D"
+    # The CSV's columns are the recipe's declared losses, in its order.
+    assert (workdir / "runs/pix2pix/losses.csv").read_text().splitlines()[0] == "step,G,G_adv,L1,D"
 
     again = train("pix2pix", params, QUIET)  # nothing left to do: the measured speed is kept, not zeroed
-    assert again["steps_per_second"] == round(state["steps_per_second"], 4) > 0
+    assert again["steps_per_second"] == round(4 / state["seconds"], 4) > 0
 
-    longer = load_params("params.yaml", tiny("pix2pix", steps=6, every=2))
-    with pytest.raises(UserError, match=r"other params \(changed: pix2pix.steps\).*--fresh"):
-        train("pix2pix", longer, QUIET)
-    train("pix2pix", longer, QUIET, fresh=True)
-    assert load_checkpoint(workdir / "runs/pix2pix/checkpoints/last.pt")["step"] == 6
+    other = load_params("params.yaml", [*tiny("pix2pix", steps=4, every=2), "pix2pix.lambda_L1=5"])
+    with pytest.raises(UserError, match=r"other params \(changed: pix2pix.lambda_L1\).*--fresh"):
+        train("pix2pix", other, QUIET)
+
+
+def test_a_finished_run_extends_when_only_steps_grow_and_keeps_periodic_checkpoints(workdir):
+    from rich.console import Console
+
+    settings = [*tiny("pix2pix", steps=4, every=2), "pix2pix.keep_checkpoints=2"]
+    train("pix2pix", load_params("params.yaml", settings), QUIET)
+    first = load_checkpoint(workdir / "runs/pix2pix/checkpoints/last.pt")
+    console = Console(record=True, width=200)
+    longer = load_params("params.yaml", [*settings, "pix2pix.steps=6"])
+    summary = train("pix2pix", longer, console)
+    log = console.export_text()
+    assert "steps changed from 4 to 6: continuing" in log and "recomputed for 6 steps (factor 0.667 at step 4)" in log
+    state = load_checkpoint(workdir / "runs/pix2pix/checkpoints/last.pt")
+    assert state["step"] == 6 and state["params"]["pix2pix"]["steps"] == 6
+    assert [row["step"] for row in state["history"]] == [2, 4, 6], "the old history goes on"
+    # The speed covers both segments: six steps over the time of both, not the last two steps alone.
+    assert state["seconds"] > first["seconds"] and summary["steps_per_second"] == round(6 / state["seconds"], 4)
+    kept = sorted(p.name for p in (workdir / "runs/pix2pix/checkpoints").glob("step_*.pt"))
+    assert kept == ["step_000004.pt", "step_000006.pt"]
+    assert load_checkpoint(workdir / "runs/pix2pix/checkpoints/step_000004.pt")["step"] == 4
+
+    from pipeline.evaluate.stage import evaluate_recipe
+    from pipeline.export.stage import export_recipe
+
+    assert evaluate_recipe("pix2pix", longer, QUIET, step=4, features="pixels-16")["step"] == 4
+    assert json.loads((workdir / "metrics/pix2pix.step_000004.json").read_text())["step"] == 4
+    assert json.loads((workdir / "metrics/pix2pix.train.json").read_text())["steps"] == 6, "the final one stays"
+    export_recipe("pix2pix", longer, QUIET, fp16=False, step=4)
+    assert (workdir / "artifacts/pix2pix.step_000004/AtoB.onnx").exists() and not (
+        workdir / "artifacts/pix2pix"
+    ).exists()
+    with pytest.raises(UserError, match="--step 3: no checkpoint of that step.*kept steps: 4, 6"):
+        evaluate_recipe("pix2pix", longer, QUIET, step=3)
+
+
+def test_an_experiments_export_gets_its_own_alias_next_to_latest(workdir, monkeypatch):
+    from mlflow import MlflowClient
+
+    from pipeline.export.stage import export_recipe
+
+    params = load_params("params.yaml", tiny("pix2pix", steps=2, every=2))
+    train("pix2pix", params, QUIET)
+    monkeypatch.setenv("DVC_EXP_NAME", "sunny-zebra")
+    export_recipe("pix2pix", params, QUIET, fp16=False)
+    version = MlflowClient().get_model_version_by_alias("transfigure-pix2pix-AtoB", "exp-sunny-zebra")
+    assert str(version.version) == "1"
+
+
+def test_training_writes_labelled_sample_sheets_and_loss_curves_and_shows_the_csv_means(workdir, capfd):
+    from PIL import Image
+    from rich.console import Console
+
+    console = Console(record=True, width=300, force_terminal=False)
+    train("cyclegan", load_params("params.yaml", tiny("cyclegan", steps=4, every=2)), console)
+    samples = workdir / "runs/cyclegan/samples"
+    assert sorted(p.name for p in samples.iterdir()) == ["losses.png", "step_000002.png", "step_000004.png"]
+    sheet = np.asarray(Image.open(samples / "step_000004.png").convert("L"))
+    # A header of six labels (real A ... rec B) above six columns of 64-px images (32-px digits, enlarged).
+    assert sheet.shape[1] == 2 + 6 * (64 + 2) and (sheet[:14] < 128).sum() > 50
+    assert Image.open(samples / "losses.png").format == "PNG"
+    rows = list(csv.DictReader((workdir / "runs/cyclegan/losses.csv").open()))
+    shown = [line for line in console.export_text().splitlines() if line.startswith("step 2/4")]
+    assert shown and f"G={float(rows[0]['G']):.3f}" in shown[0] and f"D_A={float(rows[0]['D_A']):.3f}" in shown[0]
+    assert "serving input example" not in capfd.readouterr().err, "MLflow's warning at the end of training"
 
 
 def test_changed_training_code_resumes_with_a_note_or_starts_over_when_asked(workdir, monkeypatch):
@@ -158,7 +224,8 @@ def test_a_run_killed_with_sigkill_resumes_and_finishes_its_steps(workdir):
     state = load_checkpoint(ckpt)
     assert state["step"] == steps
     assert state["history"][-1]["step"] == steps
-    assert not [p for p in ckpt.parent.iterdir() if p.name != "last.pt"]
+    leftovers = [p.name for p in ckpt.parent.iterdir() if p.name != "last.pt" and not p.name.startswith("step_")]
+    assert not leftovers, "no temporary file survives the kill"
 
 
 def test_an_interrupted_checkpoint_write_leaves_the_previous_file_intact(tmp_path, monkeypatch):
@@ -259,6 +326,7 @@ def test_mlflow_server_receives_params_metric_histories_and_images(workdir, tmp_
         assert [m.step for m in client.get_metric_history(run.info.run_id, "G")] == [2, 4]
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "images")}
         assert any("samples" in path for path in artifacts)
+        assert "losses.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
         assert client.search_logged_models([run.info.experiment_id])
     finally:
         server.terminate()
@@ -286,3 +354,8 @@ def test_a_resumed_run_continues_the_learning_rate_schedule_not_a_decayed_copy(w
     base = objectives.get("lsgan").recommended["lr"]
     for name in ("G", "D"):
         assert state["optimizers"][name]["param_groups"][0]["lr"] == pytest.approx(base * lr_factor(7, 8, True))
+
+
+def test_unpaired_recipes_flip_by_default_as_the_reference_does():
+    assert recipes.get("cyclegan").Params().augment.flip and recipes.get("alignflow").Params().augment.flip
+    assert not recipes.get("pix2pix").Params().augment.flip

@@ -13,18 +13,23 @@ from models.generators import build_generator
 from pipeline.errors import UserError
 from pipeline.export.to_onnx import export_image_generator
 from pipeline.serve.engine import Engine
-from pipeline.serve.translate import exit_code, translate_path
+from pipeline.serve.translate import check_writable, exit_code, translate_path
 from tests.corpus import gradient, write_bad_corpus, write_good
 
-REPORT_KEYS = {"translated", "skipped", "rejected", "seconds", "provider", "images_per_second"}
+REPORT_KEYS = {"translated", "skipped", "rejected", "ignored", "seconds", "provider", "images_per_second"}
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
+def model_file(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("model") / "g.onnx"
     export_image_generator(build_generator("resnet_2blocks", ngf=8), path, METADATA)
-    return Engine(path, providers=["cpu"])
+    return path
+
+
+@pytest.fixture(scope="module")
+def engine(model_file):
+    return Engine(model_file, providers=["cpu"])
 
 
 def _outputs(folder: Path) -> list[str]:
@@ -157,3 +162,33 @@ def test_default_batch_is_one_image_on_the_cpu_and_eight_on_a_gpu(engine, tmp_pa
     write_good(tmp_path / "in", 3, size=(40, 36))
     report = translate_path(tmp_path / "in", tmp_path / "out", engine, progress=False)
     assert report["translated"] == 3 and report["provider"] == "cpu"
+
+
+def test_a_folder_without_images_is_refused_naming_what_it_holds(engine, tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "notes.txt").write_text("not an image")
+    with pytest.raises(UserError, match=r"no images to translate.*notes\.txt"):
+        translate_path(tmp_path / "in", tmp_path / "out", engine, progress=False)
+
+
+def test_files_that_are_not_images_are_listed_as_ignored(engine, tmp_path):
+    write_good(tmp_path / "in", 1)
+    (tmp_path / "in" / "readme.txt").write_text("x")
+    report = translate_path(tmp_path / "in", tmp_path / "out", engine, progress=False)
+    assert report["translated"] == 1 and [Path(p).name for p in report["ignored"]] == ["readme.txt"]
+
+
+def test_cli_refuses_bad_places_before_any_work_and_lists_rejections(model_file, tmp_path, run_cli):
+    write_good(tmp_path / "in", 2)
+    (tmp_path / "in" / "empty.png").write_bytes(b"")
+    (tmp_path / "blocker").write_text("a file where a folder would have to be")
+
+    unwritable = run_cli("translate", "in", "out", "--model", str(model_file), "--report", "blocker/r.json")
+    assert unwritable.returncode == 2 and "blocker: cannot write here" in unwritable.stderr
+    assert "Traceback" not in unwritable.stderr and not list((tmp_path / "out").rglob("*")), "nothing translated"
+    with pytest.raises(UserError, match="blocker/out: cannot write here"):
+        check_writable(tmp_path / "blocker" / "out")
+
+    done = run_cli("translate", "in", "out", "--model", str(model_file))
+    assert done.returncode == 1, done.stderr
+    assert "rejected in/empty.png: empty file" in done.stdout and "translated 2," in done.stdout

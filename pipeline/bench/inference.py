@@ -246,7 +246,7 @@ def _gflop_per_image(net, size: int) -> float:
 
 
 def _machine(gpu: str | None) -> str:
-    from pipeline.serve.engine import cpu_count
+    from pipeline.threads import available_cpus
 
-    cpus = f"{cpu_count()}-core CPU ({platform.machine()})"
+    cpus = f"{len(available_cpus())}-core CPU ({platform.machine()})"
     return f"{gpu}, {cpus}" if gpu else f"{cpus}, no GPU"

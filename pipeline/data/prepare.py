@@ -95,6 +95,7 @@ def _build(
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         outcome = _write_items(items, staging, spec)
+        _refuse_empty_domains(out, outcome, spec, log)
         outcome.entries.sort(key=lambda e: e["path"])
         classes = sorted({e["label"] for e in outcome.entries if e["label"] is not None})
         write_json_atomic(
@@ -118,6 +119,20 @@ def _build(
         log(f"skipped {rejection['path']}: {rejection['reason']}")
     log(f"{out}: prepared {report['prepared']} images, rejected {len(report['rejected'])}")
     return report
+
+
+def _refuse_empty_domains(out: Path, outcome: Outcome, spec: DatasetParams, log: Callable[[str], None]) -> None:
+    """A domain with no training image would only fail later, in `train`: refuse it now, saying why."""
+    needed = "A" if spec.layout == "classes" else "AB"
+    empty = [d for d in needed if not any(e["split"] == "train" and e["domain"] == d for e in outcome.entries)]
+    if not empty:
+        return
+    for rejection in outcome.rejected:
+        log(f"skipped {rejection['path']}: {rejection['reason']}")
+    source = spec.path or "the built-in data"
+    rejected = f"; {len(outcome.rejected)} files were rejected (listed above)" if outcome.rejected else ""
+    folders = ", ".join(f"train{d}" for d in empty) if spec.layout != "classes" else "any class folder"
+    raise UserError(f"{source}: no training images in {folders}{rejected}; nothing written to {out}")
 
 
 def _replace_dir(new: Path, final: Path) -> None:

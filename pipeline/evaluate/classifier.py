@@ -12,6 +12,7 @@ import torch
 
 from models.classifier import DigitClassifier
 from pipeline.data.datasets import LabeledDataset
+from pipeline.errors import UserError
 from pipeline.files import write_json_atomic
 from pipeline.params import Params
 from pipeline.train.checkpoint import load_checkpoint, save_checkpoint
@@ -51,6 +52,8 @@ def fit_classifier(params: Params, console, path: Path = CLASSIFIER, metrics_roo
             "recipe": "classifier",
             "step": step,
             "params": cp.model_dump(mode="json"),
+            # What it was trained on: evaluation uses it only on the same images (pipeline/evaluate/stage.py).
+            "dataset": params.data.datasets[cp.dataset].model_dump(mode="json"),
             "n_classes": train.n_classes,
             "networks": {"classifier": net.state_dict()},
         },
@@ -62,13 +65,21 @@ def fit_classifier(params: Params, console, path: Path = CLASSIFIER, metrics_roo
     return result
 
 
-def load_classifier(path: Path = CLASSIFIER) -> DigitClassifier | None:
-    if not path.exists():
-        return None
+def load_classifier(path: Path = CLASSIFIER) -> tuple[DigitClassifier, dict]:
+    """The classifier and the spec of the dataset it was trained on."""
     state = load_checkpoint(path)
+    if "dataset" not in state:
+        raise UserError(
+            f"{path}: made by an older version that did not record its data; `transfigure train classifier`"
+        )
     net = DigitClassifier(n_classes=state["n_classes"])
     net.load_state_dict(state["networks"]["classifier"])
-    return net.eval()
+    return net.eval(), state["dataset"]
+
+
+def trained_on_same_images(classifier_dataset: dict, dataset: dict) -> bool:
+    """The digits in either layout are the same images; a folder is the same data only at the same path and size."""
+    return all(classifier_dataset.get(key) == dataset.get(key) for key in ("source", "path", "size"))
 
 
 @torch.no_grad()

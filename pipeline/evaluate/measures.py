@@ -4,6 +4,7 @@ and samples of a flow, each with the sample sheets a person looks at. Every func
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +20,9 @@ from pipeline.pixels import sample_sheet
 
 @dataclass(frozen=True)
 class EvalInputs:
-    """What evaluation hands a recipe: the prepared test data, the digit classifier (or None) and the feature
-    extractor for KID/FID, the evaluate section, the seed, and the folder for the sample sheets."""
+    """What evaluation hands a recipe: the prepared test data, the digit classifier (None unless these are its
+    images) and the feature extractor for KID/FID, the evaluate section, the seed, the folder for the sample
+    sheets, and where to report the smaller set's size of each KID/FID (the stage warns about small samples)."""
 
     data_dir: Path
     manifest: dict
@@ -29,6 +31,7 @@ class EvalInputs:
     settings: object
     seed: int
     reports: Path
+    record_sample_size: Callable[[int], None] = lambda n: None
 
 
 def load_split(inputs: EvalInputs, domain: str) -> tuple[list[str], torch.Tensor, list[int | None]]:
@@ -60,10 +63,11 @@ def translation(generators: dict[str, torch.nn.Module], inputs: EvalInputs) -> d
             "l1_A": float((rec_a - real_a).abs().mean() / 2),
             "l1_B": float((rec_b - real_b).abs().mean() / 2),
         }
-        _sheet(inputs, "BtoA.png", [real_b, fake_a, rec_b] + ([real_a] if paired else []), rows)
-        _sheet(inputs, "AtoB.png", [real_a, fake_b, rec_a] + ([real_b] if paired else []), rows)
+        truth_a, truth_b = ({"real A": real_a}, {"real B": real_b}) if paired else ({}, {})
+        _sheet(inputs, "BtoA.png", {"real B": real_b, "fake A": fake_a, "rec B": rec_b} | truth_a, rows)
+        _sheet(inputs, "AtoB.png", {"real A": real_a, "fake B": fake_b, "rec A": rec_a} | truth_b, rows)
     else:
-        _sheet(inputs, "AtoB.png", [real_a, fake_b] + ([real_b] if paired else []), rows)
+        _sheet(inputs, "AtoB.png", {"real A": real_a, "fake B": fake_b} | ({"real B": real_b} if paired else {}), rows)
     if inputs.classifier is not None and all(label is not None for label in labels_b):
         result["real_content_accuracy"] = _accuracy(inputs.classifier, real_b, labels_b)
     return result
@@ -91,8 +95,8 @@ def conditional_samples(generator: torch.nn.Module, z_dim: int, domain: str, inp
             np.mean([diversity(real_u8[real_labels == k]) for k in range(n_classes) if (real_labels == k).sum() > 1])
         ),
     }
-    grid = [fake.view(n_classes, per_class, *fake.shape[1:])[:, i] for i in range(min(per_class, 10))]
-    _sheet(inputs, "classes.png", grid, n_classes)
+    by_class = fake.view(n_classes, per_class, *fake.shape[1:])
+    _sheet(inputs, "classes.png", {f"z{i + 1}": by_class[:, i] for i in range(min(per_class, 10))}, n_classes)
     _sheet(inputs, "walk.png", _latent_walk(generator, z_dim, n_classes, rng), n_classes)
     return result
 
@@ -104,7 +108,7 @@ def flow_samples(generator: torch.nn.Module, real: torch.Tensor, inputs: EvalInp
     n = inputs.settings.n_samples_per_class * max(1, len(inputs.manifest["classes"]))
     z = torch.randn(n, *generator.latent_shape, generator=torch.Generator().manual_seed(inputs.seed))
     fake = torch.cat([generator(chunk) for chunk in z.split(256)])
-    _sheet(inputs, "samples.png", [generator(z[:10] * t) for t in (1.0, 0.85, 0.7, 0.5)], 10)
+    _sheet(inputs, "samples.png", {f"T={t}": generator(z[:10] * t) for t in (1.0, 0.85, 0.7, 0.5)}, 10)
     return _distances(real, fake, inputs)
 
 
@@ -121,6 +125,7 @@ def _direction(source, fake, truth, labels, target_real, inputs: EvalInputs) -> 
 
 
 def _distances(real: torch.Tensor, fake: torch.Tensor, inputs: EvalInputs) -> dict:
+    inputs.record_sample_size(min(len(real), len(fake)))
     real_features, fake_features = inputs.extractor(to_uint8(real)), inputs.extractor(to_uint8(fake))
     kid, kid_std = metrics.kid_from_features(real_features, fake_features)
     return {"kid": kid, "kid_std": kid_std, "fid": metrics.fid_from_features(real_features, fake_features)}
@@ -135,14 +140,15 @@ def _run(net: torch.nn.Module, images: torch.Tensor, batch_size: int) -> torch.T
     return torch.cat([net(chunk) for chunk in images.split(batch_size)])
 
 
-def _sheet(inputs: EvalInputs, name: str, columns: list[torch.Tensor], n: int) -> None:
-    write_image_atomic(inputs.reports / name, sample_sheet([column[:n] for column in columns]))
+def _sheet(inputs: EvalInputs, name: str, columns: dict[str, torch.Tensor], n: int) -> None:
+    write_image_atomic(inputs.reports / name, sample_sheet({k: column[:n] for k, column in columns.items()}))
 
 
-def _latent_walk(generator, z_dim: int, n_classes: int, rng: torch.Generator, steps: int = 10) -> list[torch.Tensor]:
+def _latent_walk(generator, z_dim: int, n_classes: int, rng: torch.Generator, steps: int = 10) -> dict:
     """Each row a class; columns move in a straight line between two latent points, shared by all classes."""
     start, end = torch.randn(2, z_dim, generator=rng)
     labels = torch.arange(n_classes)
-    return [
-        generator(((1 - t) * start + t * end).expand(n_classes, z_dim), labels) for t in torch.linspace(0, 1, steps)
-    ]
+    return {
+        f"t={t:.2f}": generator(((1 - t) * start + t * end).expand(n_classes, z_dim), labels)
+        for t in torch.linspace(0, 1, steps).tolist()
+    }

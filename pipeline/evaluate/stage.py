@@ -1,4 +1,5 @@
-"""`evaluate`: a recipe's checkpoint scored by the recipe's own evaluation, and the comparison of two folders."""
+"""`evaluate`: a recipe's checkpoint scored by the recipe's own evaluation, on the data and with the settings the
+checkpoint was trained with, and the comparison of two folders."""
 
 from __future__ import annotations
 
@@ -8,60 +9,143 @@ from pipeline import tracking
 from pipeline.data.datasets import load_manifest
 from pipeline.errors import UserError
 from pipeline.evaluate import metrics
-from pipeline.evaluate.classifier import CLASSIFIER, load_classifier
+from pipeline.evaluate.classifier import CLASSIFIER, load_classifier, trained_on_same_images
 from pipeline.evaluate.measures import EvalInputs
 from pipeline.files import write_json_atomic
-from pipeline.params import Params, flatten
+from pipeline.params import Params, flatten, training_params
 from pipeline.train import recipes
-from pipeline.train.checkpoint import LAST, checkpoint_dir, load_checkpoint
+from pipeline.train.checkpoint import checkpoint_path, load_checkpoint
+
+# Below this many images per set, KID's subsets are tiny and its unbiased estimate swings around zero.
+KID_MIN_IMAGES = 50
 
 
 def evaluate_recipe(
     recipe_name: str,
     params: Params,
     console,
+    *,
+    step: int | None = None,
+    on_dataset: str | None = None,
+    features: str | None = None,
     runs_root: Path = Path("runs"),
     metrics_root: Path = Path("metrics"),
     reports_root: Path = Path("reports"),
 ) -> dict:
+    """Scores last.pt (or the kept checkpoint of `step`). The recipe settings come from the checkpoint; params
+    that contradict them are refused, naming the keys. `on_dataset` evaluates on another prepared dataset of
+    params instead, into files of their own; `features` overrides `evaluate.features`."""
     recipe = recipes.get(recipe_name)
-    checkpoint = checkpoint_dir(recipe_name, runs_root) / LAST
+    checkpoint = checkpoint_path(recipe_name, step, runs_root)
     state = load_checkpoint(checkpoint)
-    generators = recipes.generators_from_checkpoint(state)
-    p = params.recipe(recipe_name)
-    data_dir = Path(params.data.root) / p.dataset
-    classifier = load_classifier(runs_root / "classifier" / CLASSIFIER.name)
-    extractor = _extractor(classifier)
-    reports = reports_root / recipe_name
+    trained = state["params"]
+    p = recipe.Params.model_validate(trained[recipe_name])
+    trained_on = trained[recipe_name]["dataset"]
+    if on_dataset is None:
+        _refuse_contradictions(checkpoint, trained, training_params(params, recipe_name), recipe_name)
+        dataset_name, dataset_spec = trained_on, trained["dataset"]
+    else:
+        if on_dataset not in params.data.datasets:
+            raise UserError(f"--on-dataset {on_dataset}: no such dataset under data.datasets")
+        dataset_name, dataset_spec = on_dataset, params.data.datasets[on_dataset].model_dump(mode="json")
+        console.print(f"evaluating {checkpoint} (trained on {trained_on!r}) on dataset {on_dataset!r}")
+    suffix = (f".step_{state['step']:06d}" if step is not None else "") + (f".on-{on_dataset}" if on_dataset else "")
+    data_dir = Path(params.data.root) / dataset_name
+    settings = params.evaluate if features is None else params.evaluate.model_copy(update={"features": features})
+    classifier, extractor, why = _features(settings, dataset_name, dataset_spec, runs_root)
+    console.print(f"features: {extractor.name} ({why})")
+    reports = reports_root / f"{recipe_name}{suffix}"
     reports.mkdir(parents=True, exist_ok=True)
-    inputs = EvalInputs(data_dir, load_manifest(data_dir), classifier, extractor, params.evaluate, params.seed, reports)
+    sizes: list[int] = []
+    inputs = EvalInputs(
+        data_dir, load_manifest(data_dir), classifier, extractor, settings, params.seed, reports, sizes.append
+    )
+    generators = recipes.generators_from_checkpoint(state)
     result = recipe.evaluate(generators, p, inputs)
-    result["features"] = extractor.name
-    write_json_atomic(metrics_root / f"{recipe_name}.json", result)
-    numbers = {f"eval.{k}": float(v) for k, v in flatten(result).items() if isinstance(v, int | float)}
+    result |= {"features": extractor.name, "dataset": dataset_name, "step": state["step"]}
+    if sizes and (warning := small_sample_warning(min(sizes))):
+        console.print(warning)
+    metrics_file = metrics_root / f"{recipe_name}{suffix}.json"
+    write_json_atomic(metrics_file, result)
+    prefix = f"eval_on_{on_dataset}." if on_dataset else "eval."
+    numbers = {f"{prefix}{k}": float(v) for k, v in flatten(result).items() if isinstance(v, int | float)}
     try:
         run_id = tracking.run_for_checkpoint(state, checkpoint, console)
-        tracking.log_to_run(run_id, numbers, sorted(reports.glob("*.png")), "reports")
+        tracking.log_to_run(run_id, numbers, sorted(reports.glob("*.png")), reports.name, step=state["step"])
     except tracking.TrackingUnavailable as exc:
-        console.print(f"warning: {exc}; the metrics are in {metrics_root / f'{recipe_name}.json'}, not in MLflow")
+        console.print(f"warning: {exc}; the metrics are in {metrics_file}, not in MLflow")
     summary = ", ".join(f"{k}={v:.4g}" for k, v in flatten(result).items() if isinstance(v, float))
     console.print(f"{recipe_name}: {summary}")
     return result
 
 
-def _extractor(classifier):
-    return metrics.ClassifierFeatures(classifier) if classifier is not None else metrics.PixelFeatures()
+def small_sample_warning(n_images: int) -> str | None:
+    if n_images >= KID_MIN_IMAGES:
+        return None
+    return (
+        f"warning: KID from as few as {n_images} images per set: its unbiased estimate can come out negative and "
+        "its ± is wide; compare runs only at equal sample sizes (README, Evaluation)"
+    )
 
 
-def compare(real: Path, fake: Path, features: str, weights: Path | None, sha256: str | None = None) -> dict:
-    if features == "inception":
+def _refuse_contradictions(checkpoint: Path, trained: dict, wanted: dict, recipe: str) -> None:
+    """Params must describe the model in the checkpoint; `steps` may differ (a kept or unfinished checkpoint)."""
+    a, b = flatten(trained), flatten(wanted)
+    changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k != f"{recipe}.steps")
+    if changed:
+        listed = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
+        raise UserError(
+            f"{checkpoint} was trained with other settings than params now give ({listed}); evaluation uses the "
+            "checkpoint's: restore those params (or retrain), or pass --on-dataset NAME to score it on another dataset"
+        )
+
+
+def _features(settings, dataset_name: str, dataset_spec: dict, runs_root: Path):
+    """(classifier or None, feature extractor, why): chosen by `settings.features`, never by which files exist;
+    the digit classifier only on the images it was trained on."""
+    choice = settings.features
+    if choice == "inception-v3":
+        weights = metrics.InceptionFeatures(settings.inception_weights, expected_sha256=settings.inception_sha256)
+        return None, weights, "evaluate.features"
+    if choice == "pixels-16" or (choice == "auto" and dataset_spec.get("source") != "builtin"):
+        why = "evaluate.features" if choice != "auto" else f"auto: {dataset_name!r} is not the built-in digits"
+        return None, metrics.PixelFeatures(), why
+    path = runs_root / "classifier" / CLASSIFIER.name
+    if not path.exists():
+        raise UserError(
+            f"{path}: features {choice} on the built-in digits need the digit classifier; "
+            "`transfigure train classifier` (or evaluate.features: pixels-16)"
+        )
+    classifier, classifier_dataset = load_classifier(path)
+    if not trained_on_same_images(classifier_dataset, dataset_spec):
+        raise UserError(
+            f"{path} was trained on other images than dataset {dataset_name!r}; its features mean nothing there "
+            "(evaluate.features: pixels-16 or inception-v3)"
+        )
+    why = "evaluate.features" if choice != "auto" else f"auto: {dataset_name!r} is the classifier's digits"
+    return classifier, metrics.ClassifierFeatures(classifier), why
+
+
+def compare(
+    real: Path,
+    fake: Path,
+    features: str,
+    weights: Path | None,
+    sha256: str | None = None,
+    classifier: Path | None = None,
+) -> dict:
+    if features == "inception-v3":
         if weights is None:
-            raise UserError("--features inception needs --weights FILE (a local Inception-v3 state dict)")
+            raise UserError("--features inception-v3 needs --weights FILE (a local Inception-v3 state dict)")
         extractor = metrics.InceptionFeatures(weights, expected_sha256=sha256)
-    elif features == "builtin":
-        extractor = _extractor(load_classifier())
+    elif features == "digits-classifier":
+        if classifier is None:
+            raise UserError("--features digits-classifier needs --classifier FILE (runs/classifier/classifier.pt)")
+        extractor = metrics.ClassifierFeatures(load_classifier(classifier)[0])
+    elif features == "pixels-16":
+        extractor = metrics.PixelFeatures()
     else:
-        raise UserError(f"--features: {features!r} is not builtin or inception")
+        raise UserError(f"--features: {features!r} is not pixels-16, digits-classifier or inception-v3")
     for folder in (real, fake):
         if not folder.is_dir():
             raise UserError(f"{folder}: no such folder")

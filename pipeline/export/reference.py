@@ -3,16 +3,13 @@ networks and exported under our model card, with hints when the flags do not fit
 
 from __future__ import annotations
 
-import pickle
-from collections.abc import Mapping
 from pathlib import Path
-
-import torch
 
 from models.generators import ReferenceLoadError, build_generator, guess_reference_arch, load_reference_state_dict
 from pipeline.errors import UserError
 from pipeline.export.to_onnx import export_image_generator
 from pipeline.files import sha256_of_file
+from pipeline.train.checkpoint import read_state_dict
 
 
 def import_reference_checkpoint(
@@ -27,7 +24,7 @@ def import_reference_checkpoint(
     matches `test.py --eval`, not its default output. Domains are unknown, so the metadata says A to B.
     """
     pth_path = Path(pth_path)
-    state_dict = _load_state_dict(pth_path)
+    state_dict = read_state_dict(pth_path)
     flags = _flags(arch, norm, dropout)
     try:
         net = build_generator(arch, 3, 3, 64, norm, dropout)
@@ -53,30 +50,6 @@ def import_reference_checkpoint(
     }
     # Eval mode on purpose (see the docstring): this matches the reference's `test.py --eval`.
     return export_image_generator(net.eval(), Path(out_path), metadata, opset=opset)
-
-
-def _load_state_dict(pth_path: Path) -> dict:
-    try:
-        loaded = torch.load(pth_path, map_location="cpu", weights_only=True)
-    except OSError as exc:
-        raise UserError(f"cannot read checkpoint {pth_path}: {exc.strerror or exc}") from exc
-    except pickle.UnpicklingError as exc:
-        first_line = str(exc).splitlines()[0] if str(exc) else ""
-        raise UserError(
-            f"{pth_path.name} is not a plain state dict ({first_line.rstrip('.')}); "
-            "save the generator with torch.save(net.state_dict(), path)"
-        ) from exc
-    except Exception as exc:
-        # Garbage bytes surface as whatever the unpickler tripped on (KeyError, EOFError, RuntimeError, ...).
-        raise UserError(f"{pth_path.name} is not a PyTorch checkpoint ({type(exc).__name__})") from exc
-    is_state_dict = (
-        isinstance(loaded, Mapping)
-        and loaded
-        and all(isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in loaded.items())
-    )
-    if not is_state_dict:
-        raise UserError(f"{pth_path.name} is not a generator state dict (a mapping of names to tensors)")
-    return dict(loaded)
 
 
 def _flags(arch: str, norm: str, dropout: bool) -> str:

@@ -3,6 +3,8 @@ What to export comes from the recipe (`Recipe.exports`); how depends only on the
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 from pipeline import tracking
@@ -13,7 +15,7 @@ from pipeline.files import write_json_atomic
 from pipeline.params import Params
 from pipeline.schema import ExportParams
 from pipeline.train import recipes
-from pipeline.train.checkpoint import LAST, checkpoint_dir, load_checkpoint
+from pipeline.train.checkpoint import checkpoint_path, load_checkpoint
 
 
 def export_state(state, out_dir: Path, fp16: bool, opset: int, atol: float) -> dict[str, dict]:
@@ -45,24 +47,32 @@ def export_recipe(
     params: Params,
     console,
     fp16: bool,
+    step: int | None = None,
     runs_root: Path = Path("runs"),
     artifacts_root: Path = Path("artifacts"),
 ) -> dict:
-    checkpoint = checkpoint_dir(recipe, runs_root) / LAST
+    """last.pt into artifacts/RECIPE/, registered; or a kept checkpoint (`step`) into artifacts/RECIPE.step_N/,
+    not registered, so `models:/...@latest` stays the finished run's model."""
+    checkpoint = checkpoint_path(recipe, step, runs_root)
     state = load_checkpoint(checkpoint)
-    if params.export.register_models:
+    register = params.export.register_models and step is None
+    if register:
         tracking.check_reachable()  # before the work, not after it
-    out_dir = artifacts_root / recipe
+    out_dir = artifacts_root / (recipe if step is None else f"{recipe}.step_{step:06d}")
     results = export_state(state, out_dir, fp16, params.export.opset, params.export.parity_atol)
     for result in results.values():
         console.print(f"wrote {result['path']} ({_parity_text(result)})")
     write_json_atomic(out_dir / "export.json", results)
-    if params.export.register_models:
+    if register:
         run_id = tracking.run_for_checkpoint(state, checkpoint, console)
+        # `dvc exp run` names its experiment; each gets its own alias, and @latest moves to it like any new version.
+        experiment = os.environ.get("DVC_EXP_NAME")
+        alias = f"exp-{re.sub(r'[^A-Za-z0-9_-]', '-', experiment)}" if experiment else None
         for direction, result in results.items():
             name = f"transfigure-{recipe}-{direction}"
-            version = tracking.register_onnx(run_id, Path(result["path"]), name)
-            console.print(f"registered models:/{name}@latest (version {version})")
+            version = tracking.register_onnx(run_id, Path(result["path"]), name, alias)
+            also = f" and models:/{name}@{alias} (experiment {experiment}; @latest moved too)" if alias else ""
+            console.print(f"registered models:/{name}@latest (version {version}){also}")
     return results
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from pipeline import threads
 from pipeline.errors import UserError
 from pipeline.export import model_card as card
 from pipeline.pixels import to_model_range, to_pixels
@@ -163,10 +164,12 @@ def download_model(uri: str, dst: Path) -> Path:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from pipeline.tracking import tracking_uri
+    from pipeline.tracking import existing_store
 
-    store = tracking_uri()
+    store = existing_store()
     mlflow.set_tracking_uri(store)
+    # MLflow's download bar is a screenful of noise for one local copy; the translate bar follows anyway.
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
     except MlflowException as exc:
@@ -175,11 +178,6 @@ def download_model(uri: str, dst: Path) -> Path:
     if len(found) != 1 or found[0].suffix != ".onnx":
         raise UserError(f"{uri} holds {len(found)} .onnx files; expected one ONNX model")
     return found[0]
-
-
-def cpu_count() -> int:
-    """The CPUs this process may run on (its affinity mask, which containers and taskset narrow)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _available_names() -> list[str]:
@@ -202,8 +200,8 @@ def _default_tensorrt_cache() -> Path:
 def _session(path: Path, providers: list, quiet: bool) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # ORT counts the machine's cores; a container or taskset may allow fewer, and oversubscribing them is slow.
-    options.intra_op_num_threads = cpu_count()
+    # ORT counts the machine's cores; a container may allow fewer, and another job may hold some (threads.py).
+    options.intra_op_num_threads = threads.current()
     # ORT prints its provider fallbacks on stdout; they go to stderr, or nowhere when the choice was automatic
     # (a GPU provider failing on a CPU machine is expected then, and `provider` says what loaded).
     sink = io.StringIO() if quiet else sys.stderr

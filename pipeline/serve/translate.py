@@ -8,6 +8,8 @@ Outputs are written atomically, so an interrupted run leaves only complete files
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -28,6 +30,8 @@ _OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 _WAITING_PIXELS = 64 * 2**20
 # Pixels in one batch, so the default batch size on large photos does not exhaust memory.
 _BATCH_PIXELS = 8 * 512 * 512
+# Rejected files listed on the console one per line; past this many, the rest are counted (all are in --report).
+_SCREENFUL = 20
 
 
 def default_batch_size(provider: str) -> int:
@@ -52,8 +56,9 @@ def translate_path(
 
     `batch_size` None is default_batch_size(engine.provider). For a single image, OUTPUT is the output file when
     it has an image suffix (which then sets the format), else a folder. Bad inputs are listed in the report with
-    a reason and the rest go on. Returns (and writes to `report_path`) {"translated", "skipped", "rejected":
-    [{"path", "reason"}], "seconds", "provider", "images_per_second"}.
+    a reason and the rest go on; files that are not images are listed under "ignored", and a folder with no
+    images at all is refused. Returns (and writes to `report_path`) {"translated", "skipped", "rejected":
+    [{"path", "reason"}], "ignored", "seconds", "provider", "images_per_second"}.
     """
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
@@ -63,9 +68,9 @@ def translate_path(
     if tile is not None and tile < engine.multiple:
         raise UserError(f"--tile {tile} is smaller than the model's multiple ({engine.multiple})")
     start = time.perf_counter()
-    jobs, rejected = _plan(Path(input), Path(output), fmt)
+    jobs, rejected, ignored = _plan(Path(input), Path(output), fmt)
     todo = [job for job in jobs if not (skip_existing and job[1].exists())]
-    report = {"translated": 0, "skipped": len(jobs) - len(todo), "rejected": rejected}
+    report = {"translated": 0, "skipped": len(jobs) - len(todo), "rejected": rejected, "ignored": ignored}
 
     from rich.console import Console
 
@@ -137,22 +142,57 @@ def translate_path(
     return report
 
 
+def check_writable(output: Path, report_path: Path | None = None) -> None:
+    """Refuses, before any work, an output folder (or a report's folder) that cannot be created or written."""
+    folders = [output.parent if output.suffix.lower() in _OUTPUT_SUFFIXES else output]
+    if report_path is not None:
+        if report_path.is_dir():
+            raise UserError(f"--report {report_path}: is a folder; name a .json file")
+        folders.append(report_path.parent)
+    for folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            handle, probe = tempfile.mkstemp(dir=folder, prefix=".write-test.")
+            os.close(handle)
+            os.unlink(probe)
+        except OSError as exc:
+            raise UserError(f"{folder}: cannot write here ({exc.strerror or exc})") from None
+
+
+def rejections_text(report: dict) -> list[str]:
+    """Each rejected file with its reason, a screenful at most, and the files that were not images."""
+    lines = [f"rejected {item['path']}: {item['reason']}" for item in report["rejected"][:_SCREENFUL]]
+    if len(report["rejected"]) > _SCREENFUL:
+        lines.append(f"... and {len(report['rejected']) - _SCREENFUL} more (all listed with --report FILE)")
+    if report.get("ignored"):
+        shown = ", ".join(str(path) for path in report["ignored"][:5])
+        more = f" and {len(report['ignored']) - 5} more" if len(report["ignored"]) > 5 else ""
+        lines.append(f"ignored {len(report['ignored'])} files that are not images: {shown}{more}")
+    return lines
+
+
 def exit_code(report: dict) -> int:
     """The CLI's exit status: 0 when every input was translated or skipped, 1 when some were rejected.
     (Usage errors raise UserError before any work and exit 2.)"""
     return 1 if report["rejected"] else 0
 
 
-def _plan(input: Path, output: Path, fmt: str) -> tuple[list[tuple[Path, Path]], list[dict]]:
-    """(source, target) pairs, and the sources refused because another one already claimed their target."""
+def _plan(input: Path, output: Path, fmt: str) -> tuple[list[tuple[Path, Path]], list[dict], list[str]]:
+    """(source, target) pairs, the sources refused because another one already claimed their target, and the
+    files that are not images."""
     if input.is_file():
         target = output if output.suffix.lower() in _OUTPUT_SUFFIXES else output / f"{input.stem}.{fmt}"
-        return [(input, target)], []
+        return [(input, target)], [], []
     if not input.is_dir():
         raise UserError(f"input not found: {input}")
     # An output folder inside the input folder must not feed a later run's outputs back in as inputs.
     out_root = output.resolve()
-    sources = [path for path in list_images(input) if not path.resolve().is_relative_to(out_root)]
+    others: list[Path] = []
+    sources = [path for path in list_images(input, others) if not path.resolve().is_relative_to(out_root)]
+    ignored = [str(path) for path in others if not path.resolve().is_relative_to(out_root)]
+    if not sources:
+        listed = f"; not images: {', '.join(ignored[:5])}" + (" ..." if len(ignored) > 5 else "") if ignored else ""
+        raise UserError(f"{input}: no images to translate (.png, .jpg, .jpeg, .webp, ...){listed}")
     jobs, rejected, claimed = [], [], {}
     for source in sources:
         target = output / source.relative_to(input).with_suffix(f".{fmt}")
@@ -162,7 +202,7 @@ def _plan(input: Path, output: Path, fmt: str) -> tuple[list[tuple[Path, Path]],
             continue
         claimed[target] = source
         jobs.append((source, target))
-    return jobs, rejected
+    return jobs, rejected, ignored
 
 
 def _decode_ahead(

@@ -1,16 +1,23 @@
 """The one checkpoint format, written and read here only: a dict of tensors and plain values, written atomically,
 read without pickles. Evaluation and export rebuild the networks from `params` and `network_args` alone, so a
-checkpoint file is self-contained. The classifier's checkpoint uses the same writer with fewer keys."""
+checkpoint file is self-contained. The classifier's checkpoint uses the same writer with fewer keys. Weights from
+elsewhere (the reference's state dicts, for `init_from` and `import-checkpoint`) are read here too."""
 
 from __future__ import annotations
 
+import os
+import pickle
+import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypedDict
 
 import torch
+from torch import nn
 
+from models.generators import ReferenceLoadError, guess_reference_arch, load_reference_state_dict
 from pipeline.errors import UserError
-from pipeline.files import write_atomic
+from pipeline.files import sha256_of_file, write_atomic
 
 FORMAT = 1
 LAST = "last.pt"
@@ -32,11 +39,49 @@ class Checkpoint(TypedDict):
     mlflow_run_id: str | None
     network_args: dict  # what build_networks needs beyond params (image size, classes)
     git_commit: str
-    steps_per_second: float
+    steps_per_second: float  # of the last segment (since the last resume)
+    seconds: float  # training time of the whole run, every segment
+    init_from: dict[str, dict[str, str]]  # network -> {"path", "sha256"} it began from (fine-tuning)
 
 
 def checkpoint_dir(recipe: str, root: Path = Path("runs")) -> Path:
     return root / recipe / "checkpoints"
+
+
+def samples_dir(recipe: str, root: Path = Path("runs")) -> Path:
+    """The sample sheets and loss curves of a run, as it trains."""
+    return root / recipe / "samples"
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:06d}.pt"
+
+
+def checkpoint_path(recipe: str, step: int | None = None, root: Path = Path("runs")) -> Path:
+    """last.pt, or the periodic checkpoint of `step` (kept by `keep_checkpoints`), naming the steps there are."""
+    folder = checkpoint_dir(recipe, root)
+    if step is None:
+        return folder / LAST
+    path = folder / step_name(step)
+    if not path.exists():
+        kept = sorted(int(p.stem.removeprefix("step_")) for p in folder.glob("step_*.pt"))
+        listed = ", ".join(map(str, kept)) or "none (keep_checkpoints: N keeps the last N)"
+        raise UserError(f"--step {step}: no checkpoint of that step in {folder}; kept steps: {listed}")
+    return path
+
+
+def keep_step_copy(last: Path, step: int, keep: int) -> None:
+    """A copy of `last` under its step's name, and only the newest `keep` of those (none with keep 0)."""
+    folder = last.parent
+    if keep > 0:
+        copy = folder / step_name(step)
+        copy.unlink(missing_ok=True)
+        try:
+            os.link(last, copy)  # the same bytes: no second write of a large file
+        except OSError:
+            shutil.copyfile(last, copy)
+    for old in sorted(folder.glob("step_*.pt"))[: -keep or None]:
+        old.unlink(missing_ok=True)
 
 
 def save_checkpoint(state: Checkpoint | dict[str, Any], path: Path) -> None:
@@ -68,3 +113,69 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def read_state_dict(pth_path: Path) -> dict[str, torch.Tensor]:
+    """A plain state dict as the reference saves one (`torch.save(net.state_dict(), path)`), read without pickles."""
+    try:
+        loaded = torch.load(pth_path, map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise UserError(f"cannot read checkpoint {pth_path}: {exc.strerror or exc}") from exc
+    except pickle.UnpicklingError as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        raise UserError(
+            f"{pth_path.name} is not a plain state dict ({first_line.rstrip('.')}); "
+            "save the generator with torch.save(net.state_dict(), path)"
+        ) from exc
+    except Exception as exc:
+        # Garbage bytes surface as whatever the unpickler tripped on (KeyError, EOFError, RuntimeError, ...).
+        raise UserError(f"{pth_path.name} is not a PyTorch checkpoint ({type(exc).__name__})") from exc
+    is_state_dict = (
+        isinstance(loaded, Mapping)
+        and loaded
+        and all(isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in loaded.items())
+    )
+    if not is_state_dict:
+        raise UserError(f"{pth_path.name} is not a generator state dict (a mapping of names to tensors)")
+    return dict(loaded)
+
+
+def init_from_files(nets: dict[str, nn.Module], files: dict[str, str]) -> dict[str, dict[str, str]]:
+    """Loads each named network from a file: one of our checkpoints (its network of the same name) or a reference
+    state dict (`latest_net_G_A.pth` ...), strictly by key and shape, with the reference's `module.` prefixes and
+    old instance-norm statistics accepted. Returns {name: {"path", "sha256"}} for the run's record."""
+    record = {}
+    for name, file in files.items():
+        if name not in nets:
+            raise UserError(f"init_from.{name}: this recipe has no network {name!r} (it has {', '.join(nets)})")
+        path = Path(file)
+        if not path.is_file():
+            raise UserError(f"init_from.{name}: {path}: no such file")
+        state = _weights_in(path, name)
+        try:
+            load_reference_state_dict(nets[name], state)
+        except ReferenceLoadError as exc:
+            raise UserError(f"init_from.{name}: {path.name} does not fit {name}: {exc}{_hint(state)}") from None
+        record[name] = {"path": str(path), "sha256": sha256_of_file(path)}
+    return record
+
+
+def _weights_in(path: Path, name: str) -> dict[str, torch.Tensor]:
+    try:
+        ours = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # not ours; read_state_dict says what it is instead
+        ours = None
+    if isinstance(ours, dict) and ours.get("format") == FORMAT:
+        if name not in ours.get("networks", {}):
+            raise UserError(f"init_from.{name}: {path} holds no network {name!r} ({', '.join(ours['networks'])})")
+        return ours["networks"][name]
+    return read_state_dict(path)
+
+
+def _hint(state: dict) -> str:
+    """What a reference generator file looks like, in params' terms, so the section can be made to fit."""
+    try:
+        guess = guess_reference_arch(state)
+    except (ValueError, KeyError, IndexError):
+        return ""
+    return f" (the file looks like generator arch {guess['arch']}, ngf {guess['ngf']}, norm {guess['norm']})"

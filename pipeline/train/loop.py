@@ -8,14 +8,17 @@ from __future__ import annotations
 import csv
 import io
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from pipeline.charts import loss_curves
 from pipeline.errors import UserError
 from pipeline.files import write_bytes_atomic, write_json_atomic
+from pipeline.images import write_image_atomic
 from pipeline.params import Params, flatten, params_hash, training_params
 from pipeline.pixels import sample_sheet
 from pipeline.progress import Progress
@@ -24,8 +27,11 @@ from pipeline.train.checkpoint import (
     LAST,
     Checkpoint,
     checkpoint_dir,
+    init_from_files,
+    keep_step_copy,
     load_checkpoint,
     rng_state,
+    samples_dir,
     save_checkpoint,
     set_rng_state,
 )
@@ -65,7 +71,8 @@ def train(
     runs_root: Path = Path("runs"),
     metrics_root: Path = Path("metrics"),
 ) -> dict:
-    """Trains one recipe to params' step count, resuming from the last checkpoint; returns the summary."""
+    """Trains one recipe to params' step count, resuming from the last checkpoint (or extending a finished run
+    whose only change is a higher `steps`); returns the summary."""
     from pipeline import tracking
 
     recipe_class = recipes.get(recipe_name)
@@ -79,6 +86,7 @@ def train(
     torch.manual_seed(params.seed)
     ctx = Context.create(p)
     recipe = recipe_class(p, ctx, Path(params.data.root) / p.dataset)
+    init_record = _initialize(recipe, p.init_from, state, console)
     generator_names = recipe_class.generator_names(p)
     ema = {
         name: AveragedModel(recipe.nets[name], multi_avg_fn=get_ema_multi_avg_fn(p.ema_decay), use_buffers=True)
@@ -87,9 +95,11 @@ def train(
 
     # Captured before a restore: saved optimizers carry the decayed rate of their step, not the base rate.
     base_lrs = {name: [g["lr"] for g in opt.param_groups] for name, opt in recipe.optimizers.items()}
-    start_step, history, run_id = 0, [], None
+    start_step, history, run_id, seconds_before = 0, [], None, 0.0
     if state is not None:
         start_step, history, run_id = state["step"], state["history"], state.get("mlflow_run_id")
+        # Checkpoints from before the total was recorded know only their last segment's speed.
+        seconds_before = state.get("seconds", start_step / max(state["steps_per_second"], 1e-9))
         _restore(state, recipe, ema, ctx)
         console.print(f"resumed from step {start_step}")
     if start_step >= p.steps:
@@ -97,13 +107,22 @@ def train(
 
     tags = {"git_commit": tracking.git_commit(), "params_hash": wanted_hash, "recipe": recipe_name}
     lineage = lambda: tracking.lineage(state, ckpt_path)  # noqa: E731 - hashed only when the run is missing
-    run = tracking.Run(recipe_name, flatten(wanted), tags, run_id=run_id, lineage=lineage)
+    hashes = {f"init_from_sha256.{name}": entry["sha256"] for name, entry in init_record.items()}
+    run = tracking.Run(recipe_name, {**flatten(wanted), **hashes}, tags, run_id=run_id, lineage=lineage)
     if run.replaced:
         console.print(f"MLflow run {run.replaced} is not in {tracking.tracking_uri()}; logging to new run {run.run_id}")
+    samples = samples_dir(recipe_name, runs_root)
+    if state is None:  # a fresh start: the folder DVC keeps between runs must not mix in an older run's sheets
+        for old in (*samples.glob("step_*.png"), samples / "losses.png"):
+            old.unlink(missing_ok=True)
     stream = iter(recipe.batches(params.seed, start_step))
     next_batch: Callable[[], dict] = lambda: ctx.to_device(next(stream))  # noqa: E731
 
+    segment_started = time.perf_counter()
+    seconds = {"at_last_checkpoint": seconds_before}  # training time of the whole run, every segment
+
     def checkpoint(step: int, steps_per_second: float) -> None:
+        seconds["at_last_checkpoint"] = seconds_before + time.perf_counter() - segment_started
         state: Checkpoint = {
             "recipe": recipe_name,
             "step": step,
@@ -121,8 +140,12 @@ def train(
             "network_args": recipe.network_args,
             "git_commit": tags["git_commit"],
             "steps_per_second": steps_per_second,
+            "seconds": seconds["at_last_checkpoint"],
+            "init_from": init_record,
         }
         save_checkpoint(state, ckpt_path)
+        keep_step_copy(ckpt_path, step, p.keep_checkpoints)
+        write_bytes_atomic(samples / "losses.png", loss_curves(history, recipe_class.losses, recipe_name))
 
     last_good = start_step or None
     window: dict[str, list[float]] = {}
@@ -140,24 +163,31 @@ def train(
                     averaged.update_parameters(recipe.nets[net_name])
                 for key, value in losses.items():
                     window.setdefault(key, []).append(value)
-                progress.update(step, " ".join(f"{k}={v:.3f}" for k, v in losses.items()))
+                # The same means over the current log window that the CSV and MLflow record.
+                means = {k: sum(v) / len(v) for k, v in window.items()}
+                progress.update(step, " ".join(f"{k}={v:.3f}" for k, v in means.items()))
                 if step % p.log_every == 0 or step == p.steps:
-                    means = {k: sum(v) / len(v) for k, v in window.items()}
                     history.append({"step": step, **means})
                     lrs = {f"lr_{k}": o.param_groups[0]["lr"] for k, o in recipe.optimizers.items()}
                     speed = {"steps_per_second": progress.rate, "images_per_second": progress.rate * p.batch_size}
                     run.log_metrics({**means, **lrs, **speed}, step)
                     window = {}
                 if step % p.sample_every == 0 or step == p.steps:
-                    run.log_image(sample_sheet(recipe.sample_rows()), key="samples", step=step)
+                    sheet = sample_sheet(recipe.sample_columns())
+                    write_image_atomic(samples / f"step_{step:06d}.png", sheet)
+                    run.log_image(sheet, key="samples", step=step)
                 if step % p.checkpoint_every == 0 or step == p.steps:
                     checkpoint(step, progress.rate)
                     last_good = step
         steps_done = p.steps - start_step
-        # A run with nothing left to do reports the speed its checkpoint measured, not zero.
-        rate = progress.rate if steps_done else state["steps_per_second"]
-        summary = _write_outputs(recipe_name, recipe_class.losses, metrics_root, history, rate, p.batch_size, p.steps)
+        # The whole run's speed, over every resumed segment; a run with nothing left to do keeps its checkpoint's.
+        rate = p.steps / max(seconds["at_last_checkpoint"], 1e-9)
+        losses_csv = checkpoint_dir(recipe_name, runs_root).parent / "losses.csv"
+        summary = _write_outputs(
+            recipe_name, recipe_class.losses, metrics_root, losses_csv, history, rate, p.batch_size
+        )
         if steps_done:
+            run.log_artifact(samples / "losses.png")
             for net_name in generator_names:
                 module = ema[net_name].module if net_name in ema else recipe.nets[net_name]
                 run.log_model(module.cpu().eval(), name=net_name, example=recipe.example_inputs[net_name])
@@ -176,13 +206,24 @@ def train(
 def _resumable(
     path: Path, wanted: dict, wanted_hash: str, code: dict[str, str], fresh_if_changed: bool, console
 ) -> Checkpoint | None:
-    """The checkpoint to resume, or None to start fresh. Changed params refuse to resume unless
-    `fresh_if_changed`; changed training code starts over with `fresh_if_changed` and resumes, saying so, without."""
+    """The checkpoint to resume, or None to start fresh. A higher `steps` alone extends the run; other changed
+    params refuse to resume unless `fresh_if_changed`; changed training code starts over with `fresh_if_changed`
+    and resumes, saying so, without."""
     if not path.exists():
         return None
     state = load_checkpoint(path)
-    if state["params_hash"] != wanted_hash:
-        changed = ", ".join(_changed_keys(state["params"], wanted)) or "unknown"
+    recipe, steps_key = wanted["recipe"], f"{wanted['recipe']}.steps"
+    changed_keys = _changed_keys(state["params"], wanted)
+    if changed_keys == [steps_key] and wanted[recipe]["steps"] > state["step"]:
+        old, new = state["params"][recipe]["steps"], wanted[recipe]["steps"]
+        factor = lr_factor(state["step"], new, wanted[recipe]["lr_decay"])
+        console.print(
+            f"steps changed from {old} to {new}: continuing {path} from step {state['step']}; the learning-rate "
+            f"schedule is recomputed for {new} steps (factor {factor:.3g} at step {state['step']})"
+        )
+        state["params_hash"] = wanted_hash
+    elif state["params_hash"] != wanted_hash:
+        changed = ", ".join(changed_keys) or "unknown"
         if not fresh_if_changed:
             raise UserError(
                 f"{path} was made with other params (changed: {changed}); "
@@ -198,6 +239,19 @@ def _resumable(
             return None
         console.print(f"training code changed since {path} ({listed}); resuming anyway (--fresh starts over)")
     return state
+
+
+def _initialize(recipe, files: dict[str, str], state: Checkpoint | None, console) -> dict:
+    """Fine-tuning: the networks of a fresh run start from `init_from`; a resumed run keeps its own weights."""
+    if not files:
+        return {}
+    if state is not None:
+        console.print("init_from is ignored: resuming from the checkpoint, whose weights already began from it")
+        return state.get("init_from", {})
+    record = init_from_files(recipe.nets, files)
+    for name, entry in record.items():
+        console.print(f"{name}: initialised from {entry['path']} (sha256 {entry['sha256'][:16]})")
+    return record
 
 
 def _restore(state: dict, recipe, ema: dict, ctx: Context) -> None:
@@ -223,14 +277,14 @@ def _write_outputs(
     recipe: str,
     loss_names: tuple[str, ...],
     root: Path,
+    losses_csv: Path,
     history: list[dict],
     steps_per_second: float,
     batch_size: int,
-    steps: int,
 ) -> dict:
     last = history[-1] if history else {}
     summary = {
-        "steps": steps,
+        "steps": last.get("step", 0),
         "steps_per_second": round(steps_per_second, 4),
         "images_per_second": round(steps_per_second * batch_size, 4),
         "losses": {k: round(v, 6) for k, v in last.items() if k != "step"},
@@ -241,5 +295,5 @@ def _write_outputs(
     writer = csv.DictWriter(buffer, fieldnames=["step", *columns], lineterminator="\n")
     writer.writeheader()
     writer.writerows(history)
-    write_bytes_atomic(root / f"{recipe}.train_losses.csv", buffer.getvalue().encode())
+    write_bytes_atomic(losses_csv, buffer.getvalue().encode())
     return summary

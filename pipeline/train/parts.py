@@ -1,11 +1,13 @@
-"""Pieces that several recipes share: freezing critics, the image pool, the two-critic update, image flows."""
+"""Pieces that several recipes share: freezing critics, the image pool, the reference's loss balance, the two-critic
+update, image flows."""
 
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from models import flows
+from models.objectives import Critic, LeastSquares, Objective
 from pipeline.data.datasets import first_items
 from pipeline.schema import FlowParams
 
@@ -56,6 +58,27 @@ def unpaired_fixtures(ctx, dataset, pool_size: int) -> tuple[dict, dict, dict]:
     return pools, fixed, examples
 
 
+# The reference's loss balance (junyanz/pytorch-CycleGAN-and-pix2pix: GANLoss, backward_D_basic, backward_G), the
+# one of cyclegan, pix2pix and alignflow: the generator's adversarial term is GANLoss(D(fake), True), and each
+# critic minimises 0.5 x (GANLoss(D(real), True) + GANLoss(D(fake), False)). models.objectives keeps the LSGAN
+# paper's 1/2 on both of its terms (the objectives benchmark and its oracle tests use that form), where the
+# reference's LSGAN is a plain mean squared error: twice ours.
+def reference_scale(objective: Objective) -> float:
+    return 2.0 if isinstance(objective, LeastSquares) else 1.0
+
+
+def generator_adversarial(objective: Objective, fake_scores: Tensor) -> Tensor:
+    """The generator's adversarial term at the reference's scale."""
+    return reference_scale(objective) * objective.g_loss(fake_scores)
+
+
+def critic_loss(objective: Objective, critic: Critic, real: Tensor, fake: Tensor) -> Tensor:
+    """0.5 x (real term + fake term) at the reference's scale. The penalty is inside the halving, so it keeps the
+    weight that params give relative to the adversarial term."""
+    adversarial = reference_scale(objective) * objective.d_loss(critic(real), critic(fake))
+    return 0.5 * (adversarial + objective.penalty(critic, real, fake))
+
+
 def update_two_critics(recipe, real_A, real_B, fake_A, fake_B) -> torch.Tensor:
     """One update of both domains' critics on pooled fakes; shared by every recipe with two critics.
 
@@ -64,9 +87,8 @@ def update_two_critics(recipe, real_A, real_B, fake_A, fake_B) -> torch.Tensor:
     ctx, obj = recipe.ctx, recipe.ctx.objective
     fake_A, fake_B = recipe.pools["fake_A"].query(fake_A), recipe.pools["fake_B"].query(fake_B)
     with ctx.autocast():
-        # Halved as in the reference, so D learns at half the rate of G.
-        loss_A = 0.5 * obj.d_loss(recipe.D_A(real_A), recipe.D_A(fake_A)) + obj.penalty(recipe.D_A, real_A, fake_A)
-        loss_B = 0.5 * obj.d_loss(recipe.D_B(real_B), recipe.D_B(fake_B)) + obj.penalty(recipe.D_B, real_B, fake_B)
+        loss_A = critic_loss(obj, recipe.D_A, real_A, fake_A)
+        loss_B = critic_loss(obj, recipe.D_B, real_B, fake_B)
     ctx.update_critics(loss_A + loss_B, recipe.optimizers["D"], recipe.nets["D_A"], recipe.nets["D_B"])
     return torch.stack([loss_A.detach(), loss_B.detach()])
 

@@ -2,7 +2,8 @@
 
 f_A: A -> Z and f_B: B -> Z; G_AB = f_B^-1 . f_A and G_BA = f_A^-1 . f_B are exact inverses of each other and
 need no cycle loss. The flows learn from the adversarial objective on both translations (PatchGAN critics
-with image pools, as in CycleGAN) plus `nll_weight` times NLL_A + NLL_B, each in bits per dimension.
+with image pools, as in CycleGAN) plus `nll_weight` times NLL_A + NLL_B, each in bits per dimension. The
+adversarial terms and critics have CycleGAN's (the reference's) balance (parts.critic_loss).
 """
 
 from __future__ import annotations
@@ -20,13 +21,21 @@ from models.discriminators import build_discriminator
 from models.init import init_weights
 from pipeline.data.datasets import UnpairedDataset
 from pipeline.evaluate import measures
-from pipeline.schema import DiscriminatorParams, FlowParams, NonNegativeFloat, RecipeParams
+from pipeline.schema import AugmentParams, DiscriminatorParams, FlowParams, NonNegativeFloat, RecipeParams
 from pipeline.train.context import Context
-from pipeline.train.parts import build_flow, mean_bits_per_dim, set_requires_grad, unpaired_fixtures, update_two_critics
+from pipeline.train.parts import (
+    build_flow,
+    generator_adversarial,
+    mean_bits_per_dim,
+    set_requires_grad,
+    unpaired_fixtures,
+    update_two_critics,
+)
 from pipeline.train.recipes.base import Export, Recipe, register
 
 
 class AlignFlowParams(RecipeParams):
+    augment: AugmentParams = AugmentParams(flip=True)  # unpaired photos: mirrored is as real, as in the reference
     flow: FlowParams = FlowParams()
     discriminator: DiscriminatorParams = DiscriminatorParams()
     nll_weight: NonNegativeFloat = 1.0
@@ -104,7 +113,7 @@ class AlignFlow(Recipe):
         # Unclamped, so the critics see any overshoot of [-1, 1], the one place the exported translators clamp.
         fake_B, fake_A = self.f_B.inverse(z_A), self.f_A.inverse(z_B)
         with ctx.autocast():
-            adv = obj.g_loss(self.D_B(fake_B)) + obj.g_loss(self.D_A(fake_A))
+            adv = generator_adversarial(obj, self.D_B(fake_B)) + generator_adversarial(obj, self.D_A(fake_A))
         g_loss = adv + p.nll_weight * (nll_A + nll_B)
         ctx.update(g_loss, self.optimizers["G"])
         set_requires_grad(critics, True)
@@ -120,10 +129,17 @@ class AlignFlow(Recipe):
         return dict(zip(self.losses, values, strict=True))
 
     @torch.no_grad()
-    def sample_rows(self) -> list[torch.Tensor]:
-        """input A | A->B | A->B->A, then input B | B->A | B->A->B."""
+    def sample_columns(self) -> dict[str, torch.Tensor]:
+        """real A | fake B | rec A (A->B->A), then real B | fake A | rec B."""
         G_AB, G_BA = self.nets["G_AB"].eval(), self.nets["G_BA"].eval()
         fake_B, fake_A = G_AB(self.fixed["A"]), G_BA(self.fixed["B"])
-        rows = [self.fixed["A"], fake_B, G_BA(fake_B), self.fixed["B"], fake_A, G_AB(fake_A)]
+        columns = {
+            "real A": self.fixed["A"],
+            "fake B": fake_B,
+            "rec A": G_BA(fake_B),
+            "real B": self.fixed["B"],
+            "fake A": fake_A,
+            "rec B": G_AB(fake_A),
+        }
         G_AB.train(), G_BA.train()
-        return rows
+        return columns

@@ -6,8 +6,9 @@ owns everything particular to it, so nothing else in the pipeline names it:
 - `build_networks(p, **network_args)`: plain construction, also used to rebuild a checkpoint's generators;
 - `exports(p)`: direction -> `Export` (which network, which kind of ONNX model, from which domain to which);
 - `__init__(p, ctx, data_dir)`: sets `p`, `dataset`, `nets`, `optimizers`, `pools`, `network_args` and
-  `example_inputs`; `step(next_batch)`, `sample_rows()` and `batches(seed, start_step)` (seeded batches of
-  `dataset` unless a recipe says otherwise) are the training loop's calls;
+  `example_inputs`; `step(next_batch)`, `sample_columns()` (label -> images, one column of the sample sheet
+  each) and `batches(seed, start_step)` (seeded batches of `dataset` unless a recipe says otherwise) are the
+  training loop's calls;
 - `evaluate(generators, p, inputs)`: the metrics dict; it writes its sample sheets to `inputs.reports`.
 """
 
@@ -91,7 +92,7 @@ class Recipe:
     def step(self, next_batch) -> dict[str, float]:
         raise NotImplementedError
 
-    def sample_rows(self) -> list[torch.Tensor]:
+    def sample_columns(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
 

@@ -1,4 +1,7 @@
-"""Class-conditional DCGAN (Radford et al. 2016; Mirza and Osindero 2014): samples of p(x | y) on a labeled domain."""
+"""Class-conditional DCGAN (Radford et al. 2016; Mirza and Osindero 2014): samples of p(x | y) on a labeled domain.
+
+Loss balance, the objective's own: G = g_loss(D(G(z, y), y)); the critic d_loss(real, fake) + penalty, unhalved.
+"""
 
 from __future__ import annotations
 
@@ -101,10 +104,11 @@ class CDCGAN(Recipe):
         return loss.detach()
 
     @torch.no_grad()
-    def sample_rows(self) -> list[torch.Tensor]:
-        """One row per class: four samples of each label."""
+    def sample_columns(self) -> dict[str, torch.Tensor]:
+        """One row per class, four fixed latents z1..z4 across."""
         self.nets["G"].eval()
         with self.ctx.autocast():
             images = self.G(self.fixed_z, self.fixed_labels)
         self.nets["G"].train()
-        return list(images.view(self.n_classes, 4, *images.shape[1:]).transpose(0, 1))
+        columns = images.view(self.n_classes, 4, *images.shape[1:]).transpose(0, 1)
+        return {f"z{index + 1}": column for index, column in enumerate(columns)}

@@ -1,4 +1,10 @@
-"""CycleGAN (Zhu et al. 2017): two generators and two critics, cycle-consistency and identity losses."""
+"""CycleGAN (Zhu et al. 2017): two generators and two critics, cycle-consistency and identity losses.
+
+Loss balance, the reference's (cycle_gan_model.py): G = adversarial(D_B(G_AB(A))) + adversarial(D_A(G_BA(B)))
++ lambda_A |G_BA(G_AB(A)) - A| + lambda_B |G_AB(G_BA(B)) - B| + lambda_identity (lambda_B |G_AB(B) - B| +
+lambda_A |G_BA(A) - A|); each critic 0.5 x (real + fake) on pooled fakes (parts.critic_loss). The reference
+calls G_AB "G_A" and the critic of domain B "D_A".
+"""
 
 from __future__ import annotations
 
@@ -15,13 +21,14 @@ from models.generators import build_generator
 from models.init import init_weights
 from pipeline.data.datasets import UnpairedDataset
 from pipeline.evaluate import measures
-from pipeline.schema import DiscriminatorParams, GeneratorParams, NonNegativeFloat, RecipeParams
+from pipeline.schema import AugmentParams, DiscriminatorParams, GeneratorParams, NonNegativeFloat, RecipeParams
 from pipeline.train.context import Context
-from pipeline.train.parts import set_requires_grad, unpaired_fixtures, update_two_critics
+from pipeline.train.parts import generator_adversarial, set_requires_grad, unpaired_fixtures, update_two_critics
 from pipeline.train.recipes.base import Export, Recipe, register
 
 
 class CycleGANParams(RecipeParams):
+    augment: AugmentParams = AugmentParams(flip=True)  # unpaired photos: mirrored is as real, as in the reference
     generator: GeneratorParams = GeneratorParams()
     discriminator: DiscriminatorParams = DiscriminatorParams()
     lambda_A: NonNegativeFloat = 10.0
@@ -82,7 +89,7 @@ class CycleGAN(Recipe):
         with ctx.autocast():
             fake_B, fake_A = self.G_AB(real_A), self.G_BA(real_B)
             rec_A, rec_B = self.G_BA(fake_B), self.G_AB(fake_A)
-            adv = obj.g_loss(self.D_B(fake_B)) + obj.g_loss(self.D_A(fake_A))
+            adv = generator_adversarial(obj, self.D_B(fake_B)) + generator_adversarial(obj, self.D_A(fake_A))
             cycle = F.l1_loss(rec_A, real_A) * p.lambda_A + F.l1_loss(rec_B, real_B) * p.lambda_B
             identity = torch.zeros((), device=ctx.device)
             if p.lambda_identity > 0:
@@ -105,13 +112,20 @@ class CycleGAN(Recipe):
         return dict(zip(self.losses, values, strict=True))
 
     @torch.no_grad()
-    def sample_rows(self) -> list[torch.Tensor]:
-        """input A | A->B | A->B->A, then input B | B->A | B->A->B."""
+    def sample_columns(self) -> dict[str, torch.Tensor]:
+        """The reference's names: real A | fake B | rec A (A->B->A), then real B | fake A | rec B."""
         for net in ("G_AB", "G_BA"):
             self.nets[net].eval()
         with self.ctx.autocast():
             fake_B, fake_A = self.G_AB(self.fixed["A"]), self.G_BA(self.fixed["B"])
-            rows = [self.fixed["A"], fake_B, self.G_BA(fake_B), self.fixed["B"], fake_A, self.G_AB(fake_A)]
+            columns = {
+                "real A": self.fixed["A"],
+                "fake B": fake_B,
+                "rec A": self.G_BA(fake_B),
+                "real B": self.fixed["B"],
+                "fake A": fake_A,
+                "rec B": self.G_AB(fake_A),
+            }
         for net in ("G_AB", "G_BA"):
             self.nets[net].train()
-        return rows
+        return columns

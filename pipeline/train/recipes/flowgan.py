@@ -3,6 +3,8 @@ adversarial objective plus `nll_weight` times its negative log-likelihood (in bi
 
 nll_weight 0 is pure adversarial training; `mle_only` is pure maximum likelihood and trains no critic. Because
 the generator is a flow, its bits/dim are exact whatever objective trained it.
+
+Loss balance, the objective's own: G = g_loss(D(fake)) + nll_weight x NLL; the critic d_loss + penalty, unhalved.
 """
 
 from __future__ import annotations
@@ -121,9 +123,9 @@ class FlowGAN(Recipe):
         return loss.detach()
 
     @torch.no_grad()
-    def sample_rows(self) -> list[torch.Tensor]:
-        """Eight fixed latents, one per row, at temperatures 1, 0.85, 0.7 and 0.5 across."""
+    def sample_columns(self) -> dict[str, torch.Tensor]:
+        """Eight fixed latents, one per row, at temperatures T = 1, 0.85, 0.7 and 0.5 across."""
         G = self.nets["G"].eval()
-        rows = [G(self.fixed_z * t) for t in (1.0, 0.85, 0.7, 0.5)]
+        columns = {f"T={t}": G(self.fixed_z * t) for t in (1.0, 0.85, 0.7, 0.5)}
         G.train()
-        return rows
+        return columns

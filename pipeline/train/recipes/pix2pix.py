@@ -1,8 +1,14 @@
-"""pix2pix (Isola et al. 2017): a conditional GAN on aligned pairs, critic on concat(A, B), plus L1 to the truth."""
+"""pix2pix (Isola et al. 2017): a conditional GAN on aligned pairs, critic on concat(A, B), plus L1 to the truth.
+
+Loss balance and order, the reference's (pix2pix_model.py): fake_B = G(A); the critic first, 0.5 x (real + fake)
+on (A, B) and (A, fake_B) (parts.critic_loss); then G against the updated critic: adversarial(D(A, fake_B)) +
+lambda_L1 |fake_B - B|. Its objective defaults to the reference's non-saturating cross-entropy (nsgan).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -13,14 +19,15 @@ from models.generators import build_generator
 from models.init import init_weights
 from pipeline.data.datasets import PairedDataset, first_items
 from pipeline.evaluate import measures
-from pipeline.schema import DiscriminatorParams, GeneratorParams, NonNegativeFloat, RecipeParams
+from pipeline.schema import OBJECTIVES, DiscriminatorParams, GeneratorParams, NonNegativeFloat, RecipeParams
 from pipeline.train.context import Context
-from pipeline.train.parts import set_requires_grad
+from pipeline.train.parts import critic_loss, generator_adversarial, set_requires_grad
 from pipeline.train.recipes.base import Export, Recipe, register
 
 
 class Pix2PixParams(RecipeParams):
     dataset: str = "digits_paired"
+    objective: Literal[OBJECTIVES] = "nsgan"  # the reference's "vanilla"
     generator: GeneratorParams = GeneratorParams(arch="unet_256", norm="batch", dropout=True)
     discriminator: DiscriminatorParams = DiscriminatorParams(norm="batch")
     lambda_L1: NonNegativeFloat = 100.0
@@ -71,15 +78,8 @@ class Pix2Pix(Recipe):
         p, ctx, obj = self.p, self.ctx, self.ctx.objective
         batch = next_batch()
         real_A, real_B = batch["A"], batch["B"]
-
-        set_requires_grad([self.nets["D"]], False)
         with ctx.autocast():
             fake_B = self.G(real_A)
-            adv = obj.g_loss(self.D(torch.cat([real_A, fake_B], 1)))
-            l1 = F.l1_loss(fake_B, real_B) * p.lambda_L1
-            g_loss = adv + l1
-        ctx.update(g_loss, self.optimizers["G"])
-        set_requires_grad([self.nets["D"]], True)
 
         d_losses = [self._critic_step(real_A, real_B, fake_B.detach())]
         for _ in range(ctx.n_critic - 1):
@@ -87,26 +87,30 @@ class Pix2Pix(Recipe):
             with torch.no_grad(), ctx.autocast():
                 fresh = self.G(extra["A"])
             d_losses.append(self._critic_step(extra["A"], extra["B"], fresh))
+
+        set_requires_grad([self.nets["D"]], False)
+        with ctx.autocast():
+            adv = generator_adversarial(obj, self.D(torch.cat([real_A, fake_B], 1)))
+            l1 = F.l1_loss(fake_B, real_B) * p.lambda_L1
+            g_loss = adv + l1
+        ctx.update(g_loss, self.optimizers["G"])
+        set_requires_grad([self.nets["D"]], True)
         values = torch.stack([g_loss, adv, l1, torch.stack(d_losses).mean()]).tolist()
         return dict(zip(self.losses, values, strict=True))
 
     def _critic_step(self, real_A, real_B, fake_B) -> torch.Tensor:
-        ctx, obj = self.ctx, self.ctx.objective
+        ctx = self.ctx
         with ctx.autocast():
-            scores_real = self.D(torch.cat([real_A, real_B], 1))
-            scores_fake = self.D(torch.cat([real_A, fake_B], 1))
-            # The penalty's critic sees the same condition as the scores it regularises.
-            loss = 0.5 * obj.d_loss(scores_real, scores_fake) + obj.penalty(
-                lambda x: self.D(torch.cat([real_A, x], 1)), real_B, fake_B
-            )
+            # The critic sees (A, B) pairs; the penalty's critic has the same condition as the scores it regularises.
+            loss = critic_loss(ctx.objective, lambda x: self.D(torch.cat([real_A, x], 1)), real_B, fake_B)
         ctx.update_critics(loss, self.optimizers["D"], self.nets["D"])
         return loss.detach()
 
     @torch.no_grad()
-    def sample_rows(self) -> list[torch.Tensor]:
-        """input A | A->B | true B."""
+    def sample_columns(self) -> dict[str, torch.Tensor]:
+        """real A | fake B | real B (the true pair)."""
         self.nets["G"].eval()
         with self.ctx.autocast():
-            rows = [self.fixed["A"], self.G(self.fixed["A"]), self.fixed["B"]]
+            columns = {"real A": self.fixed["A"], "fake B": self.G(self.fixed["A"]), "real B": self.fixed["B"]}
         self.nets["G"].train()
-        return rows
+        return columns
