@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,10 @@ import torch
 torch.use_deterministic_algorithms(True, warn_only=True)
 if os.environ.get("TRANSFIGURE_TEST_MKLDNN") == "0":
     torch.backends.mkldnn.enabled = False
+# Two pytest workers on two cores: a second PyTorch thread per worker would wait for the other worker's core at
+# every barrier (docs/BENCHMARKS.md, Threads). Subprocesses pick their own count (threads: auto).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,9 +36,22 @@ METADATA = {
 BIN = Path(sys.executable).parent
 
 
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory) -> Path:
+    """An empty MLflow store with its schema in place: creating one runs every migration (about 3 s), so each
+    worker does it once and tests start from a copy."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture
-def run_cli(tmp_path):
+def run_cli(tmp_path, mlflow_template):
     """Runs the real `transfigure` console script in a folder; returns the CompletedProcess."""
+    if not (tmp_path / "mlflow.db").exists():
+        shutil.copyfile(mlflow_template, tmp_path / "mlflow.db")
 
     def run(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600):
         full_env = {
@@ -113,9 +131,12 @@ def digits_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def workdir(tmp_path, digits_root, monkeypatch) -> Path:
+def workdir(tmp_path, digits_root, monkeypatch, mlflow_template) -> Path:
     """A folder with the repository's params.yaml pointing at the prepared data, and MLflow in sqlite there."""
     import yaml
+
+    if not (tmp_path / "mlflow.db").exists():
+        shutil.copyfile(mlflow_template, tmp_path / "mlflow.db")
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"]["root"] = str(digits_root)

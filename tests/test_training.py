@@ -25,9 +25,16 @@ from pipeline.train.parts import ImagePool
 QUIET = Console(file=open(os.devnull, "w"))  # noqa: SIM115 - lives for the whole test session
 
 
-@pytest.mark.parametrize("recipe", recipes.names())
-@pytest.mark.parametrize("objective", objectives.names())
-def test_every_recipe_trains_with_every_objective(workdir, recipe, objective):
+# Clipping and gradient penalties change a recipe's critic step (its optimizer, n_critic, a penalty on its own
+# critic, conditional ones included), so they run with every recipe; the other objectives differ only in their
+# loss formulas (oracle-tested in test_objectives.py): all of them with cyclegan, one with each other recipe.
+CASES = [(recipe, objective) for recipe in recipes.names() for objective in ("wgan", "wgan-gp", "wgan-lp")]
+CASES += [("cyclegan", objective) for objective in ("minimax", "nsgan", "lsgan", "hinge")]
+CASES += [(recipe, "minimax") for recipe in recipes.names() if recipe != "cyclegan"]
+
+
+@pytest.mark.parametrize("recipe, objective", CASES)
+def test_every_recipe_trains_with_the_objectives_that_change_its_step(workdir, recipe, objective):
     params = load_params("params.yaml", [*tiny(recipe), f"{recipe}.objective={objective}"])
     p = params.recipe(recipe)
     ctx = Context.create(p)
@@ -205,7 +212,7 @@ def test_ema_weights_are_saved_and_used_for_export(workdir):
 
 
 def test_a_run_killed_with_sigkill_resumes_and_finishes_its_steps(workdir):
-    steps = 40
+    steps = 20
     args = [str(BIN / "transfigure"), "train", "cyclegan", *sum((["--set", o] for o in tiny("cyclegan", steps, 5)), [])]
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     ckpt = workdir / "runs/cyclegan/checkpoints/last.pt"

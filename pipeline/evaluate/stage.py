@@ -89,9 +89,13 @@ def small_sample_warning(n_images: int) -> str | None:
 
 
 def _refuse_contradictions(checkpoint: Path, trained: dict, wanted: dict, recipe: str) -> None:
-    """Params must describe the model in the checkpoint; `steps` may differ (a kept or unfinished checkpoint)."""
+    """Params must describe the model in the checkpoint; `steps` may differ (a kept or unfinished checkpoint), and
+    a setting newer than the checkpoint may stand at its empty default."""
     a, b = flatten(trained), flatten(wanted)
-    changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k != f"{recipe}.steps")
+    newer_default = {k for k in b.keys() - a.keys() if b[k] in ({}, None)}
+    changed = sorted(
+        k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k != f"{recipe}.steps" and k not in newer_default
+    )
     if changed:
         listed = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
         raise UserError(
