@@ -17,7 +17,7 @@ from pydantic import ValidationError, create_model, model_validator
 
 from pipeline.errors import UserError
 from pipeline.files import json_hash
-from pipeline.schema import DataParams, EvaluateParams, ExportParams, RecipeParams, Strict
+from pipeline.schema import DataParams, EvaluateParams, ExportParams, PositiveInt, RecipeParams, Strict
 from pipeline.train import recipes
 
 
@@ -29,7 +29,7 @@ class Params(Strict):
     """The sections every pipeline has; `schema()` adds one per recipe."""
 
     seed: int = 0
-    threads: int | Literal["auto"] = "auto"  # CPU threads (pipeline/threads.py); --threads overrides
+    threads: PositiveInt | Literal["auto"] = "auto"  # CPU threads (pipeline/threads.py); --threads overrides
     data: DataParams
     evaluate: EvaluateParams = EvaluateParams()
     export: ExportParams = ExportParams()
@@ -155,3 +155,9 @@ def flatten(data: dict, prefix: str = "") -> dict[str, object]:
         else:
             flat[name] = value
     return flat
+
+
+def changed_keys(old: dict, new: dict) -> list[str]:
+    """The flattened keys whose values differ between two params dicts (either may lack a key)."""
+    a, b = flatten(old), flatten(new)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))

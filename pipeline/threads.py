@@ -3,8 +3,8 @@
 `auto` uses the cores this process may run on (its affinity mask, which containers and taskset narrow) that are
 free when the command starts (under half busy over a short sample of /proc/stat), at least one. On a busy
 machine a thread that waits for a core another job holds stalls every other thread at each OpenMP barrier:
-two threads on two cores with one core taken ran 2.7x slower than one thread, and up to 47x under heavier
-contention (docs/BENCHMARKS.md, Threads). A number is used as given.
+two threads on two cores with one core taken ran 2.5-3.2x slower than one thread, and up to 47x under
+heavier contention (docs/BENCHMARKS.md, Threads). A number is used as given.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from pipeline.evaluate import metrics
 from pipeline.evaluate.classifier import CLASSIFIER, load_classifier, trained_on_same_images
 from pipeline.evaluate.measures import EvalInputs
 from pipeline.files import write_json_atomic
-from pipeline.params import Params, flatten, training_params
+from pipeline.params import Params, changed_keys, flatten, training_params
 from pipeline.train import recipes
 from pipeline.train.checkpoint import checkpoint_path, load_checkpoint
 
@@ -91,11 +91,8 @@ def small_sample_warning(n_images: int) -> str | None:
 def _refuse_contradictions(checkpoint: Path, trained: dict, wanted: dict, recipe: str) -> None:
     """Params must describe the model in the checkpoint; `steps` may differ (a kept or unfinished checkpoint), and
     a setting newer than the checkpoint may stand at its empty default."""
-    a, b = flatten(trained), flatten(wanted)
-    newer_default = {k for k in b.keys() - a.keys() if b[k] in ({}, None)}
-    changed = sorted(
-        k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k != f"{recipe}.steps" and k not in newer_default
-    )
+    newer_default = {k for k, v in flatten(wanted).items() if k not in flatten(trained) and v in ({}, None)}
+    changed = [k for k in changed_keys(trained, wanted) if k != f"{recipe}.steps" and k not in newer_default]
     if changed:
         listed = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
         raise UserError(

@@ -117,8 +117,12 @@ def set_rng_state(state: dict) -> None:
 
 def read_state_dict(pth_path: Path) -> dict[str, torch.Tensor]:
     """A plain state dict as the reference saves one (`torch.save(net.state_dict(), path)`), read without pickles."""
+    return _as_state_dict(_load_weights(pth_path), pth_path)
+
+
+def _load_weights(pth_path: Path):
     try:
-        loaded = torch.load(pth_path, map_location="cpu", weights_only=True)
+        return torch.load(pth_path, map_location="cpu", weights_only=True)
     except OSError as exc:
         raise UserError(f"cannot read checkpoint {pth_path}: {exc.strerror or exc}") from exc
     except pickle.UnpicklingError as exc:
@@ -130,6 +134,9 @@ def read_state_dict(pth_path: Path) -> dict[str, torch.Tensor]:
     except Exception as exc:
         # Garbage bytes surface as whatever the unpickler tripped on (KeyError, EOFError, RuntimeError, ...).
         raise UserError(f"{pth_path.name} is not a PyTorch checkpoint ({type(exc).__name__})") from exc
+
+
+def _as_state_dict(loaded, pth_path: Path) -> dict[str, torch.Tensor]:
     is_state_dict = (
         isinstance(loaded, Mapping)
         and loaded
@@ -161,15 +168,13 @@ def init_from_files(nets: dict[str, nn.Module], files: dict[str, str]) -> dict[s
 
 
 def _weights_in(path: Path, name: str) -> dict[str, torch.Tensor]:
-    try:
-        ours = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # not ours; read_state_dict says what it is instead
-        ours = None
-    if isinstance(ours, dict) and ours.get("format") == FORMAT:
-        if name not in ours.get("networks", {}):
-            raise UserError(f"init_from.{name}: {path} holds no network {name!r} ({', '.join(ours['networks'])})")
-        return ours["networks"][name]
-    return read_state_dict(path)
+    """The named network of one of our checkpoints, or the file itself as a reference state dict."""
+    loaded = _load_weights(path)
+    if isinstance(loaded, dict) and loaded.get("format") == FORMAT:
+        if name not in loaded.get("networks", {}):
+            raise UserError(f"init_from.{name}: {path} holds no network {name!r} ({', '.join(loaded['networks'])})")
+        return loaded["networks"][name]
+    return _as_state_dict(loaded, path)
 
 
 def _hint(state: dict) -> str:

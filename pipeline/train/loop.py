@@ -19,7 +19,7 @@ from pipeline.charts import loss_curves
 from pipeline.errors import UserError
 from pipeline.files import write_bytes_atomic, write_json_atomic
 from pipeline.images import write_image_atomic
-from pipeline.params import Params, flatten, params_hash, training_params
+from pipeline.params import Params, changed_keys, flatten, params_hash, training_params
 from pipeline.pixels import sample_sheet
 from pipeline.progress import Progress
 from pipeline.train import recipes
@@ -213,8 +213,8 @@ def _resumable(
         return None
     state = load_checkpoint(path)
     recipe, steps_key = wanted["recipe"], f"{wanted['recipe']}.steps"
-    changed_keys = _changed_keys(state["params"], wanted)
-    if changed_keys == [steps_key] and wanted[recipe]["steps"] > state["step"]:
+    changed = changed_keys(state["params"], wanted)
+    if changed == [steps_key] and wanted[recipe]["steps"] > state["step"]:
         old, new = state["params"][recipe]["steps"], wanted[recipe]["steps"]
         factor = lr_factor(state["step"], new, wanted[recipe]["lr_decay"])
         console.print(
@@ -223,13 +223,13 @@ def _resumable(
         )
         state["params_hash"] = wanted_hash
     elif state["params_hash"] != wanted_hash:
-        changed = ", ".join(changed_keys) or "unknown"
+        listed = ", ".join(changed) or "unknown"
         if not fresh_if_changed:
             raise UserError(
-                f"{path} was made with other params (changed: {changed}); "
+                f"{path} was made with other params (changed: {listed}); "
                 "pass --fresh to start over, or restore the params to resume"
             )
-        console.print(f"params changed since {path} ({changed}); starting fresh")
+        console.print(f"params changed since {path} ({listed}); starting fresh")
         return None
     files = changed_files(state.get("code", {}), code)
     if files:
@@ -266,11 +266,6 @@ def _restore(state: dict, recipe, ema: dict, ctx: Context) -> None:
     if ctx.scaler is not None and state["scaler"]:
         ctx.scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
-
-
-def _changed_keys(old: dict, new: dict) -> list[str]:
-    a, b = flatten(old), flatten(new)
-    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 
 def _write_outputs(
