@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 # Commands that DVC stages run (`transfigure ...`) come from the virtual environment.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup run test lint clean
+.PHONY: setup run test lint lock clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,11 +28,18 @@ run: setup
 	@$(BIN)/dvc metrics show
 
 test: setup
-	$(BIN)/python -m pytest -q -n 2
+	$(BIN)/python -m pytest -q -n 3 --dist loadgroup --no-loadscope-reorder
 
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# The serving image's hashed lock files (Dockerfile), for the image's Python and platform, from requirements/*.in.
+lock: setup
+	cd requirements && for variant in gpu cpu; do \
+		../$(BIN)/uv pip compile --quiet --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+			--custom-compile-command "make lock" serve-$$variant.in -o serve-$$variant.txt; \
+	done
 
 clean:
 	rm -rf data/prepared runs artifacts metrics reports mlflow.db mlruns .dvc/cache .dvc/tmp

@@ -17,6 +17,7 @@ from pipeline.cli_support import (
     use_threads,
 )
 from pipeline.cli_support import console as _console
+from pipeline.serve.settings import ServeSettings, default_max_batch
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -259,6 +260,76 @@ def translate(
         return exit_code(result)
 
     raise typer.Exit(guard(work))
+
+
+@app.command()
+def serve(
+    model: Annotated[str, typer.Option(envvar="MODEL_URI", help="FILE.onnx or models:/NAME@ALIAS.")],
+    host: Annotated[str, typer.Option(envvar="TRANSFIGURE_HOST", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(envvar="TRANSFIGURE_PORT")] = 8000,
+    model_name: Annotated[
+        str | None,
+        typer.Option(envvar="TRANSFIGURE_MODEL_NAME", help="Name in both protocols (default: from --model)."),
+    ] = None,
+    max_batch: Annotated[
+        int | None,
+        typer.Option(envvar="TRANSFIGURE_MAX_BATCH", help="Images per engine run (default: 1 on the CPU, 8 on a GPU)."),
+    ] = None,
+    max_wait_ms: Annotated[
+        float, typer.Option(envvar="TRANSFIGURE_MAX_WAIT_MS", help="How long an image waits for others of its size.")
+    ] = ServeSettings.max_wait_ms,
+    max_queue: Annotated[
+        int, typer.Option(envvar="TRANSFIGURE_MAX_QUEUE", help="Images waiting or running; past this, 503.")
+    ] = ServeSettings.max_queue,
+    timeout_s: Annotated[
+        float, typer.Option(envvar="TRANSFIGURE_TIMEOUT_S", help="Per-request deadline (504).")
+    ] = ServeSettings.timeout_s,
+    max_body_bytes: Annotated[int, typer.Option(envvar="TRANSFIGURE_MAX_BODY_BYTES")] = ServeSettings.max_body_bytes,
+    max_pixels: Annotated[
+        int, typer.Option(envvar="TRANSFIGURE_MAX_PIXELS", help="Per image, from its header.")
+    ] = ServeSettings.max_pixels,
+    tile: Annotated[
+        int | None, typer.Option(envvar="TRANSFIGURE_TILE", help="Translate images larger than N px in tiles.")
+    ] = None,
+    providers: Annotated[
+        str | None, typer.Option(envvar="TRANSFIGURE_PROVIDERS", help="Comma-separated, in order: tensorrt,cuda,cpu.")
+    ] = None,
+    timeout_graceful_shutdown: Annotated[
+        float, typer.Option(envvar="TRANSFIGURE_GRACEFUL_S", help="On SIGTERM, seconds to finish in-flight requests.")
+    ] = ServeSettings.timeout_graceful_shutdown,
+    threads: ThreadsOption = None,
+) -> None:
+    """Serve the model over HTTP: /v1/translate, the Open Inference Protocol v2, a page at /, /metrics."""
+
+    def work() -> None:
+        from pipeline.errors import UserError
+        from pipeline.serve import server
+        from pipeline.serve.engine import open_engine
+
+        use_threads(threads)
+        names = [p.strip() for p in providers.split(",") if p.strip()] if providers else None
+        engine = open_engine(model, providers=names)
+        if tile is not None and tile < engine.multiple:
+            raise UserError(f"--tile {tile} is smaller than the model's multiple ({engine.multiple})")
+        settings = ServeSettings(
+            model_name=model_name or server.model_name(model),
+            max_batch=max_batch or default_max_batch(engine.provider),
+            max_wait_ms=max_wait_ms,
+            max_queue=max_queue,
+            timeout_s=timeout_s,
+            max_body_bytes=max_body_bytes,
+            max_pixels=max_pixels,
+            tile=tile,
+            timeout_graceful_shutdown=timeout_graceful_shutdown,
+        )
+        server.check(settings)
+        _console().print(
+            f"serving {settings.model_name} on http://{host}:{port} with {engine.provider}, "
+            f"max batch {settings.max_batch}, max wait {max_wait_ms:g} ms"
+        )
+        server.run(engine, settings, host, port)
+
+    guard(work)
 
 
 @app.command("import-checkpoint")

@@ -31,14 +31,12 @@ def fail(message: str, code: int) -> None:
 
 def guard(work: Callable[[], object]) -> object:
     """A user's mistake ends with one line and exit 2; a diverged run with exit 1; bugs keep their traceback."""
-    from pipeline.errors import UserError
+    from pipeline.errors import TrainingDiverged, UserError
     from pipeline.images import BadImage
 
     try:
         return work()
     except UserError as exc:
-        from pipeline.train.loop import TrainingDiverged
-
         fail(str(exc), 1 if isinstance(exc, TrainingDiverged) else 2)
     except BadImage as exc:
         fail(str(exc), 2)

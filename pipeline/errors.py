@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """Bad params, a missing file or folder, an impossible request: something the user can fix."""
+
+
+class TrainingDiverged(UserError):
+    """A loss became NaN or infinite; the last good checkpoint is kept (the CLI exits 1, not 2)."""

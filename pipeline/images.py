@@ -52,6 +52,10 @@ class BadImage(ValueError):
         self.source = source  # the path or upload name, for callers that report many files
 
 
+class ImageTooLarge(BadImage):
+    """More pixels than allowed, found from the header before any pixel was decoded (HTTP 413, not 422)."""
+
+
 # ---------------------------------------------------------------------------------------------------
 # Decoding
 # ---------------------------------------------------------------------------------------------------
@@ -70,22 +74,25 @@ def decode_rgb(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXEL
         return _decode(fp, source, max_pixels)
 
 
-def decode_rgb_bytes(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode an in-memory image (e.g. an HTTP upload) exactly like `decode_rgb`; `name` labels errors."""
+def decode_rgb_bytes(
+    data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS, formats: tuple[str, ...] | None = None
+) -> np.ndarray:
+    """Decode an in-memory image (e.g. an HTTP upload) exactly like `decode_rgb`; `name` labels errors.
+    `formats` narrows the allowed Pillow formats (e.g. ("PNG", "JPEG", "WEBP")): others are "not an image file"."""
     if not data:
         raise BadImage("empty file", name)
-    return _decode(io.BytesIO(data), name, max_pixels)
+    return _decode(io.BytesIO(data), name, max_pixels, formats)
 
 
-def _decode(fp: IO[bytes], source: str, max_pixels: int) -> np.ndarray:
+def _decode(fp: IO[bytes], source: str, max_pixels: int, formats: tuple[str, ...] | None = None) -> np.ndarray:
     """The single decode path: header size check, full decode, EXIF orientation, RGB conversion."""
     with _refusing_truncated_images():
         try:
-            with _open_header(fp) as img:
+            with _open_header(fp, formats) as img:
                 # Image.open only parsed the header, so this check runs before any pixel is allocated.
                 width, height = img.size
                 if width * height > max_pixels:
-                    raise BadImage(
+                    raise ImageTooLarge(
                         f"image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels "
                         "(possible decompression bomb)",
                         source,
@@ -98,7 +105,7 @@ def _decode(fp: IO[bytes], source: str, max_pixels: int) -> np.ndarray:
         except BadImage:
             raise
         except Image.DecompressionBombError as exc:
-            raise BadImage(f"possible decompression bomb: {exc}", source) from exc
+            raise ImageTooLarge(f"possible decompression bomb: {exc}", source) from exc
         except UnidentifiedImageError as exc:
             raise BadImage("not an image file (or an unsupported format)", source) from exc
         except _DECODE_ERRORS as exc:
@@ -111,7 +118,7 @@ _strict_decodes = 0
 _caller_load_truncated = False
 
 
-def _open_header(fp: IO[bytes]) -> ImageFile.ImageFile:
+def _open_header(fp: IO[bytes], formats: tuple[str, ...] | None = None) -> ImageFile.ImageFile:
     """Image.open, which reads only the header, with Pillow's bomb warning silenced.
 
     Our max_pixels check is the authority (Pillow's hard DecompressionBombError still applies).
@@ -120,7 +127,8 @@ def _open_header(fp: IO[bytes]) -> ImageFile.ImageFile:
     """
     with _open_lock, warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        return Image.open(fp, formats=_available_formats())
+        allowed = _available_formats()
+        return Image.open(fp, formats=[f for f in allowed if formats is None or f in formats])
 
 
 def _available_formats() -> tuple[str, ...]:

@@ -9,6 +9,7 @@ heavier contention (docs/BENCHMARKS.md, Threads). A number is used as given.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 
@@ -77,10 +78,11 @@ def resolve(setting: int | str) -> int:
 def apply(setting: int | str) -> int:
     """Sets PyTorch's intra-op threads (ONNX Runtime sessions read `current()`); returns the count."""
     global _applied
-    import torch
-
     _applied = resolve(setting)
-    torch.set_num_threads(_applied)
+    if importlib.util.find_spec("torch") is not None:  # the serving image has ONNX Runtime only
+        import torch
+
+        torch.set_num_threads(_applied)
     return _applied
 
 

@@ -11,7 +11,7 @@ import torch
 torch.use_deterministic_algorithms(True, warn_only=True)
 if os.environ.get("TRANSFIGURE_TEST_MKLDNN") == "0":
     torch.backends.mkldnn.enabled = False
-# Two pytest workers on two cores: a second PyTorch thread per worker would wait for the other worker's core at
+# Several pytest workers on two cores: a second PyTorch thread per worker would wait for another worker's core at
 # every barrier (docs/BENCHMARKS.md, Threads). Subprocesses pick their own count (threads: auto).
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def pytest_collection_modifyitems(items):
-    """The slow end-to-end tests first: with `-n 2` (make test) one worker runs them while the other runs the rest."""
+    """The slow end-to-end tests first: `make test` hands each to its own worker at once (tests/README.md)."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
@@ -36,15 +36,44 @@ METADATA = {
 BIN = Path(sys.executable).parent
 
 
+def export_tiny_translator(path: Path) -> Path:
+    """A small seeded ResNet generator as an ONNX translation model at `path` (the same weights every call)."""
+    from models.generators import build_generator
+    from pipeline.export.to_onnx import export_image_generator
+
+    torch.manual_seed(0)
+    export_image_generator(build_generator("resnet_2blocks", ngf=8), path, METADATA)
+    return path
+
+
+def made_once(tmp_path_factory, name: str, make) -> Path:
+    """`make(folder)` run once for the whole test run, in a folder all pytest workers share (a file lock keeps
+    the others waiting until it is done); the folder."""
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the run's base folder, above each worker's own
+    folder = shared / name
+    with FileLock(str(folder) + ".lock"):
+        if not (folder / ".done").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            (folder / ".done").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def mlflow_template(tmp_path_factory) -> Path:
-    """An empty MLflow store with its schema in place: creating one runs every migration (about 3 s), so each
-    worker does it once and tests start from a copy."""
+    """An empty MLflow store with its schema in place: creating one runs every migration (about 3 s), so it is
+    made once and tests start from a copy."""
     from mlflow import MlflowClient
 
-    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
+    def make(folder: Path) -> None:
+        MlflowClient(f"sqlite:///{folder / 'mlflow.db'}").search_experiments()
+
+    return made_once(tmp_path_factory, "mlflow-template", make) / "mlflow.db"
 
 
 @pytest.fixture
@@ -119,15 +148,16 @@ def tiny(recipe: str, steps: int = 4, every: int = 2) -> list[str]:
 
 @pytest.fixture(scope="session")
 def digits_root(tmp_path_factory) -> Path:
-    """The built-in datasets, prepared once per test session."""
+    """The built-in datasets, prepared once per test run (tests only read them)."""
     from pipeline.data.prepare import prepare_dataset
     from pipeline.params import load_params
 
-    root = tmp_path_factory.mktemp("prepared")
-    params = load_params(REPO / "params.yaml")
-    for name, spec in params.data.datasets.items():
-        prepare_dataset(name, spec, root, params.seed, log=lambda _: None)
-    return root
+    def make(root: Path) -> None:
+        params = load_params(REPO / "params.yaml")
+        for name, spec in params.data.datasets.items():
+            prepare_dataset(name, spec, root, params.seed, log=lambda _: None)
+
+    return made_once(tmp_path_factory, "prepared", make)
 
 
 @pytest.fixture

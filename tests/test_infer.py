@@ -13,6 +13,9 @@ from pipeline.export.to_onnx import export_image_generator
 from pipeline.serve.engine import Engine, InferenceError, open_engine
 from tests.corpus import gradient
 
+# One worker runs the whole module, so its module-scoped fixtures are made once (tests/README.md).
+pytestmark = pytest.mark.xdist_group("test_infer")
+
 
 def _export(path: Path, norm: str) -> tuple[torch.nn.Module, Path]:
     torch.manual_seed(0)

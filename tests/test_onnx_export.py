@@ -17,6 +17,9 @@ from pipeline.export.model_card import IMAGE_INPUT, IMAGE_OUTPUT, read_metadata
 from pipeline.export.reference import import_reference_checkpoint
 from pipeline.export.to_onnx import FP16_ATOL, ExportParityError, export_conditional_generator, export_image_generator
 
+# One worker runs the whole module, so its module-scoped fixtures are made once (tests/README.md).
+pytestmark = pytest.mark.xdist_group("test_onnx_export")
+
 METADATA = {
     "recipe": "cyclegan",
     "direction": "AtoB",

@@ -24,13 +24,16 @@ def trained_cyclegan(workdir):
     return workdir / "runs/cyclegan/checkpoints/last.pt"
 
 
-def test_a_checkpoint_from_another_store_logs_to_a_new_run_that_names_its_origin(workdir, run_cli, tmp_path):
+def test_a_checkpoint_from_another_store_logs_to_a_new_run_that_names_its_origin(
+    workdir, run_cli, tmp_path, mlflow_template
+):
     checkpoint = trained_cyclegan(workdir)
     original = load_checkpoint(checkpoint)["mlflow_run_id"]
     clone = tmp_path / "clone"  # a teammate's clone: params and the DVC outputs, but not our mlflow.db
     (clone / "runs/cyclegan").mkdir(parents=True)
     shutil.copy(workdir / "params.yaml", clone / "params.yaml")
     shutil.copytree(checkpoint.parent, clone / "runs/cyclegan/checkpoints")
+    shutil.copyfile(mlflow_template, clone / "mlflow.db")  # the clone's own store, empty (migrations take seconds)
     own_store = {"MLFLOW_TRACKING_URI": ""}  # unset: the clone's own mlflow.db
 
     evaluated = run_cli(*EVALUATE, cwd=clone, env=own_store)

@@ -14,12 +14,12 @@ from conftest import BIN, tiny
 from rich.console import Console
 
 from models import objectives
-from pipeline.errors import UserError
+from pipeline.errors import TrainingDiverged, UserError
 from pipeline.params import load_params
 from pipeline.train import recipes
 from pipeline.train.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.train.context import Context
-from pipeline.train.loop import TrainingDiverged, lr_factor, train
+from pipeline.train.loop import lr_factor, train
 from pipeline.train.parts import ImagePool
 
 QUIET = Console(file=open(os.devnull, "w"))  # noqa: SIM115 - lives for the whole test session

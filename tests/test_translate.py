@@ -5,26 +5,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from conftest import METADATA
+from conftest import export_tiny_translator
 from PIL import Image
 
-from models.generators import build_generator
 from pipeline.errors import UserError
-from pipeline.export.to_onnx import export_image_generator
 from pipeline.serve.engine import Engine
 from pipeline.serve.translate import check_writable, exit_code, translate_path
 from tests.corpus import gradient, write_bad_corpus, write_good
+
+# One worker runs the whole module, so its module-scoped fixtures are made once (tests/README.md).
+pytestmark = pytest.mark.xdist_group("test_translate")
 
 REPORT_KEYS = {"translated", "skipped", "rejected", "ignored", "seconds", "provider", "images_per_second"}
 
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "g.onnx"
-    export_image_generator(build_generator("resnet_2blocks", ngf=8), path, METADATA)
-    return path
+    return export_tiny_translator(tmp_path_factory.mktemp("model") / "g.onnx")
 
 
 @pytest.fixture(scope="module")

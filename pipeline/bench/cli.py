@@ -108,3 +108,37 @@ def bench_inference(
         print(json.dumps(result) if as_json else markdown_table(result))
 
     guard(work)
+
+
+@bench_app.command("serve")
+def bench_serve(
+    arch: Annotated[str, typer.Option(help="Generator architecture.")] = "resnet_9blocks",
+    size: Annotated[int, typer.Option(help="Photo size in pixels.")] = 128,
+    clients: Annotated[str, typer.Option(help="Comma-separated concurrent client counts.")] = "1,8,32",
+    max_batches: Annotated[str, typer.Option(help="Comma-separated --max-batch settings, side by side.")] = "1,8",
+    requests_per_client: Annotated[int, typer.Option(help="Requests each client sends per timed run.")] = 6,
+    max_wait_ms: Annotated[float, typer.Option(help="The servers' --max-wait-ms.")] = 5.0,
+    weights: Annotated[Path | None, typer.Option(help="A checkpoint instead of random weights.")] = None,
+    repeats: Annotated[int, typer.Option(help="Timed repeats; the best counts.")] = 2,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Requests/s and p50/p99 latency of `transfigure serve` by client count, max batch 1 against N."""
+
+    def work() -> None:
+        import json
+
+        from pipeline.bench.serve import markdown_table, run
+
+        result = run(
+            arch,
+            size,
+            tuple(int(c) for c in clients.split(",")),
+            tuple(int(b) for b in max_batches.split(",")),
+            requests_per_client,
+            max_wait_ms,
+            weights,
+            repeats,
+        )
+        print(json.dumps(result) if as_json else markdown_table(result))
+
+    guard(work)

@@ -209,6 +209,9 @@ def _session(path: Path, providers: list, quiet: bool) -> ort.InferenceSession:
         ort.set_default_logger_severity(4)
     try:
         with contextlib.redirect_stdout(sink):
+            if any(_SHORT_NAMES.get(p if isinstance(p, str) else p[0]) in GPU_PROVIDERS for p in providers):
+                # CUDA and cuDNN from NVIDIA's PyPI wheels (the serving image, no PyTorch to load them first).
+                ort.preload_dlls()
             return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as exc:  # a file that is not an ONNX model, or one ORT cannot run
         raise UserError(f"cannot load {path.name}: {str(exc).splitlines()[0]}") from exc

@@ -16,7 +16,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from pipeline.charts import loss_curves
-from pipeline.errors import UserError
+from pipeline.errors import TrainingDiverged, UserError
 from pipeline.files import write_bytes_atomic, write_json_atomic
 from pipeline.images import write_image_atomic
 from pipeline.params import Params, changed_keys, flatten, params_hash, training_params
@@ -37,10 +37,6 @@ from pipeline.train.checkpoint import (
 )
 from pipeline.train.context import Context
 from pipeline.train.fingerprint import changed_files, code_fingerprint
-
-
-class TrainingDiverged(UserError):
-    """A loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 def lr_factor(step: int, steps: int, decay: bool) -> float:
