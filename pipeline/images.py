@@ -268,10 +268,19 @@ def write_image_atomic(
     path = Path(path)
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) uint8 array, got shape {array.shape} dtype {array.dtype}")
-    pil_format = _save_format(path, format)
+    write_atomic(path, lambda fp: _save(fp, array, _save_format(path, format), quality))
+
+
+def encode_image(array: np.ndarray, pil_format: str, quality: int = 95) -> bytes:
+    """An (H, W, 3) uint8 RGB array encoded as PNG, JPEG or WEBP, in memory (an HTTP answer)."""
+    buffer = io.BytesIO()
+    _save(buffer, array, pil_format, quality)
+    return buffer.getvalue()
+
+
+def _save(fp: IO[bytes], array: np.ndarray, pil_format: str, quality: int) -> None:
     options = {"quality": quality} if pil_format in _LOSSY_FORMATS else {}
-    image = Image.fromarray(array)
-    write_atomic(path, lambda fp: image.save(fp, format=pil_format, **options))
+    Image.fromarray(array).save(fp, format=pil_format, **options)
 
 
 def _save_format(path: Path, format: str | None) -> str:

@@ -3,7 +3,6 @@ by hand) logs to a new run that records where it came from, and a tracking serve
 clear line, never a traceback."""
 
 import shutil
-import socket
 
 from conftest import tiny
 from mlflow.tracking import MlflowClient
@@ -13,6 +12,7 @@ from pipeline.files import sha256_of_file
 from pipeline.params import load_params
 from pipeline.train.checkpoint import load_checkpoint
 from pipeline.train.loop import train
+from tests.serving import free_port
 
 TINY = tiny("cyclegan", steps=2, every=2)
 SETS = [arg for override in TINY for arg in ("--set", override)]
@@ -60,15 +60,9 @@ def test_a_checkpoint_from_another_store_logs_to_a_new_run_that_names_its_origin
     assert f"MLflow run {original} is not in" in resumed.stdout and "Traceback" not in resumed.stderr
 
 
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_a_tracking_server_that_does_not_answer_is_one_line_naming_it(workdir, run_cli):
     trained_cyclegan(workdir)
-    uri = f"http://127.0.0.1:{closed_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"  # nobody listens there
     away = {"MLFLOW_TRACKING_URI": uri}
 
     for command in (["train", "cyclegan", "--fresh", *SETS], ["export", "cyclegan"]):

@@ -63,7 +63,8 @@ class Engine:
         if unknown:
             raise UserError(f"unknown provider {unknown[0]!r}; expected some of {', '.join(PROVIDERS)}")
         cache = Path(tensorrt_cache) if tensorrt_cache else _default_tensorrt_cache()
-        self.session = _session(self.model_path, [_provider_entry(name, fp16, cache) for name in names], quiet=auto)
+        entries = [_provider_entry(name, fp16, cache) for name in names]
+        self.session = _session(self.model_path, entries, quiet=auto, gpu=any(n in GPU_PROVIDERS for n in names))
         self.providers = [_SHORT_NAMES.get(name, name) for name in self.session.get_providers()]
         self.provider = self.providers[0]
         loaded = ", ".join(self.providers)
@@ -197,7 +198,7 @@ def _default_tensorrt_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "transfigure" / "tensorrt"
 
 
-def _session(path: Path, providers: list, quiet: bool) -> ort.InferenceSession:
+def _session(path: Path, providers: list, quiet: bool, gpu: bool) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # ORT counts the machine's cores; a container may allow fewer, and another job may hold some (threads.py).
@@ -209,7 +210,7 @@ def _session(path: Path, providers: list, quiet: bool) -> ort.InferenceSession:
         ort.set_default_logger_severity(4)
     try:
         with contextlib.redirect_stdout(sink):
-            if any(_SHORT_NAMES.get(p if isinstance(p, str) else p[0]) in GPU_PROVIDERS for p in providers):
+            if gpu:
                 # CUDA and cuDNN from NVIDIA's PyPI wheels (the serving image, no PyTorch to load them first).
                 ort.preload_dlls()
             return ort.InferenceSession(str(path), options, providers=providers)

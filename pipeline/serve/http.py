@@ -7,7 +7,6 @@ by `MicroBatcher`; `uploads` checks what a request carries before any work. Ever
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import logging
 import sys
@@ -21,10 +20,10 @@ import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pipeline.images import encode_image
 from pipeline.serve import oip, uploads
 from pipeline.serve.batching import DeadlineExceeded, MicroBatcher, QueueFull
 from pipeline.serve.engine import Engine, InferenceError
@@ -161,9 +160,11 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         except InferenceError as exc:
             raise ClientError(422, str(exc)) from None
 
+    page_html = resources.files("pipeline.serve").joinpath("page.html").read_text()
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
-        return HTMLResponse(resources.files("pipeline.serve").joinpath("page.html").read_text())
+        return HTMLResponse(page_html)
 
     @app.get("/healthz", summary="The process is alive.")
     async def healthz() -> dict:
@@ -202,7 +203,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         data, name = await uploads.image_upload(request, settings.max_body_bytes)
         image = await asyncio.to_thread(uploads.decode, data, name, settings.max_pixels)
         (output,) = await translate_images([image])
-        encoded = await asyncio.to_thread(_encode, output, uploads.IMAGE_TYPES[media_type])
+        encoded = await asyncio.to_thread(encode_image, output, uploads.IMAGE_TYPES[media_type])
         seconds = f"{time.perf_counter() - start:.4f}"
         return Response(encoded, media_type=media_type, headers={"X-Transfigure-Seconds": seconds})
 
@@ -273,13 +274,6 @@ def configure_access_log() -> None:
         access_log.addHandler(handler)
         access_log.setLevel(logging.INFO)
         access_log.propagate = False
-
-
-def _encode(image: np.ndarray, pil_format: str) -> bytes:
-    buffer = io.BytesIO()
-    options = {"quality": 95} if pil_format in ("JPEG", "WEBP") else {}
-    Image.fromarray(image).save(buffer, format=pil_format, **options)
-    return buffer.getvalue()
 
 
 def _accepted(accept: str) -> str:
