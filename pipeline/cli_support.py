@@ -11,6 +11,14 @@ import typer
 
 ParamsOption = Annotated[Path, typer.Option("--params", help="The params file.")]
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override a param: section.key=value (repeatable).")]
+PrecisionOption = Annotated[
+    str,
+    typer.Option(
+        envvar="TRANSFIGURE_PRECISION",
+        help="On the CPU: auto (int8 where the CPU has VNNI/AMX and the model's int8 companion passed; bf16 with "
+        "AMX and OpenVINO), fp32, int8 or bf16 (OpenVINO).",
+    ),
+]
 ThreadsOption = Annotated[
     str | None, typer.Option("--threads", help="CPU threads: auto (the free cores) or a number (default: params).")
 ]

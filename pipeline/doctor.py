@@ -7,6 +7,7 @@ import re
 from importlib import metadata
 
 from pipeline import threads
+from pipeline.serve import openvino_bf16, precision
 
 # ONNX Runtime's own error texts carry terminal colour codes; a report that is piped or pasted must not.
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -76,3 +77,4 @@ def report(console) -> None:
     console.print(f"torch intra-op threads now: {torch.get_num_threads()}")
     for provider, status in provider_status().items():
         console.print(f"onnxruntime {provider}: {status}")
+    console.print(precision.machine_summary(precision.cpu_flags(), openvino_bf16.installed()))

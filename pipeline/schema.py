@@ -10,6 +10,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pipeline import fidelity
+
 OBJECTIVES = ("minimax", "nsgan", "lsgan", "wgan", "wgan-gp", "wgan-lp", "hinge")
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -148,8 +150,21 @@ class EvaluateParams(Strict):
         return self
 
 
+class Int8Params(Strict):
+    """The int8 companion of each exported translator (CPU inference with `--precision auto|int8`): calibrated on
+    the first `calibration_images` training images of its source domain, checked on `check_images` test images
+    (else the training images after the calibration ones), usable by `auto` only within both limits."""
+
+    enabled: bool = True
+    calibration_images: PositiveInt = 32
+    check_images: PositiveInt = 16
+    max_mean_levels: Annotated[float, Field(gt=0)] = fidelity.MAX_MEAN_LEVELS
+    min_psnr_db: Annotated[float, Field(gt=0)] = fidelity.MIN_PSNR_DB
+
+
 class ExportParams(Strict):
     opset: Annotated[int, Field(ge=17)] = 18
     fp16: bool = False
     parity_atol: Annotated[float, Field(gt=0)] = 1e-4
     register_models: bool = True
+    int8: Int8Params = Int8Params()

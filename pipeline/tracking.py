@@ -76,6 +76,11 @@ def check_reachable(uri: str | None = None, timeout: float = 3.0) -> None:
         ) from None
 
 
+def disable_progress_bars() -> None:
+    """MLflow's download bar is a screenful of noise for local copies (registering extra files, loading models)."""
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+
+
 def _mlflow():
     import logging
 
@@ -87,6 +92,7 @@ def _mlflow():
     for name in ("alembic", "mlflow"):
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("mlflow.models.model").addFilter(_drop_serving_input_warning)
+    disable_progress_bars()
     mlflow.set_tracking_uri(tracking_uri())
     if not os.environ.get("MLFLOW_TRACKING_URI") and mlflow.get_experiment_by_name(EXPERIMENT) is None:
         # Artifacts next to mlflow.db, not in ./mlruns of whichever copy (a DVC experiment's) ran first.
@@ -206,8 +212,9 @@ def log_to_run(
             mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
 
-def register_onnx(run_id: str, path: Path, name: str, alias: str | None = None) -> str:
-    """Logs an ONNX file to the run and registers it as a new version of `name`, with `alias` if given.
+def register_onnx(run_id: str, path: Path, name: str, alias: str | None = None, extra: list[Path] = ()) -> str:
+    """Logs an ONNX file (and `extra` files beside it, such as its int8 companion) to the run and registers it as a
+    new version of `name`, with `alias` if given.
 
     MLflow reserves the alias `latest`: `models:/NAME/latest` (and our `models:/NAME@latest`) is always the
     newest version, so it is never set here.
@@ -219,7 +226,11 @@ def register_onnx(run_id: str, path: Path, name: str, alias: str | None = None) 
 
     with mlflow.start_run(run_id=run_id):
         info = mlflow_onnx.log_model(
-            onnx.load(str(path)), name=path.stem, registered_model_name=name, pip_requirements=["onnxruntime"]
+            onnx.load(str(path)),
+            name=path.stem,
+            registered_model_name=name,
+            pip_requirements=["onnxruntime"],
+            extra_files=[str(file) for file in extra] or None,
         )
     version = str(info.registered_model_version)
     if alias:

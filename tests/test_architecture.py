@@ -83,23 +83,37 @@ def test_pipeline_modules_stay_readable_in_one_sitting():
 
 
 TOP = ("pipeline.errors", "pipeline.files", "pipeline.images", "pipeline.pixels", "pipeline.progress")
-TOP += ("pipeline.schema", "pipeline.tracking", "pipeline.params", "pipeline.threads", "pipeline.charts", "models")
+TOP += (
+    "pipeline.fidelity",
+    "pipeline.schema",
+    "pipeline.tracking",
+    "pipeline.params",
+    "pipeline.threads",
+    "pipeline.charts",
+    "models",
+)
 # Who may import what, by module prefix (the longest prefix rules); docs/ARCHITECTURE.md has the same table.
 ALLOWED = {
     "models": ("models",),
     "pipeline.errors": TOP,
     "pipeline.files": TOP,
+    "pipeline.fidelity": TOP,
     "pipeline.images": TOP,
     "pipeline.pixels": TOP,
     "pipeline.progress": TOP,
     "pipeline.schema": TOP,
     "pipeline.tracking": TOP,
-    "pipeline.doctor": TOP,
+    "pipeline.doctor": (
+        *TOP,
+        "pipeline.serve.precision",
+        "pipeline.serve.openvino_bf16",
+    ),  # what `--precision auto` picks on this machine
     "pipeline.threads": TOP,
     "pipeline.charts": TOP,
     "pipeline.params": (*TOP, "pipeline.train.recipes"),  # the schema is assembled from the recipes' sections
     "pipeline.cli": ("pipeline", "models"),
     "pipeline.cli_support": ("pipeline", "models"),
+    "pipeline.cli_inference": ("pipeline", "models"),
     "pipeline.data": (*TOP, "pipeline.data"),
     "pipeline.evaluate.metrics": (*TOP, "pipeline.data"),
     "pipeline.evaluate.measures": (*TOP, "pipeline.data", "pipeline.evaluate.metrics"),
@@ -111,7 +125,13 @@ ALLOWED = {
         "pipeline.train.recipes",
     ),
     "pipeline.train": (*TOP, "pipeline.data", "pipeline.train", "pipeline.evaluate.measures"),
-    "pipeline.export": (*TOP, "pipeline.export", "pipeline.train.checkpoint", "pipeline.train.recipes"),
+    "pipeline.export": (
+        *TOP,
+        "pipeline.data",
+        "pipeline.export",
+        "pipeline.train.checkpoint",
+        "pipeline.train.recipes",
+    ),
     "pipeline.serve": (*TOP, "pipeline.serve", "pipeline.export.model_card"),
     "pipeline.bench": ("pipeline", "models"),
 }

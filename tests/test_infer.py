@@ -9,7 +9,10 @@ from conftest import METADATA
 
 from models.generators import build_generator
 from pipeline.errors import UserError
+from pipeline.export import model_card as card
+from pipeline.export.quantize import write_int8_companion
 from pipeline.export.to_onnx import export_image_generator
+from pipeline.schema import Int8Params
 from pipeline.serve.engine import Engine, InferenceError, open_engine
 from tests.corpus import gradient
 
@@ -128,8 +131,12 @@ def test_registered_model_uri_resolves_through_mlflow(instance_model, local_mode
     mlflow = tracking._mlflow()
     with mlflow.start_run() as run:
         run_id = run.info.run_id
-    tracking.register_onnx(run_id, instance_model[1], "horse2zebra")
-    tracking.register_onnx(run_id, local_model[1], "horse2zebra")
+    tiles = [card.companion_path(instance_model[1], suffix) for suffix in (card.STATISTICS, card.TILE)]
+    tracking.register_onnx(run_id, instance_model[1], "horse2zebra", extra=tiles)
+    int8 = write_int8_companion(
+        local_model[1], [gradient(20, 16, seed=n) for n in range(3)], [gradient(20, 16)], Int8Params(), "t"
+    )
+    tracking.register_onnx(run_id, local_model[1], "horse2zebra", extra=[Path(int8["path"])])
     mlflow.MlflowClient().set_registered_model_alias("horse2zebra", "champion", "1")
 
     image = gradient(20, 16)
@@ -142,6 +149,12 @@ def test_registered_model_uri_resolves_through_mlflow(instance_model, local_mode
     ]:
         assert np.array_equal(open_engine(uri, providers=["cpu"]).translate(image), expected), uri
     assert "Downloading artifacts" not in capfd.readouterr().err, "MLflow's progress bar for a local copy"
+    # The int8 companion travels with its model through the registry.
+    assert open_engine("models:/horse2zebra@latest", precision="int8").precision == "int8"
+    with pytest.raises(UserError, match="no int8 model beside it"):
+        open_engine("models:/horse2zebra@champion", precision="int8")
+    # So do the tiling companions: tiles of a registered instance-norm model share a thumbnail's statistics.
+    assert open_engine("models:/horse2zebra@champion", providers=["cpu"]).tiling == "thumbnail statistics"
     with pytest.raises(UserError, match="models:/zebra2horse@latest"):
         open_engine("models:/zebra2horse@latest", providers=["cpu"])
 

@@ -13,6 +13,7 @@ import pytest
 import yaml
 from conftest import BIN, REPO, tiny
 
+from pipeline.export import model_card as card
 from pipeline.params import apply_overrides
 from pipeline.train import recipes
 from pipeline.train.checkpoint import load_checkpoint
@@ -146,6 +147,18 @@ def test_dvc_repro_runs_every_stage_and_then_has_nothing_to_do(tmp_path):
             model = onnx.load(repo / f"artifacts/{recipe}/{name}.onnx")
             metadata = {p.key: p.value for p in model.metadata_props}
             assert metadata["recipe"] == recipe and metadata["params_hash"]
+            int8 = card.companion_path(repo / f"artifacts/{recipe}/{name}.onnx", card.INT8)
+            # Translators get an int8 companion calibrated on their training images; samplers do not.
+            assert int8.exists() == (metadata["kind"] == card.IMAGE_TRANSLATION), int8
+            if int8.exists():
+                companion = card.read_metadata(int8)
+                assert companion["params_hash"] == metadata["params_hash"] and companion[card.INT8_QUALITY]
+                assert " images of digits" in companion[card.INT8_CALIBRATION]
+            # Instance-norm translators (cyclegan) also get their tiling graphs; batch norm (pix2pix) needs none.
+            tiles = card.companion_path(repo / f"artifacts/{recipe}/{name}.onnx", card.TILE)
+            assert tiles.exists() == (int(metadata.get("instance_norm_layers", "0")) > 0), tiles
+            if recipe in ("cyclegan", "pix2pix"):
+                assert tiles.exists() == (recipe == "cyclegan")
     assert (repo / "mlflow.db").exists()
     assert any((repo / "mlruns").rglob("*.png")), "sample grids are logged next to mlflow.db"
 

@@ -187,6 +187,8 @@ def test_operations_endpoints_and_the_access_log(server):
     assert ready["status"] == "ready" and ready["provider"] == "cpu"
     models = httpx.get(f"{server.url}/v1/models").json()
     assert models["name"] == "horse2zebra" and models["card"]["recipe"] == METADATA["recipe"]
+    # No int8 model beside this one, so the CPU's choice is float32, and the answer says why.
+    assert models["precision"] == "fp32" and models["precision_reason"].startswith(("auto: no int8", "auto: this CPU"))
     post_image(server.url, png_bytes(gradient(16, 16)))
     metrics = httpx.get(f"{server.url}/metrics")
     assert metrics.headers["content-type"].startswith("text/plain")
@@ -195,7 +197,8 @@ def test_operations_endpoints_and_the_access_log(server):
         "transfigure_request_duration_seconds_bucket",
         "transfigure_batch_size_bucket",
         "transfigure_queue_depth",
-        'transfigure_model_info{direction="AtoB",max_batch="8",name="horse2zebra",provider="cpu",recipe="test"} 1.0',
+        'transfigure_model_info{direction="AtoB",max_batch="8",name="horse2zebra",precision="fp32",'
+        'provider="cpu",recipe="test"} 1.0',
     ):
         assert name in metrics.text, name
     lines = [json.loads(line) for line in server.output().splitlines() if line.startswith('{"time"')]

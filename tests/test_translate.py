@@ -16,7 +16,17 @@ from tests.corpus import gradient, write_bad_corpus, write_good
 # One worker runs the whole module, so its module-scoped fixtures are made once (tests/README.md).
 pytestmark = pytest.mark.xdist_group("test_translate")
 
-REPORT_KEYS = {"translated", "skipped", "rejected", "ignored", "seconds", "provider", "images_per_second"}
+REPORT_KEYS = {
+    "translated",
+    "skipped",
+    "rejected",
+    "ignored",
+    "seconds",
+    "provider",
+    "precision",
+    "tiling",
+    "images_per_second",
+}
 
 
 @pytest.fixture(scope="module")

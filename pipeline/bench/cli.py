@@ -85,6 +85,7 @@ def bench_inference(
     weights: Annotated[Path | None, typer.Option(help="A checkpoint instead of random weights.")] = None,
     repeats: Annotated[int, typer.Option(help="Timed repeats; the best counts.")] = 2,
     peak_tflops: Annotated[float | None, typer.Option(help="The GPU's peak, for the fraction reached.")] = None,
+    precisions: Annotated[str, typer.Option(help="Comma-separated CPU precisions: fp32, int8.")] = "fp32",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Images/s of the translate CLI and the engine against a plain PyTorch eager loop, side by side."""
@@ -104,6 +105,7 @@ def bench_inference(
             weights,
             repeats,
             peak_tflops,
+            tuple(precisions.split(",")),
         )
         print(json.dumps(result) if as_json else markdown_table(result))
 

@@ -66,17 +66,22 @@ def run(
     weights: Path | None = None,
     repeats: int = 2,
     peak_tflops: float | None = None,
+    precisions: tuple[str, ...] = ("fp32",),
 ) -> dict:
     """Measure and return {"results": [rows], "arch", "size", "gflop_per_image", "machine", "load_average", "date"}.
 
     Rows: {"what", "provider", "batch_size", "images", "seconds", "images_per_second", "vs_eager"}, plus
     "peak_fraction" on a GPU (against `peak_tflops`, or the dense fp16 peak of a known GPU). The whole-process
-    translate row runs with the first provider and translate's default batch size for it.
+    translate row runs with the first provider and translate's default batch size for it. `precisions` (fp32,
+    int8) on the CPU: each gets its translate and engine rows; int8 is quantized on the bench's first photos and
+    checked on the rest, its quality under "int8" (random weights unless `weights` is given).
     """
     import torch
 
     from models.generators import build_generator
+    from pipeline.export.quantize import write_int8_companion
     from pipeline.export.to_onnx import export_image_generator
+    from pipeline.schema import Int8Params
     from pipeline.serve.translate import default_batch_size
 
     torch.manual_seed(0)
@@ -93,23 +98,27 @@ def run(
         torch.save(net.state_dict(), root / "weights.pt")
         export_image_generator(net, root / "model.onnx", METADATA)
         images = _write_photos(root / "photos", n_images, size)
+        int8 = None
+        if "int8" in precisions:
+            half = max(1, n_images // 2)
+            int8 = write_int8_companion(root / "model.onnx", images[:half], images[half:], Int8Params(), "bench photos")
         eager_cmd = [sys.executable, "-c", EAGER_LOOP, arch, str(root / "weights.pt"), str(root / "photos")]
         translate_batch = default_batch_size(providers[0])
-        eager_s, translate_s = float("inf"), float("inf")
+        eager_s, translate_s = float("inf"), dict.fromkeys(precisions, float("inf"))
         for attempt in range(repeats):
             eager_s = min(eager_s, _time_process([*eager_cmd, str(root / f"eager{attempt}")]))
-            translate_cmd = _translate_command(root, root / f"out{attempt}", providers[0])
-            translate_s = min(translate_s, _time_process(translate_cmd))
-        rows = [
-            _row("pytorch eager loop, one image at a time (whole process)", "torch", 1, n_images, eager_s, eager_s),
-            _row(
-                "transfigure translate (whole process)", providers[0], translate_batch, n_images, translate_s, eager_s
-            ),
-        ]
+            for precision in precisions:
+                translate_cmd = _translate_command(root, root / f"out{attempt}{precision}", providers[0], precision)
+                translate_s[precision] = min(translate_s[precision], _time_process(translate_cmd))
+        rows = [_row("pytorch eager loop, one image at a time (whole process)", "torch", 1, n_images, eager_s, eager_s)]
+        for precision, seconds in translate_s.items():
+            what = f"transfigure translate (whole process), {precision}"
+            rows.append(_row(what, providers[0], translate_batch, n_images, seconds, eager_s))
         eager_model_s = _time_eager_model(net, images, "cuda" if gpu else "cpu")
         rows.append(_row("pytorch eager model only, fp32", "torch", 1, n_images, eager_model_s, eager_model_s))
         for provider in providers:
-            rows += _time_engine(root / "model.onnx", provider, fp16, batch_sizes, images, eager_model_s)
+            for precision in precisions if provider == "cpu" else ("fp32",):
+                rows += _time_engine(root / "model.onnx", provider, fp16, batch_sizes, images, eager_model_s, precision)
     if gpu:
         for row in rows:
             row["peak_fraction"] = round(row["images_per_second"] * gflop / (peak * 1000), 4) if peak else None
@@ -121,6 +130,7 @@ def run(
         "machine": _machine(gpu),
         # Other jobs on a shared machine slow both sides, PyTorch's OpenMP threads the most: say how busy it was.
         "load_average": round(os.getloadavg()[0], 2),
+        "int8": int8,
         "date": datetime.date.today().isoformat(),
     }
 
@@ -137,6 +147,12 @@ def markdown_table(result: dict) -> str:
             fraction = row.get("peak_fraction")
             cells.append(f"{fraction:.1%}" if fraction is not None else "")
         lines.append("| " + " | ".join(cells) + " |")
+    int8 = result.get("int8")
+    if int8:
+        lines.append(
+            f"\nint8 against fp32 on the held-out bench photos: {int8['mean_levels']:.2f} levels mean, "
+            f"{int8['max_levels']:.0f} max, {int8['psnr_db']:.1f} dB ({int8['quality']})"
+        )
     return "\n".join(lines)
 
 
@@ -152,7 +168,7 @@ def _row(what: str, provider: str, batch_size: int, images: int, seconds: float,
     }
 
 
-def _translate_command(root: Path, out: Path, provider: str) -> list[str]:
+def _translate_command(root: Path, out: Path, provider: str, precision: str) -> list[str]:
     """The installed `transfigure translate` next to this interpreter, with its default batch size."""
     cli = Path(sys.executable).parent / "transfigure"
     return [
@@ -164,6 +180,8 @@ def _translate_command(root: Path, out: Path, provider: str) -> list[str]:
         str(root / "model.onnx"),
         "--providers",
         provider,
+        "--precision",
+        precision,
     ]
 
 
@@ -193,12 +211,18 @@ def _time_eager_model(net, images: list[np.ndarray], device: str) -> float:
 
 
 def _time_engine(
-    model: Path, provider: str, fp16: bool, batch_sizes: tuple[int, ...], images: list, baseline: float
+    model: Path,
+    provider: str,
+    fp16: bool,
+    batch_sizes: tuple[int, ...],
+    images: list,
+    baseline: float,
+    precision: str = "fp32",
 ) -> list[dict]:
     from pipeline.serve.engine import Engine
 
-    engine = Engine(model, providers=[provider], fp16=fp16 and provider == "tensorrt")
-    label = "engine only" + (", fp16" if engine.fp16 else ", fp32")
+    engine = Engine(model, providers=[provider], fp16=fp16 and provider == "tensorrt", precision=precision)
+    label = "engine only, " + ("fp16" if engine.fp16 else engine.precision)
     rows = []
     for batch_size in batch_sizes:
         batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]

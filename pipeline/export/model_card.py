@@ -6,6 +6,11 @@ Kinds:
   width (multiples of `multiple`). ONNX forbids a graph output named like an input, hence `translated`.
 - conditional_generation: inputs `z` (float32, N x z_dim) and `label` (int64, N), output `image`.
 - flow_sampling: input `z` (float32, N x C x H x W, `latent_shape`), output `image`.
+
+An instance-norm translator also gets two companions for tiled translation (models/thumbnail_norm.py):
+- thumbnail_statistics `<stem>.statistics.onnx`: input `image`, output `statistics` (N x `statistics_width`);
+- statistics_tile `<stem>.tile.onnx`: inputs `image` and `statistics`, output `translated`; a tile seen with
+  `context` pixels around it (when the image has them) equals that region of the whole image's output.
 """
 
 from __future__ import annotations
@@ -18,6 +23,10 @@ from pipeline.pixels import MODEL_RANGE
 IMAGE_TRANSLATION = "image_translation"
 CONDITIONAL_GENERATION = "conditional_generation"
 FLOW_SAMPLING = "flow_sampling"
+THUMBNAIL_STATISTICS = "thumbnail_statistics"
+STATISTICS_TILE = "statistics_tile"
+STATISTICS = "statistics"  # the statistics companion's suffix and its tensor's name
+TILE = "tile"
 
 IMAGE_INPUT = "image"
 IMAGE_OUTPUT = "translated"
@@ -25,6 +34,15 @@ LATENT_INPUT = "z"
 LABEL_INPUT = "label"
 SAMPLE_OUTPUT = "image"
 NORMALIZATION = MODEL_RANGE
+
+# The int8 companion `<stem>.int8.onnx` of an image translator: its card repeats the float32 model's provenance
+# (the engine uses it only when `params_hash` and `training_step` agree) and records the export's quality check.
+INT8 = "int8"
+INT8_CALIBRATION = "int8_calibration"
+INT8_MEAN_LEVELS = "int8_mean_level_difference"
+INT8_MAX_LEVELS = "int8_max_level_difference"
+INT8_PSNR_DB = "int8_psnr_db"
+INT8_QUALITY = "int8_quality"  # fidelity.PASSED, or "failed: " and why
 
 # What the caller of an export must say about where the model came from.
 PROVENANCE = ("recipe", "training_commit", "params_hash")
@@ -41,7 +59,15 @@ DERIVED = (
     "n_classes",
     "image_size",
     "latent_shape",
+    "instance_norm_layers",
+    "statistics_width",
+    "context",
 )
+
+
+def companion_path(model_path: Path, precision: str) -> Path:
+    """Where a reduced-precision model of `model_path` lives: AtoB.onnx -> AtoB.int8.onnx (or .fp16.onnx)."""
+    return Path(model_path).with_suffix(f".{precision}.onnx")
 
 
 def provenance(state, direction: str, source: str, target: str) -> dict[str, str]:

@@ -8,37 +8,76 @@ import re
 from pathlib import Path
 
 from pipeline import tracking
+from pipeline.data import datasets
 from pipeline.errors import UserError
 from pipeline.export import model_card as card
+from pipeline.export.quantize import write_int8_companion
 from pipeline.export.to_onnx import export_conditional_generator, export_flow_sampler, export_image_generator
 from pipeline.files import write_json_atomic
 from pipeline.params import Params
-from pipeline.schema import ExportParams
+from pipeline.schema import ExportParams, Int8Params
 from pipeline.train import recipes
 from pipeline.train.checkpoint import checkpoint_path, load_checkpoint
 
 
-def export_state(state, out_dir: Path, fp16: bool, opset: int, atol: float) -> dict[str, dict]:
+def export_state(state, out_dir: Path, fp16: bool, export: ExportParams, data_root: Path | None) -> dict[str, dict]:
+    """Every generator of a checkpoint into out_dir/<direction>.onnx; translators also get their int8 companion
+    when export.int8 is enabled, calibrated on the prepared dataset under `data_root` (skipped, saying why, when
+    it is not there)."""
     recipe = recipes.get(state["recipe"])
-    exports = recipe.exports(recipe.Params.model_validate(state["params"][recipe.name]))
+    recipe_params = recipe.Params.model_validate(state["params"][recipe.name])
+    exports = recipe.exports(recipe_params)
+    options = {"opset": export.opset, "atol": export.parity_atol}
     results = {}
     for direction, net in recipes.generators_from_checkpoint(state).items():
-        export = exports[direction]
+        spec = exports[direction]
         path = out_dir / f"{direction}.onnx"
-        metadata = card.provenance(state, direction, export.source, export.target)
-        if export.kind == card.IMAGE_TRANSLATION:
-            results[direction] = export_image_generator(net, path, metadata, opset=opset, fp16=fp16, atol=atol)
-        elif export.kind == card.CONDITIONAL_GENERATION:
-            results[direction] = export_conditional_generator(net, path, metadata, opset=opset, atol=atol)
+        metadata = card.provenance(state, direction, spec.source, spec.target)
+        if spec.kind == card.IMAGE_TRANSLATION:
+            results[direction] = export_image_generator(net, path, metadata, fp16=fp16, **options)
+            if export.int8.enabled:
+                data_dir = Path(data_root) / recipe_params.dataset if data_root else None
+                results[direction]["int8"] = _int8(path, data_dir, spec.source, export.int8)
+        elif spec.kind == card.CONDITIONAL_GENERATION:
+            results[direction] = export_conditional_generator(net, path, metadata, **options)
         else:
-            results[direction] = export_flow_sampler(net, path, metadata, opset=opset, atol=atol)
+            results[direction] = export_flow_sampler(net, path, metadata, **options)
     return results
+
+
+def _int8(fp32_path: Path, data_dir: Path | None, domain: str, limits: Int8Params) -> dict:
+    """The int8 companion, calibrated on the first training images of `domain` and checked on its test images."""
+    manifest = data_dir / datasets.MANIFEST if data_dir else None
+    if manifest is None or not manifest.is_file():
+        return {"skipped": f"no prepared dataset at {data_dir} to calibrate on (`transfigure quantize` takes a folder)"}
+    items = datasets.load_manifest(data_dir)
+    train = sorted(datasets.entries(items, "train", domain), key=lambda e: e["path"])
+    test = sorted(datasets.entries(items, "test", domain), key=lambda e: e["path"])
+    calibration = train[: limits.calibration_images]
+    check = (test or train[len(calibration) :])[: limits.check_images]
+    if not calibration or not check:
+        return {"skipped": f"{data_dir}: too few train{domain}/test{domain} images to calibrate and check on"}
+    images = {e["path"]: datasets.read_rgb(data_dir / e["path"]) for e in calibration + check}
+    return write_int8_companion(
+        fp32_path,
+        [images[e["path"]] for e in calibration],
+        [images[e["path"]] for e in check],
+        limits,
+        f"{data_dir.name}:train{domain}",
+    )
 
 
 def _parity_text(result: dict) -> str:
     text = f"max abs error vs PyTorch {result['max_abs_error']:.2e}"
     if result.get("fp16"):
         text += f"; fp16 model {result['fp16']['max_abs_error']:.2e}"
+    int8 = result.get("int8")
+    if int8:
+        text += (
+            f"; int8 model {int8['skipped']}"
+            if "skipped" in int8
+            else (f"; int8 model {int8['mean_levels']:.2f} levels mean, {int8['psnr_db']:.1f} dB ({int8['quality']})")
+        )
     return text
 
 
@@ -59,7 +98,7 @@ def export_recipe(
     if register:
         tracking.check_reachable()  # before the work, not after it
     out_dir = artifacts_root / (recipe if step is None else f"{recipe}.step_{step:06d}")
-    results = export_state(state, out_dir, fp16, params.export.opset, params.export.parity_atol)
+    results = export_state(state, out_dir, fp16, params.export, Path(params.data.root))
     for result in results.values():
         console.print(f"wrote {result['path']} ({_parity_text(result)})")
     write_json_atomic(out_dir / "export.json", results)
@@ -70,28 +109,45 @@ def export_recipe(
         alias = f"exp-{re.sub(r'[^A-Za-z0-9_-]', '-', experiment)}" if experiment else None
         for direction, result in results.items():
             name = f"transfigure-{recipe}-{direction}"
-            version = tracking.register_onnx(run_id, Path(result["path"]), name, alias)
+            int8 = result.get("int8", {}).get("path")
+            extra = [Path(int8)] if int8 else []
+            if result.get("tiles"):
+                extra += [card.companion_path(Path(result["path"]), suffix) for suffix in (card.STATISTICS, card.TILE)]
+            version = tracking.register_onnx(run_id, Path(result["path"]), name, alias, extra)
             also = f" and models:/{name}@{alias} (experiment {experiment}; @latest moved too)" if alias else ""
             console.print(f"registered models:/{name}@latest (version {version}){also}")
     return results
 
 
-def export_checkpoint(checkpoint: Path, out: Path, fp16: bool, console, export: ExportParams = ExportParams()) -> dict:
-    """One checkpoint file to one .onnx file; a recipe with several generators writes <stem>.<direction>.onnx."""
+def export_checkpoint(
+    checkpoint: Path,
+    out: Path,
+    fp16: bool,
+    console,
+    params: Params | None = None,
+) -> dict:
+    """One checkpoint file to one .onnx file; a recipe with several generators writes <stem>.<direction>.onnx
+    (and their .fp16.onnx and .int8.onnx companions beside them). Without params: the export defaults, and no
+    prepared data to calibrate int8 models on."""
+    export = params.export if params else ExportParams()
+    data_root = Path(params.data.root) if params else None
     state = load_checkpoint(checkpoint)
     if state.get("recipe") not in recipes.names():
         raise UserError(f"{checkpoint}: not a generator checkpoint of any recipe ({', '.join(recipes.names())})")
     if out.suffix != ".onnx":
         raise UserError(f"--out {out}: must end in .onnx")
     tmp_dir = out.parent / f".{out.stem}.export"
-    results = export_state(state, tmp_dir, fp16, export.opset, export.parity_atol)
+    results = export_state(state, tmp_dir, fp16, export, data_root)
     final = {}
     for direction, result in results.items():
         target = out if len(results) == 1 else out.with_name(f"{out.stem}.{direction}.onnx")
         Path(result["path"]).replace(target)
-        fp16_path = Path(result["path"]).with_suffix(".fp16.onnx")
-        if fp16_path.exists():
-            fp16_path.replace(target.with_suffix(".fp16.onnx"))
+        for suffix in ("fp16", card.INT8, card.STATISTICS, card.TILE):
+            companion = card.companion_path(Path(result["path"]), suffix)
+            if companion.exists():
+                companion.replace(card.companion_path(target, suffix))
+        if "path" in result.get("int8", {}):
+            result["int8"]["path"] = str(card.companion_path(target, card.INT8))
         final[direction] = {**result, "path": str(target)}
         console.print(f"wrote {target} ({_parity_text(result)})")
     tmp_dir.rmdir()

@@ -25,8 +25,10 @@ from torch import nn
 from torch.export import Dim
 
 from models.dcgan import ConditionalGenerator
+from models.thumbnail_norm import StatisticsGraph, context_radius, instance_norms
 from pipeline.errors import UserError
 from pipeline.export import model_card as card
+from pipeline.export.tile_graphs import statistics_graph, tile_graph
 from pipeline.files import write_bytes_atomic
 
 IMAGE_CHANNELS = 3
@@ -51,10 +53,12 @@ def export_image_generator(
     training_commit and params_hash as strings. `net` itself is not modified: a CPU float32 copy is exported.
     The fp16 model keeps float32 input and output and computes in float16 (the network is exported from
     PyTorch in half precision behind casts); its parity is measured against PyTorch in float32 and must be
-    below FP16_ATOL. Raises ExportParityError when either model misses its tolerance, in which case no file
-    is written. Returns {"path", "max_abs_error", "tolerance", "cases", "fp16": {same keys} | None}.
+    below FP16_ATOL. An instance-norm network also gets its tiling companions (`tile_graphs`). Raises
+    ExportParityError when any model misses its tolerance, in which case no file is written. Returns {"path",
+    "max_abs_error", "tolerance", "cases", "fp16": {same keys} | None, "tiles": {"context", ...} | None}.
     """
     multiple = int(net.size_multiple)
+    layers = len(instance_norms(net))
     props = _metadata_props(
         metadata,
         card.IMAGE_PROVENANCE,
@@ -64,6 +68,7 @@ def export_image_generator(
             "normalization": card.NORMALIZATION,
             "input": card.IMAGE_INPUT,
             "output": card.IMAGE_OUTPUT,
+            "instance_norm_layers": str(layers),
         },
     )
     out_path = Path(out_path)
@@ -78,17 +83,53 @@ def export_image_generator(
     variants = [(out_path, model, atol, "float32")]
     if fp16:
         half = _Float16Compute(copy.deepcopy(model).half()).eval()
-        variants.append((out_path.with_suffix(".fp16.onnx"), half, FP16_ATOL, "float16"))
+        variants.append((card.companion_path(out_path, "fp16"), half, FP16_ATOL, "float16"))
     protos, reports = [], []
     for path, variant, tolerance, precision in variants:
         proto = _export(variant, example, dims, [card.IMAGE_INPUT], [card.IMAGE_OUTPUT], opset)
         onnx.helper.set_model_props(proto, {**props, "precision": precision})
         reports.append(_check_parity(proto, path, [card.IMAGE_INPUT], cases, expected, tolerance))
         protos.append(proto)
-    # Both models passed before either is written, so a failure never leaves a mismatched pair behind.
-    for (path, *_), proto in zip(variants, protos, strict=True):
+    paths = [path for path, *_ in variants]
+    tiles = None
+    if layers:
+        tile_paths, tile_protos, tiles = tile_graphs(model, protos[0], out_path, props, cases, expected, atol)
+        paths, protos = paths + tile_paths, protos + tile_protos
+    # Every model passed before any is written, so a failure never leaves a mismatched set behind.
+    for path, proto in zip(paths, protos, strict=True):
         write_bytes_atomic(path, proto.SerializeToString())
-    return {**reports[0], "fp16": reports[1] if fp16 else None}
+    return {**reports[0], "fp16": reports[1] if fp16 else None, "tiles": tiles}
+
+
+def tile_graphs(
+    model: nn.Module,
+    proto: onnx.ModelProto,
+    out_path: Path,
+    props: dict[str, str],
+    cases: list[tuple[torch.Tensor]],
+    expected: list[torch.Tensor],
+    atol: float,
+) -> tuple[list[Path], list[onnx.ModelProto], dict]:
+    """The statistics and tile graphs of an instance-norm translator (models/thumbnail_norm.py), checked three
+    ways: each against PyTorch, and the tile graph given an image's own statistics against the whole model."""
+    statistics_net = StatisticsGraph(model).eval()
+    channels = statistics_net.channels
+    shared = {"statistics_width": str(2 * sum(channels)), "context": str(context_radius(model, int(props["multiple"])))}
+    with torch.no_grad():
+        statistics = [statistics_net(*inputs) for inputs in cases]
+    stats_proto, tile_proto = statistics_graph(proto, channels), tile_graph(proto, channels)
+    for made in (stats_proto, tile_proto):
+        onnx.checker.check_model(made, full_check=True)
+    paths = [card.companion_path(out_path, card.STATISTICS), card.companion_path(out_path, card.TILE)]
+    kinds = {card.THUMBNAIL_STATISTICS: (card.IMAGE_INPUT, card.STATISTICS)}
+    kinds[card.STATISTICS_TILE] = (f"{card.IMAGE_INPUT},{card.STATISTICS}", card.IMAGE_OUTPUT)
+    for proto, (kind, (inputs, output)) in zip((stats_proto, tile_proto), kinds.items(), strict=True):
+        onnx.helper.set_model_props(proto, {**props, **shared, "kind": kind, "input": inputs, "output": output})
+    _check_parity(stats_proto, paths[0], [card.IMAGE_INPUT], cases, statistics, atol)
+    with_statistics = [(*inputs, stats) for inputs, stats in zip(cases, statistics, strict=True)]
+    tile_names = [card.IMAGE_INPUT, card.STATISTICS]
+    report = _check_parity(tile_proto, paths[1], tile_names, with_statistics, expected, atol)
+    return paths, [stats_proto, tile_proto], {**shared, "max_abs_error": report["max_abs_error"]}
 
 
 def export_conditional_generator(
@@ -258,7 +299,8 @@ def _check_parity(
         feed = {name: tensor.numpy() for name, tensor in zip(input_names, inputs, strict=True)}
         (output,) = session.run(None, feed)
         error = float(np.max(np.abs(output.astype(np.float64) - reference.numpy())))
-        batch, _, height, width = reference.shape
+        # The statistics graph's output is (N, width); its input image says which case it was.
+        batch, _, height, width = reference.shape if reference.dim() == 4 else inputs[0].shape
         results.append({"batch": batch, "height": height, "width": width, "max_abs_error": error})
     # A NaN error ranks worst and fails the `not <=` test, so broken outputs never pass.
     worst = max(results, key=lambda case: (math.isnan(case["max_abs_error"]), case["max_abs_error"]))

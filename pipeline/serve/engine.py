@@ -2,7 +2,8 @@
 
 The `translate` CLI, the Ray path and the HTTP service all go through `Engine`. Images keep their size: each
 batch is reflect-padded up to the model's multiple and cropped back. Large images can go through `translate`
-with `tile`, in overlapping tiles blended with linear ramps, so memory stays bounded and no seams show.
+with `tile`, one tile at a time, so memory follows the tile (pipeline/serve/tiling.py: instance-norm models
+share a thumbnail's statistics across tiles; tiled with the int8 or bf16 choice, tiles still run in float32).
 Providers are asked for by short name (tensorrt, cuda, cpu); ONNX Runtime silently falls back to the CPU when
 one fails to load, so `Engine.provider` is read back from the session, never assumed.
 """
@@ -19,10 +20,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from pipeline import threads
+from pipeline import fidelity, threads
 from pipeline.errors import UserError
 from pipeline.export import model_card as card
 from pipeline.pixels import to_model_range, to_pixels
+from pipeline.serve import openvino_bf16, tiling
+from pipeline.serve import precision as cpu_precision
 
 PROVIDERS = {
     "tensorrt": "TensorrtExecutionProvider",
@@ -44,6 +47,9 @@ class Engine:
     `providers`: short names in order of preference; None means every one this ONNX Runtime build offers, in
     the order tensorrt, cuda, cpu (the first that really loads wins). `require_gpu` raises UserError unless
     CUDA or TensorRT loaded. `fp16` asks TensorRT to build fp16 engines, cached under `tensorrt_cache`.
+    `precision` (auto, fp32, int8, bf16) is the CPU's: `auto` runs the model's int8 companion, or OpenVINO in
+    bf16, where precision.decide and the bf16 check allow it; `precision` and `precision_reason` say what runs
+    and why. int8 and bf16 by name run on the CPU only.
     """
 
     def __init__(
@@ -53,12 +59,18 @@ class Engine:
         require_gpu: bool = False,
         fp16: bool = False,
         tensorrt_cache: Path | None = None,
+        precision: str = "auto",
     ):
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
             raise UserError(f"model not found: {self.model_path}")
+        cpu_precision.check(precision)
         auto = not providers
         names = _available_names() if auto else list(providers)
+        if precision in cpu_precision.REDUCED:
+            if not auto and any(name in GPU_PROVIDERS for name in names):
+                raise UserError(f"--precision {precision} runs on the CPU; leave out --providers, or use fp32 on a GPU")
+            names = ["cpu"]
         unknown = [name for name in names if name not in PROVIDERS]
         if unknown:
             raise UserError(f"unknown provider {unknown[0]!r}; expected some of {', '.join(PROVIDERS)}")
@@ -93,52 +105,99 @@ class Engine:
         if len(inputs) != 1 or len(outputs) != 1:
             raise UserError(f"{self.model_path.name} must have one input and one output image")
         self.input_name, self.output_name = inputs[0].name, outputs[0].name
+        self.precision, self.precision_reason = "fp32", f"on {self.provider}"
+        self._openvino: openvino_bf16.OpenVinoBf16 | None = None
+        self.tiling: str | None = None  # how large images are tiled, known after the first one
+        self._tiles: tiling.StatisticsTiles | None = None
+        if self.provider == "cpu":
+            self._choose_cpu_precision(precision)
+
+    def _choose_cpu_precision(self, requested: str) -> None:
+        """Swap in the int8 companion's session when precision.decide says so; its card is read from the session
+        itself (the serving image has ONNX Runtime but not the onnx package)."""
+        path = card.companion_path(self.model_path, card.INT8)
+        flags = cpu_precision.cpu_flags()
+        wanted = requested == card.INT8 or (requested == "auto" and cpu_precision.int8_instructions(flags))
+        session = _session(path, [PROVIDERS["cpu"]], quiet=True, gpu=False) if wanted and path.is_file() else None
+        companion = dict(session.get_modelmeta().custom_metadata_map) if session else None
+        self.precision, self.precision_reason = cpu_precision.decide(requested, flags, self.metadata, companion)
+        if self.precision == card.INT8:
+            self.session = session
+        elif cpu_precision.bf16_worth_trying(requested, self.precision, flags, openvino_bf16.installed()):
+            self._try_bf16(requested)
+
+    def _try_bf16(self, requested: str) -> None:
+        """Compile the model in OpenVINO with bf16 and compare it with this float32 session on two photo-like
+        images; `auto` keeps it only within fidelity's limits."""
+        try:
+            runner = openvino_bf16.OpenVinoBf16(self.model_path, threads.current())
+        except UserError as exc:
+            if requested == "bf16":
+                raise
+            self.precision_reason = f"auto: bf16 unavailable ({exc})"
+            return
+        side = self.multiple * -(-64 // self.multiple)
+        images = [fidelity.photo_like(side, side + self.multiple, seed) for seed in (0, 1)]
+        fp32 = [self.translate_batch([image])[0] for image in images]
+        self._openvino = runner
+        bf16 = [self.translate_batch([image])[0] for image in images]
+        check = fidelity.verdict(fidelity.compare(fp32, bf16))
+        self.precision, self.precision_reason = cpu_precision.bf16_decision(requested, check, runner.computes_in)
+        if self.precision != "bf16":
+            self._openvino = None
 
     def translate_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """Translate (H, W, 3) uint8 images that all have the same size; outputs have that size too."""
         return list(to_pixels(self._forward(np.stack(images))))
 
-    def translate(self, image: np.ndarray, tile: int | None = None, batch_size: int = 4) -> np.ndarray:
-        """Translate one (H, W, 3) uint8 image; with `tile`, one larger than `tile` on a side goes in tiles.
-
-        Tiles are `tile` rounded down to the model's multiple, overlap by an eighth of that and are run
-        `batch_size` at a time. Each output tile is weighted by a window that ramps linearly to near zero
-        over the overlap, so neighbours cross-fade. A convolutional net is local, so tiles agree with the
-        whole-image result away from their borders; with instance norm each tile is normalised by its own
-        statistics, so tiled output differs slightly in tone from the whole-image output (the ramps hide seams).
-        """
+    def translate(
+        self, image: np.ndarray, tile: int | None = None, batch_size: int = 4, thumbnail: int | None = None
+    ) -> np.ndarray:
+        """Translate one (H, W, 3) uint8 image; with `tile`, one larger than `tile` on a side goes in tiles of
+        `tile` (rounded down to the model's multiple), `batch_size` at a time. An instance-norm model exported
+        with its statistics and tile graphs normalizes every tile with the statistics of a thumbnail of the
+        whole image (longer side `thumbnail`, default tiling.DEFAULT_THUMBNAIL), so tiles match the whole image;
+        other models tile with blended overlaps (pipeline/serve/tiling.py). `tiling` says which was used."""
         height, width = image.shape[:2]
         if tile is None or max(height, width) <= tile:
             return self.translate_batch([image])[0]
-        size = max(self.multiple, tile // self.multiple * self.multiple)
-        overlap = max(1, size // 8)
-        tile_h, tile_w = min(size, height), min(size, width)
-        window = np.outer(_ramp(tile_h, overlap), _ramp(tile_w, overlap))[:, :, None]
-        boxes = [(y, x) for y in _starts(height, tile_h, overlap) for x in _starts(width, tile_w, overlap)]
-        total = np.zeros((height, width, 3), np.float32)
-        weight = np.zeros((height, width, 1), np.float32)
-        for first in range(0, len(boxes), batch_size):
-            chunk = boxes[first : first + batch_size]
-            outputs = self._forward(np.stack([image[y : y + tile_h, x : x + tile_w] for y, x in chunk]))
-            for (y, x), output in zip(chunk, outputs, strict=True):
-                total[y : y + tile_h, x : x + tile_w] += output * window
-                weight[y : y + tile_h, x : x + tile_w] += window
-        return to_pixels(total / weight)
+        if self.load_tiling() is not None:
+            longest = thumbnail or tiling.DEFAULT_THUMBNAIL
+            return self._tiles.translate(image, tile, self.multiple, batch_size, longest, self._forward)
+        return to_pixels(tiling.ramped_tiles(image, tile, self.multiple, batch_size, self._forward))
 
-    def _forward(self, batch: np.ndarray) -> np.ndarray:
-        """(N, H, W, 3) uint8 -> (N, H, W, 3) float32 in [-1, 1], through the model at a padded size."""
+    def load_tiling(self) -> tiling.StatisticsTiles | None:
+        """The statistics and tile graphs, loaded on the first tiled image (or by open_engine); None for others."""
+        if self.tiling is None:
+            if int(self.metadata.get("instance_norm_layers", "0")) == 0:
+                self._tiles, self.tiling = None, "blended overlaps (no instance norm: tiles agree already)"
+            else:
+                providers = [PROVIDERS[name] for name in self.providers]
+                opened = tiling.StatisticsTiles.beside(
+                    self.model_path, self.metadata, lambda path: _session(path, providers, quiet=True, gpu=False)
+                )
+                self._tiles, reason = opened
+                self.tiling = reason if self._tiles else f"blended overlaps, tiles normalized alone: {reason}"
+        return self._tiles
+
+    def _forward(self, batch: np.ndarray, run=None) -> np.ndarray:
+        """(N, H, W, 3) uint8 -> (N, H, W, 3) float32 in [-1, 1], through the model (or `run`) at a padded size."""
         _, height, width, _ = batch.shape
         pad_h, pad_w = -height % self.multiple, -width % self.multiple
         if pad_h or pad_w:
             batch = np.pad(batch, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="reflect")
         x = np.ascontiguousarray(to_model_range(batch.transpose(0, 3, 1, 2)))
         try:
-            y = self._run_bound(x) if self.provider in GPU_PROVIDERS else self._run(x)
+            if run is None:
+                run = self._run_bound if self.provider in GPU_PROVIDERS else self._run
+            y = run(x)
         except Exception as exc:  # ONNX Runtime raises one bare Exception subclass per status code
             raise InferenceError(f"inference failed on {width}x{height}: {str(exc).splitlines()[0]}") from exc
         return y[:, :, :height, :width].transpose(0, 2, 3, 1)
 
     def _run(self, x: np.ndarray) -> np.ndarray:
+        if self._openvino is not None:
+            return self._openvino(x)
         return self.session.run([self.output_name], {self.input_name: x})[0]
 
     def _run_bound(self, x: np.ndarray) -> np.ndarray:
@@ -155,9 +214,12 @@ def open_engine(model: str | Path, **options) -> Engine:
     """An Engine for a local .onnx file or a registered model `models:/NAME@ALIAS` (or `models:/NAME/VERSION`)."""
     if not str(model).startswith(MODEL_URI_PREFIX):
         return Engine(Path(model), **options)
-    # ONNX Runtime reads the model and its external data into memory, so the download can go afterwards.
+    # ONNX Runtime reads the model and its external data into memory, so the download can go afterwards
+    # (the tiling companions too, loaded here rather than on the first large image).
     with tempfile.TemporaryDirectory(prefix="transfigure-model-") as tmp:
-        return Engine(download_model(str(model), Path(tmp)), **options)
+        engine = Engine(download_model(str(model), Path(tmp)), **options)
+        engine.load_tiling()
+        return engine
 
 
 def download_model(uri: str, dst: Path) -> Path:
@@ -165,20 +227,25 @@ def download_model(uri: str, dst: Path) -> Path:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from pipeline.tracking import existing_store
+    from pipeline import tracking
 
-    store = existing_store()
+    store = tracking.existing_store()
     mlflow.set_tracking_uri(store)
-    # MLflow's download bar is a screenful of noise for one local copy; the translate bar follows anyway.
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    tracking.disable_progress_bars()
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
     except MlflowException as exc:
         raise UserError(f"cannot load {uri} from {store}: {exc.message.splitlines()[0]}") from exc
     found = sorted(local.rglob("*.onnx")) if local.is_dir() else [local]
-    if len(found) != 1 or found[0].suffix != ".onnx":
-        raise UserError(f"{uri} holds {len(found)} .onnx files; expected one ONNX model")
-    return found[0]
+    suffixes = (card.INT8, card.STATISTICS, card.TILE)
+    companions = {path: next((s for s in suffixes if path.name.endswith(f".{s}.onnx")), None) for path in found}
+    models = [path for path, suffix in companions.items() if suffix is None]
+    if len(models) != 1 or models[0].suffix != ".onnx":
+        raise UserError(f"{uri} holds {len(models)} .onnx models; expected one ONNX model")
+    for path, suffix in companions.items():
+        if suffix:  # logged as MLflow extra files; the engine looks for them beside the model
+            path.replace(card.companion_path(models[0], suffix))
+    return models[0]
 
 
 def _available_names() -> list[str]:
@@ -218,16 +285,3 @@ def _session(path: Path, providers: list, quiet: bool, gpu: bool) -> ort.Inferen
         raise UserError(f"cannot load {path.name}: {str(exc).splitlines()[0]}") from exc
     finally:
         ort.set_default_logger_severity(2)
-
-
-def _ramp(length: int, overlap: int) -> np.ndarray:
-    """1 in the middle, falling linearly to 0.5/overlap at both ends: never 0, so every pixel has weight."""
-    rise = np.minimum(1.0, (np.arange(length, dtype=np.float32) + 0.5) / overlap)
-    return np.minimum(rise, rise[::-1])
-
-
-def _starts(length: int, size: int, overlap: int) -> list[int]:
-    """Tile origins covering [0, length) with tiles of `size` overlapping by at least `overlap`."""
-    if length <= size:
-        return [0]
-    return [*range(0, length - size, size - overlap), length - size]

@@ -53,7 +53,7 @@ class Metrics:
         info = Gauge(
             "transfigure_model_info",
             "The served model (value 1).",
-            ["name", "recipe", "direction", "provider", "max_batch"],
+            ["name", "recipe", "direction", "provider", "precision", "max_batch"],
             registry=self.registry,
         )
         meta = engine.metadata
@@ -62,6 +62,7 @@ class Metrics:
             meta.get("recipe", ""),
             meta.get("direction", ""),
             engine.provider,
+            engine.precision,
             str(settings.max_batch),
         ).set(1)
 
@@ -150,7 +151,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
             uploads.check_size(image, engine.multiple)
         alone = None
         if settings.tile is not None and max(images[0].shape[:2]) > settings.tile:
-            alone = lambda image: engine.translate(image, settings.tile)  # noqa: E731
+            alone = lambda image: engine.translate(image, settings.tile, thumbnail=settings.thumbnail)  # noqa: E731
         try:
             return list(await asyncio.gather(*(batcher.submit(im, settings.timeout_s, alone) for im in images)))
         except QueueFull as exc:
@@ -184,6 +185,8 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         return {
             "name": settings.model_name,
             "provider": engine.provider,
+            "precision": engine.precision,
+            "precision_reason": engine.precision_reason,
             "max_batch": settings.max_batch,
             "card": engine.metadata,
         }

@@ -16,6 +16,7 @@ class ServeSettings:
     max_body_bytes: int = 20_000_000
     max_pixels: int = 40_000_000
     tile: int | None = None
+    thumbnail: int | None = None
     timeout_graceful_shutdown: float = 20.0
 
 

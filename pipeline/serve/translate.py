@@ -20,7 +20,7 @@ import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.files import write_json_atomic
-from pipeline.images import BadImage, decode_rgb, list_images, write_image_atomic
+from pipeline.images import DEFAULT_MAX_PIXELS, BadImage, decode_rgb, list_images, write_image_atomic
 from pipeline.progress import Progress
 from pipeline.serve.engine import Engine, InferenceError
 
@@ -48,6 +48,8 @@ def translate_path(
     fmt: str = "png",
     skip_existing: bool = False,
     tile: int | None = None,
+    thumbnail: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
     workers: int = 2,
     progress: bool = True,
     report_path: Path | None = None,
@@ -58,7 +60,8 @@ def translate_path(
     it has an image suffix (which then sets the format), else a folder. Bad inputs are listed in the report with
     a reason and the rest go on; files that are not images are listed under "ignored", and a folder with no
     images at all is refused. Returns (and writes to `report_path`) {"translated", "skipped", "rejected":
-    [{"path", "reason"}], "ignored", "seconds", "provider", "images_per_second"}.
+    [{"path", "reason"}], "ignored", "seconds", "provider", "precision", "tiling" (None unless an image was tiled),
+    "images_per_second"}.
     """
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
@@ -109,14 +112,14 @@ def translate_path(
             write(list(zip([job for job, _ in batch], outputs, strict=True)))
 
         buckets: dict[tuple[int, int], list] = {}
-        for job, decoded in _decode_ahead(pool, todo, ahead):
+        for job, decoded in _decode_ahead(pool, todo, ahead, max_pixels):
             if isinstance(decoded, BadImage):
                 reject(job[0], str(decoded))
                 continue
             height, width = decoded.shape[:2]
             if tile is not None and max(height, width) > tile:
                 try:
-                    write([(job, engine.translate(decoded, tile))])
+                    write([(job, engine.translate(decoded, tile, thumbnail=thumbnail))])
                 except InferenceError as exc:
                     reject(job[0], str(exc))
                 continue
@@ -135,6 +138,8 @@ def translate_path(
     report.update(
         seconds=round(seconds, 3),
         provider=engine.provider,
+        precision=engine.precision,
+        tiling=engine.tiling,
         images_per_second=round(report["translated"] / seconds, 3) if seconds > 0 else 0.0,
     )
     if report_path is not None:
@@ -206,7 +211,7 @@ def _plan(input: Path, output: Path, fmt: str) -> tuple[list[tuple[Path, Path]],
 
 
 def _decode_ahead(
-    pool: ThreadPoolExecutor, jobs: list[tuple[Path, Path]], ahead: int
+    pool: ThreadPoolExecutor, jobs: list[tuple[Path, Path]], ahead: int, max_pixels: int
 ) -> Iterator[tuple[tuple[Path, Path], np.ndarray | BadImage]]:
     """Decoded images (or the BadImage that refused them) in order, with at most `ahead` decodes in flight."""
     pending: deque[tuple[tuple[Path, Path], Future]] = deque()
@@ -218,7 +223,7 @@ def _decode_ahead(
             return job, exc
 
     for job in jobs:
-        pending.append((job, pool.submit(decode_rgb, job[0])))
+        pending.append((job, pool.submit(decode_rgb, job[0], max_pixels)))
         if len(pending) > ahead:
             yield result(*pending.popleft())
     while pending:

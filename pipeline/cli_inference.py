@@ -1,0 +1,198 @@
+"""The inference commands of `transfigure`: translate, serve, quantize and sample (registered by pipeline/cli.py).
+Imports of onnxruntime and the service stay inside the commands so --help is instant."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pipeline.cli_support import ParamsOption, PrecisionOption, SetOption, ThreadsOption, guard, load, use_threads
+from pipeline.cli_support import console as _console
+from pipeline.images import DEFAULT_MAX_PIXELS
+from pipeline.serve.settings import ServeSettings, default_max_batch
+
+
+def translate(
+    input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="An image, or a folder searched recursively.")],
+    output: Annotated[Path, typer.Argument(help="Output folder (or output file for a single image).")],
+    model: Annotated[str, typer.Option(help="FILE.onnx or models:/NAME@ALIAS.")],
+    batch_size: Annotated[
+        int | None, typer.Option(help="Images of one size per batch (default: 1 on the CPU, 8 on a GPU).")
+    ] = None,
+    providers: Annotated[
+        str | None, typer.Option(help="Comma-separated, in order: tensorrt,cuda,cpu (default: the best that loads).")
+    ] = None,
+    require_gpu: Annotated[bool, typer.Option("--require-gpu", help="Fail unless CUDA or TensorRT loaded.")] = False,
+    tensorrt_fp16: Annotated[
+        bool, typer.Option("--tensorrt-fp16", help="Let TensorRT build fp16 engines (the model file stays fp32).")
+    ] = False,
+    tensorrt_cache: Annotated[Path | None, typer.Option(help="TensorRT engine cache folder.")] = None,
+    precision: PrecisionOption = "auto",
+    fmt: Annotated[str, typer.Option("--format", help="png | jpg | webp")] = "png",
+    skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Keep outputs that already exist.")] = False,
+    tile: Annotated[int | None, typer.Option(help="Translate images larger than N px in tiles of N px.")] = None,
+    thumbnail: Annotated[
+        int | None, typer.Option(help="Instance-norm tiles share the statistics of a thumbnail this long (px).")
+    ] = None,
+    max_pixels: Annotated[int, typer.Option(help="Refuse larger images (read from the header).")] = DEFAULT_MAX_PIXELS,
+    workers: Annotated[int, typer.Option(help="Decode/encode threads.")] = 2,
+    report: Annotated[Path | None, typer.Option(help="Write the JSON report here.")] = None,
+    threads: ThreadsOption = None,
+) -> None:
+    """Translate an image or a folder with an ONNX model; exit 1 if some inputs were rejected."""
+
+    def work() -> int:
+        from pipeline.serve.engine import open_engine
+        from pipeline.serve.translate import check_writable, exit_code, rejections_text, translate_path
+
+        use_threads(threads)
+        check_writable(output, report)
+        names = [p.strip() for p in providers.split(",") if p.strip()] if providers else None
+        engine = open_engine(
+            model,
+            providers=names,
+            require_gpu=require_gpu,
+            fp16=tensorrt_fp16,
+            tensorrt_cache=tensorrt_cache,
+            precision=precision,
+        )
+        result = translate_path(
+            input_path,
+            output,
+            engine,
+            batch_size=batch_size,
+            fmt=fmt,
+            skip_existing=skip_existing,
+            tile=tile,
+            thumbnail=thumbnail,
+            max_pixels=max_pixels,
+            workers=workers,
+            report_path=report,
+        )
+        console = _console()
+        for line in rejections_text(result):
+            console.print(line)
+        console.print(
+            f"translated {result['translated']}, skipped {result['skipped']}, "
+            f"rejected {len(result['rejected'])} on {result['provider']} in {result['precision']}"
+        )
+        return exit_code(result)
+
+    raise typer.Exit(guard(work))
+
+
+def serve(
+    model: Annotated[str, typer.Option(envvar="MODEL_URI", help="FILE.onnx or models:/NAME@ALIAS.")],
+    host: Annotated[str, typer.Option(envvar="TRANSFIGURE_HOST", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(envvar="TRANSFIGURE_PORT")] = 8000,
+    model_name: Annotated[
+        str | None,
+        typer.Option(envvar="TRANSFIGURE_MODEL_NAME", help="Name in both protocols (default: from --model)."),
+    ] = None,
+    max_batch: Annotated[
+        int | None,
+        typer.Option(envvar="TRANSFIGURE_MAX_BATCH", help="Images per engine run (default: 1 on the CPU, 8 on a GPU)."),
+    ] = None,
+    max_wait_ms: Annotated[
+        float, typer.Option(envvar="TRANSFIGURE_MAX_WAIT_MS", help="How long an image waits for others of its size.")
+    ] = ServeSettings.max_wait_ms,
+    max_queue: Annotated[
+        int, typer.Option(envvar="TRANSFIGURE_MAX_QUEUE", help="Images waiting or running; past this, 503.")
+    ] = ServeSettings.max_queue,
+    timeout_s: Annotated[
+        float, typer.Option(envvar="TRANSFIGURE_TIMEOUT_S", help="Per-request deadline (504).")
+    ] = ServeSettings.timeout_s,
+    max_body_bytes: Annotated[int, typer.Option(envvar="TRANSFIGURE_MAX_BODY_BYTES")] = ServeSettings.max_body_bytes,
+    max_pixels: Annotated[
+        int, typer.Option(envvar="TRANSFIGURE_MAX_PIXELS", help="Per image, from its header.")
+    ] = ServeSettings.max_pixels,
+    tile: Annotated[
+        int | None, typer.Option(envvar="TRANSFIGURE_TILE", help="Translate images larger than N px in tiles.")
+    ] = None,
+    thumbnail: Annotated[
+        int | None,
+        typer.Option(envvar="TRANSFIGURE_THUMBNAIL", help="Instance-norm tiles share a thumbnail's statistics (px)."),
+    ] = None,
+    providers: Annotated[
+        str | None, typer.Option(envvar="TRANSFIGURE_PROVIDERS", help="Comma-separated, in order: tensorrt,cuda,cpu.")
+    ] = None,
+    timeout_graceful_shutdown: Annotated[
+        float, typer.Option(envvar="TRANSFIGURE_GRACEFUL_S", help="On SIGTERM, seconds to finish in-flight requests.")
+    ] = ServeSettings.timeout_graceful_shutdown,
+    precision: PrecisionOption = "auto",
+    threads: ThreadsOption = None,
+) -> None:
+    """Serve the model over HTTP: /v1/translate, the Open Inference Protocol v2, a page at /, /metrics."""
+
+    def work() -> None:
+        from pipeline.errors import UserError
+        from pipeline.serve import server
+        from pipeline.serve.engine import open_engine
+
+        use_threads(threads)
+        names = [p.strip() for p in providers.split(",") if p.strip()] if providers else None
+        engine = open_engine(model, providers=names, precision=precision)
+        if tile is not None and tile < engine.multiple:
+            raise UserError(f"--tile {tile} is smaller than the model's multiple ({engine.multiple})")
+        settings = ServeSettings(
+            model_name=model_name or server.model_name(model),
+            max_batch=max_batch or default_max_batch(engine.provider),
+            max_wait_ms=max_wait_ms,
+            max_queue=max_queue,
+            timeout_s=timeout_s,
+            max_body_bytes=max_body_bytes,
+            max_pixels=max_pixels,
+            tile=tile,
+            thumbnail=thumbnail,
+            timeout_graceful_shutdown=timeout_graceful_shutdown,
+        )
+        server.check(settings)
+        _console().print(
+            f"serving {settings.model_name} on http://{host}:{port} with {engine.provider} in {engine.precision} "
+            f"({engine.precision_reason}), "
+            f"max batch {settings.max_batch}, max wait {max_wait_ms:g} ms"
+        )
+        server.run(engine, settings, host, port)
+
+    guard(work)
+
+
+def quantize(
+    model: Annotated[Path, typer.Argument(help="A float32 image-translation model (.onnx) of this pipeline.")],
+    images: Annotated[Path, typer.Option(help="Images of the model's source domain, to calibrate and check on.")],
+    params: ParamsOption = Path("params.yaml"),
+    overrides: SetOption = None,
+) -> None:
+    """Write MODEL.int8.onnx beside MODEL, checked against it (limits: params' export.int8); `export` does it itself."""
+
+    def work() -> None:
+        from pipeline.export.quantize import quantize_with_folder, summary
+        from pipeline.schema import Int8Params
+
+        limits = load(params, overrides, None).export.int8 if params.exists() or overrides else Int8Params()
+        for line in summary(quantize_with_folder(model, images, limits)):
+            _console().print(line)
+
+    guard(work)
+
+
+def sample(
+    model: Annotated[Path, typer.Option(help="An exported generator.onnx (cdcgan or flowgan).")],
+    out: Annotated[Path, typer.Option(help="Folder for the PNG files.")],
+    label: Annotated[int | None, typer.Option(help="The class to sample (class-conditional models).")] = None,
+    n: Annotated[int, typer.Option("--n", help="How many images.")] = 16,
+    walk: Annotated[bool, typer.Option("--walk", help="A latent walk between two points instead.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the latent draws.")] = 0,
+    temperature: Annotated[float, typer.Option(help="Scale of the latent draws (below 1: smoother).")] = 1.0,
+) -> None:
+    """Samples, or a latent walk, from an exported generator: of one class (cdcgan) or of a flow (flowgan)."""
+
+    def work() -> None:
+        from pipeline.serve.sample import sample as draw
+
+        paths = draw(model, label, n, out, walk=walk, seed=seed, temperature=temperature)
+        _console().print(f"wrote {len(paths)} images to {out}")
+
+    guard(work)
