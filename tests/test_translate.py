@@ -54,7 +54,7 @@ def test_folder_keeps_relative_paths_stems_and_sizes(engine, tmp_path):
 
     assert set(report) == REPORT_KEYS
     assert report["translated"] == 6 and report["skipped"] == 0 and report["rejected"] == []
-    assert report["provider"] == "cpu" and exit_code(report) == 0
+    assert report["provider"] == "cpu" and exit_code(report) == 0 and report["tiling"] is None
     assert _outputs(tmp_path / "out") == [
         "img000.png",
         "img001.png",
@@ -141,7 +141,7 @@ def test_output_inside_input_is_not_read_back(engine, tmp_path):
 def test_large_images_go_in_tiles(engine, tmp_path):
     Image.fromarray(gradient(150, 90)).save(tmp_path / "big.png")
     report = translate_path(tmp_path / "big.png", tmp_path / "out", engine, tile=64, progress=False)
-    assert report["translated"] == 1
+    assert report["translated"] == 1 and report["tiling"] == "thumbnail statistics"
     with Image.open(tmp_path / "out" / "big.png") as img:
         assert img.size == (150, 90)
 

@@ -74,6 +74,7 @@ def translate_path(
     jobs, rejected, ignored = _plan(Path(input), Path(output), fmt)
     todo = [job for job in jobs if not (skip_existing and job[1].exists())]
     report = {"translated": 0, "skipped": len(jobs) - len(todo), "rejected": rejected, "ignored": ignored}
+    report["tiling"] = None  # how large images were tiled, once one was
 
     from rich.console import Console
 
@@ -120,6 +121,7 @@ def translate_path(
             if tile is not None and max(height, width) > tile:
                 try:
                     write([(job, engine.translate(decoded, tile, thumbnail=thumbnail))])
+                    report["tiling"] = engine.tiling
                 except InferenceError as exc:
                     reject(job[0], str(exc))
                 continue
@@ -139,7 +141,6 @@ def translate_path(
         seconds=round(seconds, 3),
         provider=engine.provider,
         precision=engine.precision,
-        tiling=engine.tiling,
         images_per_second=round(report["translated"] / seconds, 3) if seconds > 0 else 0.0,
     )
     if report_path is not None:
