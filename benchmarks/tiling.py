@@ -26,7 +26,7 @@ from PIL import Image
 CONFIGS = [("whole", None, None)] + [
     (kind, tile, thumbnail)
     for tile in (256, 512)
-    for kind, thumbnail in (("blended", None), ("statistics", 512), ("statistics", 1024))
+    for kind, thumbnail in (("blended", None), ("statistics", 512), ("statistics", 1024), ("statistics", 2048))
 ]
 
 
