@@ -106,22 +106,24 @@ def statistics_width(net: nn.Module) -> int:
     return 2 * sum(norm.num_features for norm in instance_norms(net))
 
 
-def context_radius(net: nn.Module, multiple: int, largest: int = 2048) -> int:
-    """How far, in input pixels, an output pixel of `net` can see once its normalization statistics are fixed
-    (its receptive field's radius), rounded up to `multiple`. Measured, not derived from the layers: the input
-    gradient of the centre output pixel is nonzero exactly within the field (random input)."""
+def context_radius(net: nn.Module, multiple: int, largest: int = 1024) -> int | None:
+    """How far, in input pixels, any output pixel of `net` can see once its normalization statistics are fixed
+    (its receptive field's radius), rounded up to `multiple`; None when it reaches past `largest` / 2 (a U-Net's
+    bottleneck sees the whole image: tiles cannot be exact). Measured, not derived from the layers: the input
+    gradient of a `multiple` x `multiple` block of centre output pixels (every phase of the strides) is nonzero
+    exactly within the field (random input)."""
     tile = TileGraph(net).eval()
-    size = 64 * multiple
-    while True:
+    size = -(-max(64, 2 * multiple) // multiple) * multiple
+    while size <= max(largest, 2 * multiple):
         generator = torch.Generator().manual_seed(0)
         x = torch.rand(1, 3, size, size, generator=generator) * 2 - 1
         statistics = StatisticsGraph(net).eval()(x).detach()
         x.requires_grad_(True)
-        tile(x, statistics)[0, :, size // 2, size // 2].sum().backward()
+        first, last = size // 2, size // 2 + multiple - 1
+        tile(x, statistics)[0, :, first : last + 1, first : last + 1].sum().backward()
         rows, cols = torch.nonzero(x.grad[0].abs().sum(0), as_tuple=True)
-        radius = int(
-            max(size // 2 - rows.min(), rows.max() - size // 2, size // 2 - cols.min(), cols.max() - size // 2)
-        )
-        if radius < size // 2 - 1 or size >= largest:
+        radius = int(max(first - rows.min(), rows.max() - last, first - cols.min(), cols.max() - last))
+        if radius < first - 1 and radius < size - 1 - last - 1:
             return -(-radius // multiple) * multiple
         size *= 2
+    return None

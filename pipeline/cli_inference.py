@@ -136,6 +136,8 @@ def serve(
         engine = open_engine(model, providers=names, precision=precision)
         if tile is not None and tile < engine.multiple:
             raise UserError(f"--tile {tile} is smaller than the model's multiple ({engine.multiple})")
+        if thumbnail is not None and (tile is None or thumbnail < tile):
+            raise UserError(f"--thumbnail {thumbnail}: needs --tile, and at least the tile's size ({tile})")
         settings = ServeSettings(
             model_name=model_name or server.model_name(model),
             max_batch=max_batch or default_max_batch(engine.provider),

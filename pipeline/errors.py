@@ -7,3 +7,7 @@ class UserError(Exception):
 
 class TrainingDiverged(UserError):
     """A loss became NaN or infinite; the last good checkpoint is kept (the CLI exits 1, not 2)."""
+
+
+class InferenceError(RuntimeError):
+    """ONNX Runtime refused a batch (e.g. an image too small for the network's padding); other batches go on."""

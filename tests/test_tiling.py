@@ -119,3 +119,24 @@ def test_companions_from_another_export_are_not_used(instance_model, tmp_path):
     engine = Engine(path, providers=["cpu"])
     assert engine.translate(gradient(100, 80), tile=64).shape == (80, 100, 3)
     assert "AtoB.statistics.onnx does not belong to this model (params_hash differ)" in engine.tiling
+
+
+def test_a_field_wider_than_can_be_measured_keeps_blended_tiles(tmp_path):
+    torch.manual_seed(0)
+    # unet_256's eight 4x4 stride-2 levels see about 700 px each way: no tile of a practical size is exact.
+    net = build_generator("unet_256", ngf=4, norm="instance")
+    assert context_radius(net, net.size_multiple) is None
+    assert context_radius(build_generator("unet_5down", ngf=4, norm="instance"), 32) == 64
+    result = export_image_generator(net, tmp_path / "unet.onnx", METADATA)
+    assert result["tiles"] is None and not card.companion_path(tmp_path / "unet.onnx", card.TILE).exists()
+
+
+def test_a_thumbnail_too_small_for_the_network_is_an_inference_error_not_a_crash(instance_model, tmp_path):
+    from pipeline.errors import InferenceError, UserError
+    from pipeline.serve.translate import translate_path
+
+    engine = Engine(instance_model[0], providers=["cpu"])
+    with pytest.raises(InferenceError, match="statistics of a 64x4 thumbnail failed"):
+        engine.translate(gradient(300, 8), tile=64, thumbnail=64)
+    with pytest.raises(UserError, match="--thumbnail 32: needs --tile, and at least the tile's size"):
+        translate_path(tmp_path, tmp_path / "out", engine, tile=64, thumbnail=32, progress=False)

@@ -92,8 +92,9 @@ def export_image_generator(
         protos.append(proto)
     paths = [path for path, *_ in variants]
     tiles = None
-    if layers:
-        tile_paths, tile_protos, tiles = tile_graphs(model, protos[0], out_path, props, cases, expected, atol)
+    context = context_radius(model, multiple) if layers else None
+    if context is not None:  # an unbounded field (U-Net) cannot tile exactly: it keeps blended tiles
+        tile_paths, tile_protos, tiles = tile_graphs(model, protos[0], out_path, props, cases, expected, atol, context)
         paths, protos = paths + tile_paths, protos + tile_protos
     # Every model passed before any is written, so a failure never leaves a mismatched set behind.
     for path, proto in zip(paths, protos, strict=True):
@@ -109,12 +110,13 @@ def tile_graphs(
     cases: list[tuple[torch.Tensor]],
     expected: list[torch.Tensor],
     atol: float,
+    context: int,
 ) -> tuple[list[Path], list[onnx.ModelProto], dict]:
     """The statistics and tile graphs of an instance-norm translator (models/thumbnail_norm.py), checked three
     ways: each against PyTorch, and the tile graph given an image's own statistics against the whole model."""
     statistics_net = StatisticsGraph(model).eval()
     channels = statistics_net.channels
-    shared = {"statistics_width": str(2 * sum(channels)), "context": str(context_radius(model, int(props["multiple"])))}
+    shared = {"statistics_width": str(2 * sum(channels)), "context": str(context)}
     with torch.no_grad():
         statistics = [statistics_net(*inputs) for inputs in cases]
     stats_proto, tile_proto = statistics_graph(proto, channels), tile_graph(proto, channels)

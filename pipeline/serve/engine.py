@@ -21,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from pipeline import fidelity, threads
-from pipeline.errors import UserError
+from pipeline.errors import InferenceError, UserError
 from pipeline.export import model_card as card
 from pipeline.pixels import to_model_range, to_pixels
 from pipeline.serve import openvino_bf16, tiling
@@ -35,10 +35,6 @@ PROVIDERS = {
 GPU_PROVIDERS = ("tensorrt", "cuda")
 _SHORT_NAMES = {full: short for short, full in PROVIDERS.items()}
 MODEL_URI_PREFIX = "models:/"
-
-
-class InferenceError(RuntimeError):
-    """ONNX Runtime refused a batch (e.g. an image too small for the network's padding); other batches go on."""
 
 
 class Engine:

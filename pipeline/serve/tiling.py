@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import InferenceError
 from pipeline.export import model_card as card
 from pipeline.pixels import to_model_range, to_pixels
 
@@ -80,7 +81,12 @@ class StatisticsTiles:
         """(1, width) statistics of the image's thumbnail (the image itself when it fits in `thumbnail`)."""
         small = thumbnail_of(image, thumbnail, multiple)
         x = np.ascontiguousarray(to_model_range(small.transpose(2, 0, 1)[None]))
-        return self.statistics_session.run(None, {card.IMAGE_INPUT: x})[0]
+        try:
+            return self.statistics_session.run(None, {card.IMAGE_INPUT: x})[0]
+        except Exception as exc:  # ONNX Runtime raises one bare Exception subclass per status code
+            raise InferenceError(
+                f"statistics of a {small.shape[1]}x{small.shape[0]} thumbnail failed: {str(exc).splitlines()[0]}"
+            ) from exc
 
     def translate(
         self, image: np.ndarray, tile: int, multiple: int, batch_size: int, thumbnail: int, padded_forward

@@ -70,6 +70,8 @@ def translate_path(
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     if tile is not None and tile < engine.multiple:
         raise UserError(f"--tile {tile} is smaller than the model's multiple ({engine.multiple})")
+    if thumbnail is not None and (tile is None or thumbnail < tile):
+        raise UserError(f"--thumbnail {thumbnail}: needs --tile, and at least the tile's size ({tile})")
     start = time.perf_counter()
     jobs, rejected, ignored = _plan(Path(input), Path(output), fmt)
     todo = [job for job in jobs if not (skip_existing and job[1].exists())]
