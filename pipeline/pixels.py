@@ -16,6 +16,14 @@ def to_model_range(pixels):
     return pixels.float() / HALF_RANGE - 1
 
 
+def pad_to_multiple(images, multiple: int):
+    """(..., H, W, 3) uint8 images reflect-padded at the bottom and right to multiples of `multiple`: how every
+    model here sees an image of any size (the output is cropped back)."""
+    height, width = images.shape[-3:-1]
+    pad = [(0, 0)] * (images.ndim - 3) + [(0, -height % multiple), (0, -width % multiple), (0, 0)]
+    return np.pad(images, pad, mode="reflect") if height % multiple or width % multiple else images
+
+
 def to_pixels(values):
     """Model values -> uint8 0..255, rounded to nearest; values outside [-1, 1] are clipped."""
     if isinstance(values, np.ndarray):

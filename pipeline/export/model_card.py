@@ -66,7 +66,7 @@ DERIVED = (
 
 
 def companion_path(model_path: Path, precision: str) -> Path:
-    """Where a reduced-precision model of `model_path` lives: AtoB.onnx -> AtoB.int8.onnx (or .fp16.onnx)."""
+    """Where a companion of `model_path` lives: AtoB.onnx -> AtoB.int8.onnx (or .fp16, .statistics, .tile)."""
     return Path(model_path).with_suffix(f".{precision}.onnx")
 
 

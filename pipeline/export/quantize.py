@@ -23,7 +23,7 @@ from pipeline.errors import UserError
 from pipeline.export import model_card as card
 from pipeline.files import write_bytes_atomic
 from pipeline.images import BadImage, decode_rgb, list_images
-from pipeline.pixels import to_model_range, to_pixels
+from pipeline.pixels import pad_to_multiple, to_model_range, to_pixels
 from pipeline.schema import Int8Params
 
 
@@ -146,9 +146,7 @@ def summary(result: dict) -> list[str]:
 
 def _batch(image: np.ndarray, multiple: int) -> np.ndarray:
     """One (H, W, 3) uint8 image as the model takes it, reflect-padded to its multiple as the engine does."""
-    height, width = image.shape[:2]
-    padded = np.pad(image, ((0, -height % multiple), (0, -width % multiple), (0, 0)), mode="reflect")
-    return np.ascontiguousarray(to_model_range(padded.transpose(2, 0, 1)[None]))
+    return np.ascontiguousarray(to_model_range(pad_to_multiple(image, multiple).transpose(2, 0, 1)[None]))
 
 
 def _run(model: bytes, input_name: str, multiple: int, images: list[np.ndarray]) -> list[np.ndarray]:

@@ -42,7 +42,7 @@ def statistics_graph(proto: onnx.ModelProto, channels: list[int]) -> onnx.ModelP
                 helper.make_node("Sub", [x, f"{name}_mean4"], [f"{name}_centred"]),
                 helper.make_node("Mul", [f"{name}_centred", f"{name}_centred"], [f"{name}_squared"]),
                 helper.make_node("ReduceMean", [f"{name}_squared", _SPATIAL], [f"{name}_var"], keepdims=0),
-                helper.make_node("ReduceMean", [x, _SPATIAL], [f"{name}_mean"], keepdims=0),
+                helper.make_node("Squeeze", [f"{name}_mean4", _SPATIAL], [f"{name}_mean"]),
             ]
         )
         parts += [f"{name}_mean", f"{name}_var"]

@@ -25,7 +25,7 @@ from torch import nn
 from torch.export import Dim
 
 from models.dcgan import ConditionalGenerator
-from models.thumbnail_norm import StatisticsGraph, context_radius, instance_norms
+from models.thumbnail_norm import StatisticsGraph, context_radius, instance_norms, statistics_width
 from pipeline.errors import UserError
 from pipeline.export import model_card as card
 from pipeline.export.tile_graphs import statistics_graph, tile_graph
@@ -112,11 +112,12 @@ def tile_graphs(
     atol: float,
     context: int,
 ) -> tuple[list[Path], list[onnx.ModelProto], dict]:
-    """The statistics and tile graphs of an instance-norm translator (models/thumbnail_norm.py), checked three
-    ways: each against PyTorch, and the tile graph given an image's own statistics against the whole model."""
+    """The statistics and tile graphs of an instance-norm translator (models/thumbnail_norm.py), checked twice:
+    the statistics graph against PyTorch's, and the tile graph, given each image's own statistics, against the
+    whole model."""
     statistics_net = StatisticsGraph(model).eval()
     channels = statistics_net.channels
-    shared = {"statistics_width": str(2 * sum(channels)), "context": str(context)}
+    shared = {"statistics_width": str(statistics_width(model)), "context": str(context)}
     with torch.no_grad():
         statistics = [statistics_net(*inputs) for inputs in cases]
     stats_proto, tile_proto = statistics_graph(proto, channels), tile_graph(proto, channels)
@@ -125,8 +126,8 @@ def tile_graphs(
     paths = [card.companion_path(out_path, card.STATISTICS), card.companion_path(out_path, card.TILE)]
     kinds = {card.THUMBNAIL_STATISTICS: (card.IMAGE_INPUT, card.STATISTICS)}
     kinds[card.STATISTICS_TILE] = (f"{card.IMAGE_INPUT},{card.STATISTICS}", card.IMAGE_OUTPUT)
-    for proto, (kind, (inputs, output)) in zip((stats_proto, tile_proto), kinds.items(), strict=True):
-        onnx.helper.set_model_props(proto, {**props, **shared, "kind": kind, "input": inputs, "output": output})
+    for made, (kind, (inputs, output)) in zip((stats_proto, tile_proto), kinds.items(), strict=True):
+        onnx.helper.set_model_props(made, {**props, **shared, "kind": kind, "input": inputs, "output": output})
     _check_parity(stats_proto, paths[0], [card.IMAGE_INPUT], cases, statistics, atol)
     with_statistics = [(*inputs, stats) for inputs, stats in zip(cases, statistics, strict=True)]
     tile_names = [card.IMAGE_INPUT, card.STATISTICS]

@@ -3,7 +3,8 @@
 The `translate` CLI, the Ray path and the HTTP service all go through `Engine`. Images keep their size: each
 batch is reflect-padded up to the model's multiple and cropped back. Large images can go through `translate`
 with `tile`, one tile at a time, so memory follows the tile (pipeline/serve/tiling.py: instance-norm models
-share a thumbnail's statistics across tiles; tiled with the int8 or bf16 choice, tiles still run in float32).
+share a thumbnail's statistics across tiles, and those tiles run in float32 through the tile graph whatever the
+precision; blended tiles run in the chosen precision).
 Providers are asked for by short name (tensorrt, cuda, cpu); ONNX Runtime silently falls back to the CPU when
 one fails to load, so `Engine.provider` is read back from the session, never assumed.
 """
@@ -23,7 +24,7 @@ import onnxruntime as ort
 from pipeline import fidelity, threads
 from pipeline.errors import InferenceError, UserError
 from pipeline.export import model_card as card
-from pipeline.pixels import to_model_range, to_pixels
+from pipeline.pixels import pad_to_multiple, to_model_range, to_pixels
 from pipeline.serve import openvino_bf16, tiling
 from pipeline.serve import precision as cpu_precision
 
@@ -103,7 +104,7 @@ class Engine:
         self.input_name, self.output_name = inputs[0].name, outputs[0].name
         self.precision, self.precision_reason = "fp32", f"on {self.provider}"
         self._openvino: openvino_bf16.OpenVinoBf16 | None = None
-        self.tiling: str | None = None  # how large images are tiled, known after the first one
+        self.tiling: str | None = None  # how large images are tiled, once load_tiling ran
         self._tiles: tiling.StatisticsTiles | None = None
         if self.provider == "cpu":
             self._choose_cpu_precision(precision)
@@ -179,10 +180,7 @@ class Engine:
     def _forward(self, batch: np.ndarray, run=None) -> np.ndarray:
         """(N, H, W, 3) uint8 -> (N, H, W, 3) float32 in [-1, 1], through the model (or `run`) at a padded size."""
         _, height, width, _ = batch.shape
-        pad_h, pad_w = -height % self.multiple, -width % self.multiple
-        if pad_h or pad_w:
-            batch = np.pad(batch, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="reflect")
-        x = np.ascontiguousarray(to_model_range(batch.transpose(0, 3, 1, 2)))
+        x = np.ascontiguousarray(to_model_range(pad_to_multiple(batch, self.multiple).transpose(0, 3, 1, 2)))
         try:
             if run is None:
                 run = self._run_bound if self.provider in GPU_PROVIDERS else self._run

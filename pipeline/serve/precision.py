@@ -66,7 +66,7 @@ def decide(
     requested: str, flags: frozenset[str], model: dict[str, str], companion: dict[str, str] | None
 ) -> tuple[str, str]:
     """(precision, reason) for the CPU, from the request, the CPU flags, the float32 model's card and the card of
-    its int8 companion (None when there is none); bf16 is decided after it (`bf16_verdict`), since its check
+    its int8 companion (None when there is none); bf16 is decided after it (`bf16_decision`), since its check
     needs the model running. Raises UserError only when int8 was asked for by name and cannot be had."""
     check(requested)
     if requested in ("fp32", "bf16"):

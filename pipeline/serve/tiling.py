@@ -20,7 +20,7 @@ import numpy as np
 
 from pipeline.errors import InferenceError
 from pipeline.export import model_card as card
-from pipeline.pixels import to_model_range, to_pixels
+from pipeline.pixels import pad_to_multiple, to_model_range, to_pixels
 
 DEFAULT_THUMBNAIL = 1024
 # (N, H, W, 3) uint8 -> (N, H, W, 3) float32 in [-1, 1]: the engine's padded forward, through some session.
@@ -128,8 +128,8 @@ def thumbnail_of(image: np.ndarray, longest: int, multiple: int) -> np.ndarray:
 
     height, width = image.shape[:2]
     if max(height, width) <= longest:
-        return np.pad(image, ((0, -height % multiple), (0, -width % multiple), (0, 0)), mode="reflect")
-    scale = min(1.0, longest / max(height, width))
+        return pad_to_multiple(image, multiple)
+    scale = longest / max(height, width)
     size = [max(multiple, round(side * scale / multiple) * multiple) for side in (width, height)]
     return np.asarray(Image.fromarray(image).resize(tuple(size), Image.Resampling.BOX))
 
