@@ -11,7 +11,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[serve,dev,openvino]'
+	$(BIN)/python -m pip install --quiet -e '.[serve,dev,openvino,ray]'
 	touch $(STAMP)
 
 setup: $(STAMP)

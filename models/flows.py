@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -65,12 +66,11 @@ class ActNorm(nn.Module):
 
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
-        mean = x.mean((0, 2, 3), keepdim=True)
-        centred = x - mean
+        mean, variance, third = channel_moments(x)
         self.loc.copy_(-mean)
-        self.log_scale.copy_(-centred.pow(2).mean((0, 2, 3), keepdim=True).add(1e-12).sqrt().log())
+        self.log_scale.copy_(-variance.add(1e-12).sqrt().log())
         if self.orient:
-            self.sign.copy_(torch.where(centred.pow(3).mean((0, 2, 3), keepdim=True) < 0, -1.0, 1.0))
+            self.sign.copy_(torch.where(third < 0, -1.0, 1.0))
         self.initialized.fill_(True)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -82,6 +82,24 @@ class ActNorm(nn.Module):
 
     def inverse(self, y: Tensor) -> Tensor:
         return y * (self.sign * (-self.log_scale).exp()) - self.loc
+
+
+def channel_moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-channel mean, variance and third central moment of an NCHW batch, each (1, C, 1, 1). Under
+    torch.distributed (data-parallel training) they are of every rank's batch together, so that all ranks
+    initialise alike."""
+    if not (dist.is_available() and dist.is_initialized()):
+        mean = x.mean((0, 2, 3), keepdim=True)
+        centred = x - mean
+        return mean, centred.pow(2).mean((0, 2, 3), keepdim=True), centred.pow(3).mean((0, 2, 3), keepdim=True)
+    wide = x.double()
+    sums = torch.stack([wide.sum((0, 2, 3)), wide.pow(2).sum((0, 2, 3)), wide.pow(3).sum((0, 2, 3))])
+    count = torch.tensor(float(x.numel() // x.shape[1]), dtype=torch.float64, device=x.device)
+    dist.all_reduce(sums)
+    dist.all_reduce(count)
+    m1, m2, m3 = sums / count
+    variance, third = m2 - m1**2, m3 - 3 * m1 * m2 + 2 * m1**3
+    return tuple(m.to(x.dtype).reshape(1, -1, 1, 1) for m in (m1, variance, third))
 
 
 def unitriangular_inverse(n: Tensor) -> Tensor:

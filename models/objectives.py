@@ -146,6 +146,8 @@ def gradient_norms(critic: Critic, real: Tensor, fake: Tensor) -> Tensor:
     with torch.autocast(device_type=real.device.type, enabled=False):
         scores = critic(x_hat)
     # Summing is exact per sample as long as the critic mixes no samples (no BatchNorm in GP critics).
+    # Out of place and for x_hat only, so the parameters' AccumulateGrad nodes (where DDP's reducer hooks) run
+    # once, in the caller's single backward() of loss + penalty: DDP cannot reduce a double backward.
     (grad,) = torch.autograd.grad(scores.sum(), x_hat, create_graph=True)
     # The epsilon keeps the norm's gradient finite where the input gradient vanishes.
     return (grad.reshape(grad.shape[0], -1).pow(2).sum(dim=1) + 1e-12).sqrt()

@@ -91,7 +91,12 @@ def train(
     def work() -> None:
         p = load(params, overrides, threads)
         if recipe == "classifier":
+            from pipeline.errors import UserError
             from pipeline.evaluate.classifier import fit_classifier
+            from pipeline.train.distributed import World
+
+            if World.from_environment().parallel:
+                raise UserError("the digit classifier trains in one process: run it without torchrun")
 
             fit_classifier(p, _console())
             return
@@ -158,7 +163,12 @@ def evaluate(
             raise UserError("name a recipe, or pass --real DIR --fake DIR")
         p = load(params, overrides, threads)
         if recipe == "classifier":
+            from pipeline.errors import UserError
             from pipeline.evaluate.classifier import fit_classifier
+            from pipeline.train.distributed import World
+
+            if World.from_environment().parallel:
+                raise UserError("the digit classifier trains in one process: run it without torchrun")
 
             console.print("note: `evaluate classifier` is now `train classifier`; it trains the digit classifier")
             fit_classifier(p, console)

@@ -40,37 +40,50 @@ def translate(
     workers: Annotated[int, typer.Option(help="Decode/encode threads.")] = 2,
     report: Annotated[Path | None, typer.Option(help="Write the JSON report here.")] = None,
     threads: ThreadsOption = None,
+    engine_name: Annotated[
+        str, typer.Option("--engine", help="local | ray (Ray Data over a cluster's actors; the `ray` extra).")
+    ] = "local",
+    ray_address: Annotated[
+        str | None, typer.Option(help="The Ray cluster to join (default with --engine ray: a local one).")
+    ] = None,
 ) -> None:
     """Translate an image or a folder with an ONNX model; exit 1 if some inputs were rejected."""
 
     def work() -> int:
+        from pipeline.errors import UserError
         from pipeline.serve.engine import open_engine
         from pipeline.serve.translate import check_writable, exit_code, rejections_text, translate_path
 
+        if engine_name not in ("local", "ray"):
+            raise UserError(f"--engine {engine_name!r}: expected local or ray")
+        if ray_address and engine_name != "ray":
+            raise UserError("--ray-address needs --engine ray")
         use_threads(threads)
         check_writable(output, report)
         names = [p.strip() for p in providers.split(",") if p.strip()] if providers else None
-        engine = open_engine(
-            model,
-            providers=names,
-            require_gpu=require_gpu,
-            fp16=tensorrt_fp16,
-            tensorrt_cache=tensorrt_cache,
-            precision=precision,
-        )
-        result = translate_path(
-            input_path,
-            output,
-            engine,
-            batch_size=batch_size,
-            fmt=fmt,
-            skip_existing=skip_existing,
-            tile=tile,
-            thumbnail=thumbnail,
-            max_pixels=max_pixels,
-            workers=workers,
-            report_path=report,
-        )
+        options = {
+            "providers": names,
+            "require_gpu": require_gpu,
+            "fp16": tensorrt_fp16,
+            "tensorrt_cache": tensorrt_cache,
+            "precision": precision,
+        }
+        common = {
+            "batch_size": batch_size,
+            "fmt": fmt,
+            "skip_existing": skip_existing,
+            "tile": tile,
+            "thumbnail": thumbnail,
+            "max_pixels": max_pixels,
+            "workers": workers,
+            "report_path": report,
+        }
+        if engine_name == "ray":
+            from pipeline.serve.ray_translate import translate_on_ray
+
+            result = translate_on_ray(input_path, output, model, options, address=ray_address, **common)
+        else:
+            result = translate_path(input_path, output, open_engine(model, **options), **common)
         console = _console()
         for line in rejections_text(result):
             console.print(line)

@@ -60,7 +60,7 @@ def report(console) -> None:
     import torch
 
     console.print(f"python {platform.python_version()} on {platform.platform()}")
-    for package in ("transfigure", "torch", "torchvision", "onnx", "mlflow", "dvc"):
+    for package in ("transfigure", "torch", "torchvision", "onnx", "mlflow", "dvc", "ray"):
         console.print(f"{package}: {_version(package)}")
     console.print(f"onnxruntime: {_onnxruntime()}")
     if torch.cuda.is_available():
@@ -75,6 +75,8 @@ def report(console) -> None:
     for line in threads.describe():
         console.print(line)
     console.print(f"torch intra-op threads now: {torch.get_num_threads()}")
+    backends = {name: getattr(torch.distributed, f"is_{name}_available")() for name in ("gloo", "nccl")}
+    console.print("torchrun backends: " + ", ".join(f"{name} {'yes' if ok else 'no'}" for name, ok in backends.items()))
     for provider, status in provider_status().items():
         console.print(f"onnxruntime {provider}: {status}")
     console.print(precision.machine_summary(precision.cpu_flags(), openvino_bf16.installed()))

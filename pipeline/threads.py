@@ -1,7 +1,8 @@
 """The CPU threads of the pipeline's work: one setting, `threads` in params or `--threads` on a command.
 
 `auto` uses the cores this process may run on (its affinity mask, which containers and taskset narrow) that are
-free when the command starts (under half busy over a short sample of /proc/stat), at least one. On a busy
+free when the command starts (under half busy over a short sample of /proc/stat), at least one, shared evenly by
+the processes that torchrun starts on the machine. On a busy
 machine a thread that waits for a core another job holds stalls every other thread at each OpenMP barrier:
 two threads on two cores with one core taken ran 2.5-3.2x slower than one thread, and up to 47x under
 heavier contention (docs/BENCHMARKS.md, Threads). A number is used as given.
@@ -72,7 +73,10 @@ def parse(setting: str | int, source: str) -> int | str:
 
 
 def resolve(setting: int | str) -> int:
-    return free_cpus() if setting == "auto" else int(setting)
+    if setting != "auto":
+        return int(setting)
+    # torchrun's processes on this machine (LOCAL_WORLD_SIZE) share its free cores.
+    return max(1, free_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def apply(setting: int | str) -> int:

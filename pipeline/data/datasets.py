@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from pipeline.errors import UserError
 from pipeline.pixels import to_model_range, to_pixels
@@ -163,19 +163,33 @@ def _reseed_worker(worker_id: int) -> None:
 
 
 def batches(
-    dataset: PreparedImages, batch_size: int, seed: int, start_step: int = 0, num_workers: int = 0
+    dataset: PreparedImages,
+    batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    num_workers: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """An endless stream of shuffled batches, determined by (seed, start_step) so a resumed run is reproducible."""
+    """An endless stream of shuffled batches, determined by (seed, start_step) so a resumed run is reproducible.
+    Under data parallelism each of `world_size` ranks gets its own share of every epoch's shuffle."""
     epoch = 0
     while True:
         stream_seed = seed * 1_000_003 + start_step * 1_009 + epoch
-        generator = torch.Generator().manual_seed(stream_seed)
-        dataset.reseed(stream_seed)
+        # Ranks share the shuffle (the sampler) but not the augmentation's or the random B pick's draws.
+        rank_seed = stream_seed + rank * 7_919
+        generator = torch.Generator().manual_seed(rank_seed)
+        dataset.reseed(rank_seed)
+        sampler = None
+        if world_size > 1:
+            sampler = DistributedSampler(dataset, world_size, rank, shuffle=True, seed=stream_seed, drop_last=True)
+        shard = len(sampler) if sampler is not None else len(dataset)
         loader = DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=True,
-            drop_last=len(dataset) >= batch_size,
+            shuffle=sampler is None,
+            sampler=sampler,
+            drop_last=shard >= batch_size,
             num_workers=num_workers,
             generator=generator,
             worker_init_fn=_reseed_worker,

@@ -12,7 +12,7 @@ import os
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -63,26 +63,31 @@ def translate_path(
     [{"path", "reason"}], "ignored", "seconds", "provider", "precision", "tiling" (None unless an image was tiled),
     "images_per_second"}.
     """
-    if fmt not in FORMATS:
-        raise UserError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
-    batch_size = default_batch_size(engine.provider) if batch_size is None else batch_size
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    if tile is not None and tile < engine.multiple:
-        raise UserError(f"--tile {tile} is smaller than the model's multiple ({engine.multiple})")
-    if thumbnail is not None and (tile is None or thumbnail < tile):
-        raise UserError(f"--thumbnail {thumbnail}: needs --tile, and at least the tile's size ({tile})")
+    batch_size = check_options(engine, batch_size, fmt, tile, thumbnail)
     start = time.perf_counter()
-    jobs, rejected, ignored = _plan(Path(input), Path(output), fmt)
-    todo = [job for job in jobs if not (skip_existing and job[1].exists())]
-    report = {"translated": 0, "skipped": len(jobs) - len(todo), "rejected": rejected, "ignored": ignored}
-    report["tiling"] = None  # how large images were tiled, once one was
+    todo, report = plan(Path(input), Path(output), fmt, skip_existing)
 
     from rich.console import Console
 
-    bar = Progress(Console(stderr=True, quiet=not progress), "translating", len(todo), unit="img")
-    with ThreadPoolExecutor(max(1, workers)) as pool, bar:
-        advance = bar.advance
+    with Progress(Console(stderr=True, quiet=not progress), "translating", len(todo), unit="img") as bar:
+        translate_jobs(engine, todo, report, batch_size, tile, thumbnail, max_pixels, workers, bar.advance)
+    return finish_report(report, start, engine.provider, engine.precision, report_path)
+
+
+def translate_jobs(
+    engine: Engine,
+    jobs: list[tuple[Path, Path]],
+    report: dict,
+    batch_size: int,
+    tile: int | None,
+    thumbnail: int | None,
+    max_pixels: int,
+    workers: int,
+    advance: Callable[[], None],
+) -> None:
+    """Translates (source, target) jobs into `report` ("translated", "rejected", "tiling"), calling `advance` once
+    per job done; the one loop under the local engine and each Ray actor (pipeline/serve/ray_translate.py)."""
+    with ThreadPoolExecutor(max(1, workers)) as pool:
         writes: deque[tuple[Path, Future]] = deque()
         ahead = 2 * batch_size + max(1, workers)
 
@@ -115,7 +120,7 @@ def translate_path(
             write(list(zip([job for job, _ in batch], outputs, strict=True)))
 
         buckets: dict[tuple[int, int], list] = {}
-        for job, decoded in _decode_ahead(pool, todo, ahead, max_pixels):
+        for job, decoded in _decode_ahead(pool, jobs, ahead, max_pixels):
             if isinstance(decoded, BadImage):
                 reject(job[0], str(decoded))
                 continue
@@ -138,11 +143,37 @@ def translate_path(
         while writes:
             finish_write()
 
+
+def check_options(engine: Engine, batch_size: int | None, fmt: str, tile: int | None, thumbnail: int | None) -> int:
+    """Refuses bad options before any work; the batch size to use."""
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    batch_size = default_batch_size(engine.provider) if batch_size is None else batch_size
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if tile is not None and tile < engine.multiple:
+        raise UserError(f"--tile {tile} is smaller than the model's multiple ({engine.multiple})")
+    if thumbnail is not None and (tile is None or thumbnail < tile):
+        raise UserError(f"--thumbnail {thumbnail}: needs --tile, and at least the tile's size ({tile})")
+    return batch_size
+
+
+def plan(input: Path, output: Path, fmt: str, skip_existing: bool) -> tuple[list[tuple[Path, Path]], dict]:
+    """The (source, target) jobs still to do, and the report as it starts: skipped, rejected and ignored files."""
+    jobs, rejected, ignored = _plan(input, output, fmt)
+    todo = [job for job in jobs if not (skip_existing and job[1].exists())]
+    report = {"translated": 0, "skipped": len(jobs) - len(todo), "rejected": rejected, "ignored": ignored}
+    report["tiling"] = None  # how large images were tiled, once one was
+    return todo, report
+
+
+def finish_report(report: dict, start: float, provider: str, precision: str, report_path: Path | None) -> dict:
+    """The report with its timing and what ran, written to `report_path` when given."""
     seconds = time.perf_counter() - start
     report.update(
         seconds=round(seconds, 3),
-        provider=engine.provider,
-        precision=engine.precision,
+        provider=provider,
+        precision=precision,
         images_per_second=round(report["translated"] / seconds, 3) if seconds > 0 else 0.0,
     )
     if report_path is not None:

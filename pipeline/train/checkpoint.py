@@ -42,6 +42,8 @@ class Checkpoint(TypedDict):
     steps_per_second: float  # of the last segment (since the last resume)
     seconds: float  # training time of the whole run, every segment
     init_from: dict[str, dict[str, str]]  # network -> {"path", "sha256"} it began from (fine-tuning)
+    world_size: int  # training processes (torchrun); batch_size is per process
+    parameter_sha256: dict[str, list[str]]  # network -> its parameters' sha256 on each rank (all equal: in sync)
 
 
 def checkpoint_dir(recipe: str, root: Path = Path("runs")) -> Path:

@@ -12,6 +12,7 @@ from torch import nn
 from models import objectives
 from pipeline.errors import UserError
 from pipeline.schema import RecipeParams
+from pipeline.train.distributed import BothDirections, TwoWay, World
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -41,18 +42,21 @@ class Context:
     precision: str
     objective: objectives.Objective
     n_critic: int
+    world: World = World()
     scaler: torch.amp.GradScaler | None = None
-    compiled: dict[int, Callable] = field(default_factory=dict)
+    forwards: dict[int, Callable] = field(default_factory=dict)
 
     @classmethod
-    def create(cls, p: RecipeParams) -> Context:
-        device = resolve_device(p.device)
+    def create(cls, p: RecipeParams, world: World = World()) -> Context:
+        """The context of one training process; under torchrun it also joins the process group."""
+        device = world.device(resolve_device(p.device))
+        world.connect(device)
         precision = resolve_precision(p.precision, device)
         objective = objectives.get(p.objective, **p.objective_params)
         n_critic = p.n_critic or objective.recommended["n_critic"]
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
         scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-        return cls(p, device, precision, objective, n_critic, scaler)
+        return cls(p, device, precision, objective, n_critic, world, scaler)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "fp32":
@@ -61,16 +65,24 @@ class Context:
         return torch.autocast(self.device.type, dtype=dtype)
 
     def prepare(self, net: nn.Module) -> nn.Module:
-        net = net.to(self.device)
+        net = self.world.sync_batch_norm(net.to(self.device), self.device)
         if self.device.type == "cuda" and self.params.channels_last:
             net = net.to(memory_format=torch.channels_last)
         return net
 
     def forward(self, net: nn.Module) -> Callable:
-        """The network's forward, compiled when asked; the module itself stays plain for its state dict."""
-        if not self.params.compile:
-            return net
-        return self.compiled.setdefault(id(net), torch.compile(net))
+        """The network's forward, in DDP under torchrun and compiled when asked; the module itself stays plain
+        for its state dict."""
+        if id(net) not in self.forwards:
+            wrapped = self.world.wrap(net)
+            self.forwards[id(net)] = torch.compile(wrapped) if self.params.compile else wrapped
+        return self.forwards[id(net)]
+
+    def invertible(self, flow: nn.Module):
+        """A flow's two directions (`flow(x)` and `flow.inverse(z)`), both through DDP under torchrun."""
+        if not self.world.parallel:
+            return flow
+        return TwoWay(self.world.wrap(BothDirections(flow)))
 
     def optimizer(self, parameters) -> torch.optim.Optimizer:
         p, rec = self.params, self.objective.recommended

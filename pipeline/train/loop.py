@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from rich.console import Console
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from pipeline.charts import loss_curves
@@ -36,6 +37,7 @@ from pipeline.train.checkpoint import (
     set_rng_state,
 )
 from pipeline.train.context import Context
+from pipeline.train.distributed import World
 from pipeline.train.fingerprint import changed_files, code_fingerprint
 
 
@@ -68,9 +70,14 @@ def train(
     metrics_root: Path = Path("metrics"),
 ) -> dict:
     """Trains one recipe to params' step count, resuming from the last checkpoint (or extending a finished run
-    whose only change is a higher `steps`); returns the summary."""
+    whose only change is a higher `steps`); returns the summary. Under torchrun every rank trains and rank 0
+    alone writes and logs (pipeline/train/distributed.py); the other ranks return an empty summary."""
     from pipeline import tracking
 
+    world = World.from_environment()
+    main = world.main
+    if not main:
+        console = Console(quiet=True)
     recipe_class = recipes.get(recipe_name)
     p = params.recipe(recipe_name)
     wanted = training_params(params, recipe_name)
@@ -80,7 +87,12 @@ def train(
     state = None if fresh else _resumable(ckpt_path, wanted, wanted_hash, code, fresh_if_changed, console)
 
     torch.manual_seed(params.seed)
-    ctx = Context.create(p)
+    ctx = Context.create(p, world)
+    if world.parallel:
+        console.print(
+            f"world size {world.size} ({'nccl' if ctx.device.type == 'cuda' else 'gloo'}): batch_size "
+            f"{p.batch_size} is per process, {p.batch_size * world.size} images per step in all"
+        )
     recipe = recipe_class(p, ctx, Path(params.data.root) / p.dataset)
     init_record = _initialize(recipe, p.init_from, state, console)
     generator_names = recipe_class.generator_names(p)
@@ -98,17 +110,20 @@ def train(
         seconds_before = state.get("seconds", start_step / max(state["steps_per_second"], 1e-9))
         _restore(state, recipe, ema, ctx)
         console.print(f"resumed from step {start_step}")
+    world.seed(params.seed, start_step)
     if start_step >= p.steps:
         console.print(f"{recipe_name}: already trained to step {start_step}; nothing to do")
 
     tags = {"git_commit": tracking.git_commit(), "params_hash": wanted_hash, "recipe": recipe_name}
     lineage = lambda: tracking.lineage(state, ckpt_path)  # noqa: E731 - hashed only when the run is missing
     hashes = {f"init_from_sha256.{name}": entry["sha256"] for name, entry in init_record.items()}
-    run = tracking.Run(recipe_name, {**flatten(wanted), **hashes}, tags, run_id=run_id, lineage=lineage)
-    if run.replaced:
+    run = None  # rank 0 logs the run
+    if main:
+        run = tracking.Run(recipe_name, {**flatten(wanted), **hashes}, tags, run_id=run_id, lineage=lineage)
+    if run and run.replaced:
         console.print(f"MLflow run {run.replaced} is not in {tracking.tracking_uri()}; logging to new run {run.run_id}")
     samples = samples_dir(recipe_name, runs_root)
-    if state is None:  # a fresh start: the folder DVC keeps between runs must not mix in an older run's sheets
+    if state is None and main:  # a fresh start: the folder DVC keeps between runs must not mix in an older run's sheets
         for old in (*samples.glob("step_*.png"), samples / "losses.png"):
             old.unlink(missing_ok=True)
     stream = iter(recipe.batches(params.seed, start_step))
@@ -117,7 +132,7 @@ def train(
     segment_started = time.perf_counter()
     seconds = {"at_last_checkpoint": seconds_before}  # training time of the whole run, every segment
 
-    def checkpoint(step: int, steps_per_second: float) -> None:
+    def checkpoint(step: int, steps_per_second: float, digests: dict[str, list[str]]) -> None:
         seconds["at_last_checkpoint"] = seconds_before + time.perf_counter() - segment_started
         state: Checkpoint = {
             "recipe": recipe_name,
@@ -138,6 +153,8 @@ def train(
             "steps_per_second": steps_per_second,
             "seconds": seconds["at_last_checkpoint"],
             "init_from": init_record,
+            "world_size": world.size,
+            "parameter_sha256": digests,
         }
         save_checkpoint(state, ckpt_path)
         keep_step_copy(ckpt_path, step, p.keep_checkpoints)
@@ -153,7 +170,7 @@ def train(
                 for name, opt in recipe.optimizers.items():
                     for group, base in zip(opt.param_groups, base_lrs[name], strict=True):
                         group["lr"] = base * factor
-                losses = recipe.step(next_batch)
+                losses = world.mean(recipe.step(next_batch))
                 check_finite(losses, step, last_good)
                 for net_name, averaged in ema.items():
                     averaged.update_parameters(recipe.nets[net_name])
@@ -166,15 +183,20 @@ def train(
                     history.append({"step": step, **means})
                     lrs = {f"lr_{k}": o.param_groups[0]["lr"] for k, o in recipe.optimizers.items()}
                     speed = {"steps_per_second": progress.rate, "images_per_second": progress.rate * p.batch_size}
-                    run.log_metrics({**means, **lrs, **speed}, step)
+                    if main:
+                        run.log_metrics({**means, **lrs, **speed}, step)
                     window = {}
-                if step % p.sample_every == 0 or step == p.steps:
+                if main and (step % p.sample_every == 0 or step == p.steps):
                     sheet = sample_sheet(recipe.sample_columns())
                     write_image_atomic(samples / f"step_{step:06d}.png", sheet)
                     run.log_image(sheet, key="samples", step=step)
                 if step % p.checkpoint_every == 0 or step == p.steps:
-                    checkpoint(step, progress.rate)
-                    last_good = step
+                    digests = world.parameter_digests(recipe.nets)  # every rank takes part
+                    if main:
+                        checkpoint(step, progress.rate, digests)
+                        last_good = step
+        if not main:
+            return {}
         steps_done = p.steps - start_step
         # The whole run's speed, over every resumed segment; a run with nothing left to do keeps its checkpoint's.
         rate = p.steps / max(seconds["at_last_checkpoint"], 1e-9)
@@ -190,7 +212,9 @@ def train(
                 module.to(ctx.device)
         status = "FINISHED"
     finally:
-        run.end(status)
+        if run:
+            run.end(status)
+        world.close()
     losses_text = " ".join(f"{k}={v:.3f}" for k, v in summary["losses"].items())
     console.print(
         f"{recipe_name}: {p.steps} steps, {summary['steps_per_second']:.2f} steps/s, {losses_text}; "

@@ -88,7 +88,7 @@ class AlignFlow(Recipe):
         self.dataset = UnpairedDataset(data_dir, "train", p.augment)
         self.network_args = {"image_size": self.dataset[0]["A"].shape[-1]}
         self.nets = {k: ctx.prepare(v) for k, v in self.build_networks(p, **self.network_args).items()}
-        self.f_A, self.f_B = self.nets["G_AB"].source, self.nets["G_AB"].target
+        self.f_A, self.f_B = ctx.invertible(self.nets["G_AB"].source), ctx.invertible(self.nets["G_AB"].target)
         self.D_A, self.D_B = ctx.forward(self.nets["D_A"]), ctx.forward(self.nets["D_B"])
         self.optimizers = {
             "G": ctx.optimizer(self.nets["G_AB"].parameters()),

@@ -5,7 +5,7 @@ owns everything particular to it, so nothing else in the pipeline names it:
   loss names its `step` returns (the CSV columns and `dvc plots`);
 - `build_networks(p, **network_args)`: plain construction, also used to rebuild a checkpoint's generators;
 - `exports(p)`: direction -> `Export` (which network, which kind of ONNX model, from which domain to which);
-- `__init__(p, ctx, data_dir)`: sets `p`, `dataset`, `nets`, `optimizers`, `pools`, `network_args` and
+- `__init__(p, ctx, data_dir)`: sets `p`, `ctx`, `dataset`, `nets`, `optimizers`, `pools`, `network_args` and
   `example_inputs`; `step(next_batch)`, `sample_columns()` (label -> images, one column of the sample sheet
   each) and `batches(seed, start_step)` (seeded batches of `dataset` unless a recipe says otherwise) are the
   training loop's calls;
@@ -24,6 +24,7 @@ from torch.optim.swa_utils import AveragedModel
 from pipeline.data.datasets import batches
 from pipeline.evaluate import measures
 from pipeline.schema import RecipeParams
+from pipeline.train.context import Context
 
 Layout = Literal["unaligned", "aligned", "classes"]
 _REGISTERED: dict[str, type[Recipe]] = {}
@@ -46,6 +47,7 @@ class Recipe:
     losses: ClassVar[tuple[str, ...]]
 
     p: RecipeParams
+    ctx: Context
     dataset: torch.utils.data.Dataset
     nets: dict[str, nn.Module]
     optimizers: dict[str, torch.optim.Optimizer]
@@ -86,8 +88,9 @@ class Recipe:
         return out
 
     def batches(self, seed: int, start_step: int):
-        """The endless, seeded stream of training batches from `self.dataset`."""
-        return batches(self.dataset, self.p.batch_size, seed, start_step, self.p.num_workers)
+        """The endless, seeded stream of training batches from `self.dataset`, this rank's share under torchrun."""
+        world = self.ctx.world
+        return batches(self.dataset, self.p.batch_size, seed, start_step, self.p.num_workers, world.rank, world.size)
 
     def step(self, next_batch) -> dict[str, float]:
         raise NotImplementedError

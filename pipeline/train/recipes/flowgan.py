@@ -77,7 +77,7 @@ class FlowGAN(Recipe):
         self.dataset = UnpairedDataset(data_dir, "train", p.augment)
         self.network_args = {"image_size": self.dataset[0][p.domain].shape[-1]}
         self.nets = {k: ctx.prepare(v) for k, v in self.build_networks(p, **self.network_args).items()}
-        self.flow, self.D = self.nets["G"].flow, ctx.forward(self.nets["D"])
+        self.flow, self.D = ctx.invertible(self.nets["G"].flow), ctx.forward(self.nets["D"])
         self.optimizers = {"G": ctx.optimizer(self.nets["G"].parameters())}
         if not p.mle_only:
             self.optimizers["D"] = ctx.optimizer(self.nets["D"].parameters())
