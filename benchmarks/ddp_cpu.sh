@@ -17,8 +17,7 @@ images_per_second() { python -c "import json; print(json.load(open('metrics/cycl
 transfigure train cyclegan "${common[@]}" >/dev/null
 one=$(images_per_second)
 torchrun --standalone --nproc_per_node=2 "$(command -v transfigure)" train cyclegan "${common[@]}" >/dev/null 2>&1
-# Rank 0's images/s counts its own batches; both ranks train on as many images each step.
-two=$(python -c "print(2 * $(images_per_second))")
+two=$(images_per_second)  # of both processes: batch_size x world size per step
 python - "$one" "$two" "$steps" <<'PY'
 import platform, sys, datetime
 one, two, steps = float(sys.argv[1]), float(sys.argv[2]), sys.argv[3]

@@ -70,7 +70,10 @@ def test_without_ray_the_engine_says_how_to_install_it(tmp_path, monkeypatch):
     assert str(refused.value) == INSTALL_HINT and "pip install 'transfigure[ray]'" in INSTALL_HINT
 
 
-def test_ray_address_needs_the_ray_engine(run_cli, tmp_path):
+def test_usage_errors_stop_before_any_cluster_starts(run_cli, tmp_path):
+    export_tiny_translator(tmp_path / "g.onnx")
     write_good(tmp_path / "in", 1)
     done = run_cli("translate", "in", "out", "--model", "g.onnx", "--ray-address", "auto")
     assert done.returncode == 2 and "--ray-address needs --engine ray" in done.stdout + done.stderr
+    done = run_cli("translate", "in", "out", "--model", "g.onnx", "--engine", "ray", "--providers", "cpux")
+    assert done.returncode == 2 and "unknown provider 'cpux'" in done.stderr and "Traceback" not in done.stderr

@@ -184,6 +184,8 @@ def batches(
         if world_size > 1:
             sampler = DistributedSampler(dataset, world_size, rank, shuffle=True, seed=stream_seed, drop_last=True)
         shard = len(sampler) if sampler is not None else len(dataset)
+        if shard == 0:
+            raise UserError(f"{len(dataset)} training images cannot be shared among {world_size} processes")
         loader = DataLoader(
             dataset,
             batch_size=batch_size,

@@ -61,16 +61,8 @@ class Engine:
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
             raise UserError(f"model not found: {self.model_path}")
-        cpu_precision.check(precision)
         auto = not providers
-        names = _available_names() if auto else list(providers)
-        if precision in cpu_precision.REDUCED:
-            if not auto and any(name in GPU_PROVIDERS for name in names):
-                raise UserError(f"--precision {precision} runs on the CPU; leave out --providers, or use fp32 on a GPU")
-            names = ["cpu"]
-        unknown = [name for name in names if name not in PROVIDERS]
-        if unknown:
-            raise UserError(f"unknown provider {unknown[0]!r}; expected some of {', '.join(PROVIDERS)}")
+        names = requested_providers(providers, precision)
         cache = Path(tensorrt_cache) if tensorrt_cache else _default_tensorrt_cache()
         entries = [_provider_entry(name, fp16, cache) for name in names]
         self.session = _session(self.model_path, entries, quiet=auto, gpu=any(n in GPU_PROVIDERS for n in names))
@@ -202,6 +194,21 @@ class Engine:
         binding.bind_output(self.output_name, "cuda", 0)
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]
+
+
+def requested_providers(providers: list[str] | None, precision: str) -> list[str]:
+    """The providers to try, in order: as asked, or the best available; refuses unknown names and reduced
+    precision on a GPU provider (a usage error, before any session loads)."""
+    cpu_precision.check(precision)
+    names = _available_names() if not providers else list(providers)
+    if precision in cpu_precision.REDUCED:
+        if providers and any(name in GPU_PROVIDERS for name in names):
+            raise UserError(f"--precision {precision} runs on the CPU; leave out --providers, or use fp32 on a GPU")
+        names = ["cpu"]
+    unknown = [name for name in names if name not in PROVIDERS]
+    if unknown:
+        raise UserError(f"unknown provider {unknown[0]!r}; expected some of {', '.join(PROVIDERS)}")
+    return names
 
 
 def open_engine(model: str | Path, **options) -> Engine:

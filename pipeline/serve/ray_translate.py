@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ from pipeline.errors import UserError
 from pipeline.export import model_card as card
 from pipeline.images import DEFAULT_MAX_PIXELS
 from pipeline.progress import Progress
-from pipeline.serve.engine import MODEL_URI_PREFIX, Engine, download_model
+from pipeline.serve.engine import MODEL_URI_PREFIX, Engine, download_model, requested_providers
 from pipeline.serve.translate import check_options, default_batch_size, finish_report, plan, translate_jobs
 
 INSTALL_HINT = "--engine ray needs Ray: pip install 'transfigure[ray]'"
@@ -63,7 +64,9 @@ def translate_on_ray(
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="transfigure-model-") as tmp:
         local = download_model(model, Path(tmp)) if str(model).startswith(MODEL_URI_PREFIX) else Path(model)
-        checked = Engine(local, **{**engine_options, "providers": ["cpu"], "require_gpu": False})
+        # The options' usage errors here, and the model on the driver's CPU; GPUs are the actors' to load.
+        requested_providers(engine_options.get("providers"), engine_options.get("precision", "auto"))
+        checked = Engine(local, providers=["cpu"], precision=engine_options.get("precision", "auto"))
         files = model_files(local)
     chosen_batch = check_options(checked, batch_size, fmt, tile, thumbnail)
     todo, report = plan(Path(input), Path(output), fmt, skip_existing)
@@ -72,12 +75,17 @@ def translate_on_ray(
     if todo:
         started_here = not ray.is_initialized()
         if started_here:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+            try:
+                ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise UserError(f"cannot start or reach Ray at {address or 'a local cluster'}: {exc}") from None
         try:
             ray.data.DataContext.get_current().enable_progress_bars = False  # the driver's own bar counts images
             resources = ray.cluster_resources()
             gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
             use_gpu = gpus > 0 and wants_gpu(engine_options)
+            if engine_options.get("require_gpu") and not use_gpu:
+                raise UserError(f"--require-gpu: the Ray cluster has {gpus} GPUs, or the options rule them out")
             report["actors"] = min(len(todo), gpus if use_gpu else cpus)
             settings = {"tile": tile, "thumbnail": thumbnail, "max_pixels": max_pixels, "workers": workers}
             settings["batch_size"] = chosen_batch
@@ -96,7 +104,14 @@ def translate_on_ray(
                 num_cpus=1,
                 num_gpus=1 if use_gpu else 0,
             )
-            ran = collect(results, report, given, progress) or ran
+            try:
+                ran = collect(results, report, given, progress) or ran
+            except ray.exceptions.RayError as exc:
+                # An actor refusing the options (a provider that does not load there) is a usage error.
+                refused = re.search(r"UserError: (.+)", str(exc))
+                if refused is None:
+                    raise
+                raise UserError(f"on a Ray actor: {refused.group(1)}") from None
         finally:
             if started_here:
                 ray.shutdown()

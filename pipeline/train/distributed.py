@@ -17,6 +17,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from pipeline.errors import UserError
+
 
 @dataclass(frozen=True)
 class World:
@@ -97,6 +99,16 @@ class World:
         if apart:
             raise RuntimeError(f"data-parallel ranks out of sync: the parameters of {', '.join(apart)} differ")
         return digests
+
+    def agree(self, value, what: str) -> None:
+        """Stops every rank with a clear error unless all of them hold the same `value` (e.g. where to resume)."""
+        if not self.parallel:
+            return
+        every: list = [None] * self.size
+        dist.all_gather_object(every, value)
+        if any(other != every[0] for other in every):
+            listed = ", ".join(f"rank {rank}: {other}" for rank, other in enumerate(every))
+            raise UserError(f"the ranks disagree on {what} ({listed}); every node must see the same runs/ folder")
 
     def seed(self, seed: int, start_step: int) -> None:
         """Each rank its own random stream (dropout, image pools, penalty interpolates), fixed by (seed, step)."""

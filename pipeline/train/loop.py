@@ -94,6 +94,7 @@ def train(
             f"{p.batch_size} is per process, {p.batch_size * world.size} images per step in all"
         )
     recipe = recipe_class(p, ctx, Path(params.data.root) / p.dataset)
+    images_per_step = p.batch_size * world.size
     init_record = _initialize(recipe, p.init_from, state, console)
     generator_names = recipe_class.generator_names(p)
     ema = {
@@ -110,6 +111,7 @@ def train(
         seconds_before = state.get("seconds", start_step / max(state["steps_per_second"], 1e-9))
         _restore(state, recipe, ema, ctx)
         console.print(f"resumed from step {start_step}")
+    world.agree({"step": start_step, "params_hash": wanted_hash}, "where to resume")
     world.seed(params.seed, start_step)
     if start_step >= p.steps:
         console.print(f"{recipe_name}: already trained to step {start_step}; nothing to do")
@@ -182,7 +184,7 @@ def train(
                 if step % p.log_every == 0 or step == p.steps:
                     history.append({"step": step, **means})
                     lrs = {f"lr_{k}": o.param_groups[0]["lr"] for k, o in recipe.optimizers.items()}
-                    speed = {"steps_per_second": progress.rate, "images_per_second": progress.rate * p.batch_size}
+                    speed = {"steps_per_second": progress.rate, "images_per_second": progress.rate * images_per_step}
                     if main:
                         run.log_metrics({**means, **lrs, **speed}, step)
                     window = {}
@@ -202,7 +204,7 @@ def train(
         rate = p.steps / max(seconds["at_last_checkpoint"], 1e-9)
         losses_csv = checkpoint_dir(recipe_name, runs_root).parent / "losses.csv"
         summary = _write_outputs(
-            recipe_name, recipe_class.losses, metrics_root, losses_csv, history, rate, p.batch_size
+            recipe_name, recipe_class.losses, metrics_root, losses_csv, history, rate, images_per_step
         )
         if steps_done:
             run.log_artifact(samples / "losses.png")
@@ -295,13 +297,13 @@ def _write_outputs(
     losses_csv: Path,
     history: list[dict],
     steps_per_second: float,
-    batch_size: int,
+    images_per_step: int,
 ) -> dict:
     last = history[-1] if history else {}
     summary = {
         "steps": last.get("step", 0),
         "steps_per_second": round(steps_per_second, 4),
-        "images_per_second": round(steps_per_second * batch_size, 4),
+        "images_per_second": round(steps_per_second * images_per_step, 4),
         "losses": {k: round(v, 6) for k, v in last.items() if k != "step"},
     }
     write_json_atomic(root / f"{recipe}.train.json", summary)
