@@ -24,6 +24,7 @@ class Strict(BaseModel):
 
 class DatasetParams(Strict):
     source: Literal["builtin", "folder"] = "folder"
+    builtin: Literal["digits", "photos"] = "digits"  # which built-in domains, with source builtin
     path: str | None = None
     layout: Literal["unaligned", "aligned", "classes"] = "unaligned"
     size: PositiveInt = 256

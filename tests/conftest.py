@@ -112,6 +112,16 @@ TINY = {
         "cyclegan.batch_size=2",
         "cyclegan.pool_size=3",
     ],
+    "cut": [
+        "cut.generator.arch=resnet_1blocks",
+        "cut.generator.ngf=4",
+        "cut.discriminator.ndf=4",
+        "cut.discriminator.n_layers=1",
+        "cut.discriminator.kind=n_layers",
+        "cut.batch_size=2",
+        "cut.num_patches=16",
+        "cut.projection_width=8",
+    ],
     "pix2pix": [
         "pix2pix.generator.arch=unet_5down",
         "pix2pix.generator.ngf=4",

@@ -53,3 +53,29 @@ def test_worker_processes_deliver_the_same_kind_of_batches(tmp_path):
     batch = next(stream)
     assert batch["A"].shape == (8, 3, 32, 32)
     assert np.isfinite(batch["B"].numpy()).all()
+
+
+def test_builtin_photos_split_by_photograph_and_pair_each_test_crop_with_its_painting(digits_root):
+    import json
+
+    from PIL import Image
+
+    from pipeline.data import builtin
+    from pipeline.evaluate.metrics import psnr
+
+    manifest = json.loads((digits_root / "photos" / "manifest.json").read_text())
+    photo_of = lambda entry: entry["source"].split(" at ")[0]  # noqa: E731
+    by_split = {split: {photo_of(e) for e in manifest["images"] if e["split"] == split} for split in ("train", "test")}
+    assert by_split["train"] and by_split["test"] and not by_split["train"] & by_split["test"]
+    assert by_split["test"] == {key for key, split in builtin.PHOTOS.items() if split == "test"}
+
+    read = lambda domain: np.stack(  # noqa: E731
+        [np.asarray(Image.open(p)) for p in sorted((digits_root / "photos" / f"test{domain}").glob("*.png"))]
+    )
+    a, b = read("A"), read("B")
+    assert a.shape == b.shape == (2 * builtin.CROPS["test"], 64, 64, 3)
+    copying = psnr(b, a)
+    # The painting is a function of the pixels (up to the crop's border), so a good translation exists far above
+    # copying A: the same rendering applied to each crop alone.
+    rendered = psnr(b, np.stack([builtin.painterly(crop) for crop in a]))
+    assert copying < 22 and rendered > copying + 6, (copying, rendered)

@@ -1,4 +1,5 @@
-"""The built-in `digits` domains, made offline from scikit-learn's handwritten digits.
+"""The built-in domains, made offline: `digits` from scikit-learn's handwritten digits, and `photos` (below) from
+the photographs bundled with scikit-image and scikit-learn.
 
 Domain A is ink on paper: dark strokes on a light, warm page. Domain B is the same digit as neon: a hot
 core with a coloured glow on a dark night-blue ground. B is a deterministic function of A (recover the
@@ -90,3 +91,91 @@ def split_sources(n: int, seed: int, test_fraction: float) -> dict[str, np.ndarr
         "trainA": np.sort(rest[: len(rest) // 2]),
         "trainB": np.sort(rest[len(rest) // 2 :]),
     }
+
+
+# The built-in `photos` domains: crops of the colour photographs that ship inside scikit-image and scikit-learn
+# (read from the installed packages; skimage.data fetches some others on demand, and those are not used). Test
+# crops come from photographs that training never sees. B is a deterministic painterly rendering of A
+# (edge-preserving smoothing, a reduced palette, dark outlines), so every test crop has its true counterpart.
+PHOTOS = {
+    "skimage/astronaut.png": "train",
+    "skimage/coffee.png": "train",
+    "skimage/rocket.jpg": "train",
+    "skimage/motorcycle_left.png": "train",
+    "sklearn/china.jpg": "train",
+    "skimage/chelsea.png": "test",
+    "sklearn/flower.jpg": "test",
+}
+PHOTO_SHORT_SIDE = 256  # each photograph is scaled to this before cropping, so a crop holds objects, not texture
+CROPS = {"train": 300, "test": 60}  # per photograph and domain
+PALETTE_LEVELS = 5
+
+
+@dataclass(frozen=True)
+class PhotoCrop:
+    photo: str  # PHOTOS key
+    split: str
+    window: tuple[int, int]  # top, left
+    a: np.ndarray  # (size, size, 3) uint8
+    b: np.ndarray
+
+
+def photo_path(key: str):
+    """The file of a PHOTOS key inside its installed package; an error naming it when the package lacks it."""
+    from pathlib import Path
+
+    import skimage
+    import sklearn
+
+    package, name = key.split("/")
+    folders = {
+        "skimage": Path(skimage.__file__).parent / "data",
+        "sklearn": Path(sklearn.__file__).parent / "datasets" / "images",
+    }
+    path = folders[package] / name
+    if not path.exists():
+        raise FileNotFoundError(f"built-in photos: {path} is not in the installed {package}")
+    return path
+
+
+def load_photo(key: str) -> np.ndarray:
+    with Image.open(photo_path(key)) as image:
+        rgb = image.convert("RGB")
+        scale = PHOTO_SHORT_SIDE / min(rgb.size)
+        return np.asarray(rgb.resize((round(rgb.width * scale), round(rgb.height * scale)), Image.LANCZOS))
+
+
+def painterly(rgb: np.ndarray) -> np.ndarray:
+    """Edge-preserving smoothing, a palette of PALETTE_LEVELS levels per channel, and dark outlines where the
+    smoothed image has edges: the same pixels give the same painting."""
+    import cv2
+
+    smooth = cv2.bilateralFilter(cv2.bilateralFilter(rgb, 9, 60, 7), 9, 60, 7)
+    step = 255 / (PALETTE_LEVELS - 1)
+    flat = np.clip(np.rint(np.rint(smooth / step) * step), 0, 255).astype(np.uint8)
+    edges = cv2.Canny(cv2.cvtColor(smooth, cv2.COLOR_RGB2GRAY), 50, 120) > 0
+    flat[edges] = (flat[edges] * 0.2).astype(np.uint8)
+    return flat
+
+
+def photo_crops(seed: int, size: int) -> Iterator[PhotoCrop]:
+    """Seeded square crops of every photograph: unpaired windows for A and B in training, the same windows for
+    A and its painting in the test split."""
+    for index, (key, split) in enumerate(PHOTOS.items()):
+        photo = load_photo(key)
+        painting = painterly(photo)
+        rng = np.random.default_rng([seed, index])
+        height, width = photo.shape[:2]
+        for _ in range(CROPS[split]):
+            top, left = int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1))
+            if split == "test":
+                b_top, b_left = top, left
+            else:  # another window: training never sees a crop with its own painting
+                b_top, b_left = int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1))
+            yield PhotoCrop(
+                key,
+                split,
+                (top, left),
+                photo[top : top + size, left : left + size],
+                painting[b_top : b_top + size, b_left : b_left + size],
+            )

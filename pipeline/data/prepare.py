@@ -57,10 +57,13 @@ def prepare_dataset(name: str, spec: DatasetParams, root: Path, seed: int, log: 
     """Prepares one dataset named in params; returns its report. Reuses the result when nothing changed."""
     out = root / name
     if spec.source == "builtin":
+        if spec.builtin == "photos" and spec.layout != "unaligned":
+            raise UserError(f"data.datasets.{name}.layout: the built-in photos come as unaligned")
         if spec.layout == "classes":
             raise UserError(f"data.datasets.{name}.layout: the built-in digits come as unaligned or aligned")
-        fingerprint = _fingerprint({"builtin": "digits", "seed": seed, "spec": spec.model_dump(mode="json")})
-        return _build(out, fingerprint, lambda: _digits_items(spec, seed), spec, log)
+        fingerprint = _fingerprint({"builtin": spec.builtin, "seed": seed, "spec": spec.model_dump(mode="json")})
+        items = _photo_items if spec.builtin == "photos" else _digits_items
+        return _build(out, fingerprint, lambda: items(spec, seed), spec, log)
     return prepare_folder(Path(spec.path), out, spec, seed, log)
 
 
@@ -218,6 +221,22 @@ def _digits_items(spec: DatasetParams, seed: int) -> list[Item]:
         for domain, array in (("A", pair.a), ("B", pair.b)):
             if use[domain]:
                 items.append(Item(source, use[domain], domain, name, pair.label, load=_constant(array)))
+    return items
+
+
+def _photo_items(spec: DatasetParams, seed: int) -> list[Item]:
+    """Crops of the bundled photographs; a test crop and its painting share a name, so they pair up."""
+    try:
+        crops = list(builtin.photo_crops(seed, spec.size))
+    except FileNotFoundError as exc:
+        raise UserError(str(exc)) from None
+    items, counts = [], {}
+    for crop in crops:
+        stem = crop.photo.split("/")[1].split(".")[0]
+        number = counts[crop.photo] = counts.get(crop.photo, -1) + 1
+        for domain, array in (("A", crop.a), ("B", crop.b)):
+            source = f"{crop.photo} at {crop.window}" + (" (painted)" if domain == "B" else "")
+            items.append(Item(source, crop.split, domain, f"{stem}_{number:04d}", None, load=_constant(array)))
     return items
 
 

@@ -108,7 +108,8 @@ def _features(settings, dataset_name: str, dataset_spec: dict, runs_root: Path):
     if choice == "inception-v3":
         weights = metrics.InceptionFeatures(settings.inception_weights, expected_sha256=settings.inception_sha256)
         return None, weights, "evaluate.features"
-    if choice == "pixels-16" or (choice == "auto" and dataset_spec.get("source") != "builtin"):
+    digits = dataset_spec.get("source") == "builtin" and dataset_spec.get("builtin", "digits") == "digits"
+    if choice == "pixels-16" or (choice == "auto" and not digits):
         why = "evaluate.features" if choice != "auto" else f"auto: {dataset_name!r} is not the built-in digits"
         return None, metrics.PixelFeatures(), why
     path = runs_root / "classifier" / CLASSIFIER.name
