@@ -68,8 +68,8 @@ class World:
         since a forward without gradients then makes no collective call."""
         if not self.parallel:
             return net
-        device_ids = [net_device.index] if (net_device := _device_of(net)).type == "cuda" else None
-        return DistributedDataParallel(net, device_ids=device_ids, forward_sync_buffers=False)
+        # device_ids left out: a module on one device (this rank's GPU, set in `device`, or the CPU) needs none.
+        return DistributedDataParallel(net, forward_sync_buffers=False)
 
     def sync_batch_norm(self, net: nn.Module, device: torch.device) -> nn.Module:
         """Batch norm over every rank's batch (CUDA only: SyncBatchNorm has no CPU kernel)."""
@@ -148,8 +148,3 @@ def parameter_sha256(net: nn.Module) -> str:
         digest.update(name.encode())
         digest.update(parameter.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-def _device_of(net: nn.Module) -> torch.device:
-    parameter = next(net.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")
