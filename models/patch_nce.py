@@ -66,6 +66,15 @@ def encoder_features(generator: ResnetGenerator, x: Tensor, layers: tuple[int, .
     return features
 
 
+def translation_and_features(
+    generator: ResnetGenerator, x: Tensor, layers: tuple[int, ...]
+) -> tuple[Tensor, list[Tensor]]:
+    """The generator's output and, from the same forward, encoder_features(generator, x, layers)."""
+    features = encoder_features(generator, x, layers)
+    # The decoder gets a copy: its first layer may work in place (ReLU), which the encode-only pass stops before.
+    return generator.model[max(layers) + 1 :](features[-1].clone()), features
+
+
 class PatchProjector(nn.Module):
     """One MLP head per feature layer (two linear layers, `width` wide, L2-normalised outputs) over patches sampled
     at the same locations for every image of a batch; the reference's PatchSampleF."""

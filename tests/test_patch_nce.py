@@ -2,17 +2,26 @@
 the feature layers and heads; and the `cut` recipe's params."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, tiny
+from conftest import REPO, TINY, tiny
 from torch import nn
 
 from models.generators import ResnetBlock, build_generator
-from models.patch_nce import PatchProjector, default_feature_layers, encoder_features, patch_nce_loss
+from models.patch_nce import (
+    PatchProjector,
+    default_feature_layers,
+    encoder_features,
+    patch_nce_loss,
+    translation_and_features,
+)
 from pipeline.errors import UserError
 from pipeline.params import load_params
+from pipeline.train import recipes
+from pipeline.train.context import Context
 
 
 def by_definition(query, key, batch_size, temperature, negatives_from_batch):
@@ -99,6 +108,16 @@ def test_encoder_features_are_the_activations_of_the_full_forward():
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("layers", [(0, 4, 11), (1, 2)])  # layer 2: a norm that an in-place ReLU follows
+def test_one_forward_gives_the_translation_and_the_encode_only_features(layers):
+    generator = build_generator("resnet_3blocks", ngf=8).eval()
+    x = torch.randn(2, 3, 32, 32)
+    out, features = translation_and_features(generator, x, layers)
+    torch.testing.assert_close(out, generator(x))
+    for got, want in zip(features, encoder_features(generator, x, layers), strict=True):
+        torch.testing.assert_close(got, want)
+
+
 def test_the_heads_project_the_same_locations_to_unit_vectors():
     torch.manual_seed(0)
     projector = PatchProjector([3, 16], width=32)
@@ -133,3 +152,34 @@ def test_fastcut_trains_without_the_identity_term_and_cut_with_it(workdir):
         losses = train("cut", params, quiet, fresh=True)["losses"]
         assert all(math.isfinite(value) for value in losses.values())
         assert (losses["NCE_Y"] > 0) == identity, variant
+
+
+def one_cut_step(keys_from_forward: bool, overrides: list[str]) -> tuple[dict, dict]:
+    """One step from seed 0 on the first batch: the losses, and each parameter's gradient (G's and F's from the
+    generator's update, D's from the critic's)."""
+    params = load_params("params.yaml", [*TINY["cut"], *overrides])
+    p = params.recipe("cut")
+    torch.manual_seed(0)
+    model = recipes.get("cut")(p, Context.create(p), Path(params.data.root) / p.dataset)
+    model.keys_from_forward = keys_from_forward
+    batch = next(iter(model.batches(params.seed, 0)))
+    torch.manual_seed(1)  # the same patch locations in both runs
+    losses = model.step(lambda: batch)
+    grads = {f"{net}.{name}": w.grad for net in "GFD" for name, w in model.nets[net].named_parameters()}
+    return losses, grads
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [[], ["cut.variant=fastcut", "cut.flip_equivariance=false"], ["cut.nce_layers=[0,2]"]],
+    ids=["cut", "fastcut-unflipped", "layer-before-in-place-relu"],
+)
+def test_keys_from_the_translations_forward_give_the_separate_passs_loss_and_gradients(workdir, overrides):
+    reused, reused_grads = one_cut_step(True, overrides)
+    separate, separate_grads = one_cut_step(False, overrides)
+    assert reused.keys() == separate.keys()
+    for name in reused:
+        assert reused[name] == pytest.approx(separate[name], rel=1e-5, abs=1e-7), name
+    assert reused_grads.keys() == separate_grads.keys()
+    for name, grad in reused_grads.items():
+        torch.testing.assert_close(grad, separate_grads[name], msg=name)

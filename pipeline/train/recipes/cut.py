@@ -1,12 +1,15 @@
 """CUT and FastCUT (Park et al., ECCV 2020): one generator, one critic, and PatchNCE instead of a cycle.
 
 Loss balance and order, the reference's (taesungp/contrastive-unpaired-translation, cut_model.py): fake_B = G(A)
-(with `nce_idt`, G runs on A and B together and also gives idt_B = G(B)); G minimises lambda_GAN x
+(with `nce_idt`, G runs on A and B together and also gives idt_B = G(B)); then the critic's update, 0.5 x
+(real + fake) (parts.critic_loss) on that fake_B; then G's, against the updated and frozen critic: lambda_GAN x
 adversarial(D(fake_B)) + lambda_NCE x PatchNCE(A, fake_B), averaged over the feature layers, and with `nce_idt`
-the mean of that and PatchNCE(B, idt_B); the critic 0.5 x (real + fake) (parts.critic_loss). The features are G's
-own encoder activations (models/patch_nce.py) through a small MLP head per layer ("F"), trained with G. FastCUT
-also flips half the batches: G sees the mirrored input and its features are mirrored back before PatchNCE, so G
-learns to commute with flips. No image pool, as in the reference.
+the mean of that and PatchNCE(B, idt_B). The features are G's own encoder activations (models/patch_nce.py)
+through a small MLP head per layer ("F"), trained with G; the source's (the keys, which PatchNCE detaches) are
+those recorded in the forward that gave fake_B, where the reference runs the encoder again for the same
+tensors (a pass of their own after a flip or with batch norm). FastCUT also flips half the batches: G sees the
+mirrored input and its features are mirrored back before PatchNCE, so G learns to commute with flips. No image
+pool, as in the reference.
 """
 
 from __future__ import annotations
@@ -21,7 +24,13 @@ from torch import nn
 from models.discriminators import build_discriminator
 from models.generators import build_generator
 from models.init import init_weights
-from models.patch_nce import PatchProjector, default_feature_layers, encoder_features, patch_nce_loss
+from models.patch_nce import (
+    PatchProjector,
+    default_feature_layers,
+    encoder_features,
+    patch_nce_loss,
+    translation_and_features,
+)
 from pipeline.data.datasets import UnpairedDataset, first_items
 from pipeline.evaluate import measures
 from pipeline.schema import (
@@ -79,14 +88,19 @@ class CUTParams(RecipeParams):
 
 
 class GeneratorAndEncoder(nn.Module):
-    """G's translation, or with `layers` its encoder's features: one module, so that DDP sees both uses of G."""
+    """G's translation; with `layers` its encoder's features, and with `encode_only=False` both from one forward
+    (the reference's netG(x, layers, encode_only)). One module, so that DDP sees every use of G."""
 
     def __init__(self, generator: nn.Module):
         super().__init__()
         self.generator = generator
 
-    def forward(self, x: torch.Tensor, layers: tuple[int, ...] | None = None):
-        return self.generator(x) if layers is None else encoder_features(self.generator, x, layers)
+    def forward(self, x: torch.Tensor, layers: tuple[int, ...] | None = None, encode_only: bool = True):
+        if layers is None:
+            return self.generator(x)
+        if encode_only:
+            return encoder_features(self.generator, x, layers)
+        return translation_and_features(self.generator, x, layers)
 
 
 @register
@@ -126,6 +140,9 @@ class CUT(Recipe):
         self.dataset = UnpairedDataset(data_dir, "train", p.augment)
         self.nets = {k: ctx.prepare(v) for k, v in self.build_networks(p).items()}
         self.layers = p.feature_layers(self.nets["G"])
+        # Keys from the translation's forward are the reference's own-pass keys, except under batch norm: its
+        # statistics (and running averages) would be A's and B's together, where the reference's are A's.
+        self.keys_from_forward = p.generator.norm != "batch"
         self.G, self.D = ctx.forward(GeneratorAndEncoder(self.nets["G"])), ctx.forward(self.nets["D"])
         self.F = ctx.forward(self.nets["F"])
         self.optimizers = {
@@ -144,15 +161,32 @@ class CUT(Recipe):
         identity = p.chosen("nce_idt")
         flipped = bool(p.chosen("flip_equivariance") and torch.rand(()) < 0.5)
 
+        sources = torch.cat([real_A, real_B]) if identity else real_A
+        with ctx.autocast():
+            if self.keys_from_forward and not flipped:
+                out, source_features = self.G(sources, self.layers, encode_only=False)
+            else:  # the keys are the unflipped source's: a pass of their own
+                out, source_features = self.G(sources.flip(3) if flipped else sources), None
+        fake_B, idt_B = out[: len(real_A)], out[len(real_A) :]
+
+        # The reference's order: the critic first, on this forward's fakes, then G against the updated critic.
+        d_losses = [self._critic_step(real_B, fake_B.detach())]
+        for _ in range(ctx.n_critic - 1):
+            extra = next_batch()
+            with torch.no_grad(), ctx.autocast():
+                fresh = self.G(extra["A"])
+            d_losses.append(self._critic_step(extra["B"], fresh))
+
         set_requires_grad([self.nets["D"]], False)
         with ctx.autocast():
-            inputs = torch.cat([real_A, real_B]) if identity else real_A
-            out = self.G(inputs.flip(3) if flipped else inputs)
-            fake_B, idt_B = out[: len(real_A)], out[len(real_A) :]
             adv = p.lambda_GAN * generator_adversarial(obj, self.D(fake_B))
-            pairs = [self._projections(real_A, fake_B, flipped)]
+            sides = [(real_A, fake_B, slice(None, len(real_A)))]
             if identity:
-                pairs.append(self._projections(real_B, idt_B, flipped))
+                sides.append((real_B, idt_B, slice(len(real_A), None)))
+            pairs = []
+            for source, translated, rows in sides:
+                features = None if source_features is None else [feature[rows] for feature in source_features]
+                pairs.append(self._projections(source, translated, flipped, features))
         # PatchNCE in fp32: dot products over 256-wide features at a temperature of 0.07 need the precision.
         nce_terms = [self._patch_nce(queries, keys, len(real_A)) for queries, keys in pairs]
         nce = nce_terms[0]
@@ -161,21 +195,18 @@ class CUT(Recipe):
         ctx.update(g_loss, self.optimizers["G"])
         set_requires_grad([self.nets["D"]], True)
 
-        d_losses = [self._critic_step(real_B, fake_B.detach())]
-        for _ in range(ctx.n_critic - 1):
-            extra = next_batch()
-            with torch.no_grad(), ctx.autocast():
-                fresh = self.G(extra["A"])
-            d_losses.append(self._critic_step(extra["B"], fresh))
         values = torch.stack([g_loss, adv, nce, nce_y, torch.stack(d_losses).mean()]).tolist()
         return dict(zip(self.losses, values, strict=True))
 
-    def _projections(self, source, translated, flipped: bool) -> tuple[list, list]:
-        """The heads' outputs for the translation's patches (queries) and the source's (keys), same locations."""
+    def _projections(self, source, translated, flipped: bool, source_features: list | None) -> tuple[list, list]:
+        """The heads' outputs for the translation's patches (queries) and the source's (keys), same locations.
+        The keys' features are `source_features` when given (the patch_nce_loss detaches them either way)."""
         queries = self.G(translated, self.layers)
         if flipped:  # back to the source's orientation, so locations correspond
             queries = [feature.flip(3) for feature in queries]
-        keys, locations = self.F(self.G(source, self.layers), self.p.num_patches)
+        if source_features is None:
+            source_features = self.G(source, self.layers)
+        keys, locations = self.F(source_features, self.p.num_patches)
         queries, _ = self.F(queries, self.p.num_patches, locations)
         return queries, keys
 
