@@ -78,6 +78,7 @@ class ResnetGenerator(nn.Module):
         n_blocks: int = 9,
         padding: str = "reflect",
         upsample: str = "transpose",
+        tanh: bool = True,
     ):
         super().__init__()
         _check_choice("upsample", upsample, UPSAMPLES)
@@ -110,7 +111,7 @@ class ResnetGenerator(nn.Module):
             else:
                 up = resize_conv(ngf * mult, ngf * mult // 2, bias, "zeros" if padding == "zero" else padding)
             layers += [up, norm_layer(norm, ngf * mult // 2), nn.ReLU(inplace=True)]
-        layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, output_nc, 7), nn.Tanh()]
+        layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, output_nc, 7)] + ([nn.Tanh()] if tanh else [])
         self.model = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -185,6 +186,7 @@ class UnetGenerator(nn.Module):
         norm: str = "batch",
         dropout: bool = False,
         upsample: str = "transpose",
+        tanh: bool = True,
     ):
         super().__init__()
         if num_downs < 5:
@@ -198,6 +200,8 @@ class UnetGenerator(nn.Module):
         for mult in (4, 2, 1):
             block = UnetSkipBlock(ngf * mult, ngf * mult * 2, submodule=block, **opts)
         self.model = UnetSkipBlock(output_nc, ngf, input_nc=input_nc, submodule=block, outermost=True, **opts)
+        if not tanh:  # logits (a label map's classes): the last up-convolution stays linear
+            del self.model.model[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -230,16 +234,18 @@ def build_generator(
     dropout: bool = False,
     upsample: str = "transpose",
     padding: str = "reflect",
+    tanh: bool = True,
 ) -> nn.Module:
     """Build a generator by name; `norm=None` picks the reference default (instance: ResNet, batch: U-Net).
 
-    `padding` applies to ResNet blocks only ("reflect", "replicate" or "zero").
+    `padding` applies to ResNet blocks only ("reflect", "replicate" or "zero"). `tanh=False` leaves the last
+    layer linear, for `output_nc` logits instead of an image in [-1, 1].
     """
     family, depth = _parse_arch(arch)
     norm = DEFAULT_NORM[family] if norm is None else norm
     if family == "resnet":
-        return ResnetGenerator(input_nc, output_nc, ngf, norm, dropout, depth, padding, upsample)
-    return UnetGenerator(input_nc, output_nc, depth, ngf, norm, dropout, upsample)
+        return ResnetGenerator(input_nc, output_nc, ngf, norm, dropout, depth, padding, upsample, tanh)
+    return UnetGenerator(input_nc, output_nc, depth, ngf, norm, dropout, upsample, tanh)
 
 
 class ReferenceLoadError(ValueError):

@@ -39,6 +39,9 @@ def translate(
     max_pixels: Annotated[int, typer.Option(help="Refuse larger images (read from the header).")] = DEFAULT_MAX_PIXELS,
     workers: Annotated[int, typer.Option(help="Decode/encode threads.")] = 2,
     report: Annotated[Path | None, typer.Option(help="Write the JSON report here.")] = None,
+    colorize: Annotated[
+        bool, typer.Option("--colorize", help="Label-map models: write RGB in the palette's colours, not indices.")
+    ] = False,
     threads: ThreadsOption = None,
     engine_name: Annotated[
         str, typer.Option("--engine", help="local | ray (Ray Data over a cluster's actors; the `ray` extra).")
@@ -77,6 +80,7 @@ def translate(
             "max_pixels": max_pixels,
             "workers": workers,
             "report_path": report,
+            "colorize": colorize,
         }
         if engine_name == "ray":
             from pipeline.serve.ray_translate import translate_on_ray

@@ -63,6 +63,16 @@ class ImageTooLarge(BadImage):
 
 def decode_rgb(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode the image file at `path` into an (H, W, 3) uint8 RGB array, or raise BadImage."""
+    return _decode_file(path, max_pixels)
+
+
+def decode_labels(path: str | os.PathLike[str], classes: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode a label map (a single-channel or palette image whose pixel values are class indices) into an
+    (H, W) uint8 array, or raise BadImage: an RGB image, or a value not below `classes`, is refused."""
+    return _decode_file(path, max_pixels, convert=lambda img, name: _to_labels(img, name, classes))
+
+
+def _decode_file(path: str | os.PathLike[str], max_pixels: int, convert=None) -> np.ndarray:
     source = os.fspath(path)
     try:
         fp = open(source, "rb")
@@ -71,7 +81,26 @@ def decode_rgb(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXEL
     with fp:
         if os.fstat(fp.fileno()).st_size == 0:
             raise BadImage("empty file", source)
-        return _decode(fp, source, max_pixels)
+        return _decode(fp, source, max_pixels, convert=convert)
+
+
+def decode_labels_bytes(data: bytes, name: str, classes: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """`decode_labels` for an in-memory file (an HTTP upload)."""
+    if not data:
+        raise BadImage("empty file", name)
+    return _decode(io.BytesIO(data), name, max_pixels, convert=lambda img, n: _to_labels(img, n, classes))
+
+
+def _to_labels(img: Image.Image, source: str, classes: int) -> np.ndarray:
+    if img.mode not in ("P", "L", "I", "I;16", "1"):
+        raise BadImage(
+            f"a label map must be a single-channel or palette image of class indices; this one is {img.mode}", source
+        )
+    values = np.asarray(img)
+    top = int(values.max()) if values.size else 0
+    if top >= classes:
+        raise BadImage(f"label value {top} is not below the {classes} classes", source)
+    return values.astype(np.uint8)
 
 
 def decode_rgb_bytes(
@@ -84,8 +113,11 @@ def decode_rgb_bytes(
     return _decode(io.BytesIO(data), name, max_pixels, formats)
 
 
-def _decode(fp: IO[bytes], source: str, max_pixels: int, formats: tuple[str, ...] | None = None) -> np.ndarray:
-    """The single decode path: header size check, full decode, EXIF orientation, RGB conversion."""
+def _decode(
+    fp: IO[bytes], source: str, max_pixels: int, formats: tuple[str, ...] | None = None, convert=None
+) -> np.ndarray:
+    """The single decode path: header size check, full decode, EXIF orientation, then RGB conversion (or
+    `convert`, for label maps)."""
     with _refusing_truncated_images():
         try:
             with _open_header(fp, formats) as img:
@@ -101,7 +133,7 @@ def _decode(fp: IO[bytes], source: str, max_pixels: int, formats: tuple[str, ...
                 img.load()
                 # In place, so the common no-orientation case costs no copy of the pixels.
                 ImageOps.exif_transpose(img, in_place=True)
-                return _to_rgb_array(img, source)
+                return (convert or _to_rgb_array)(img, source)
         except BadImage:
             raise
         except Image.DecompressionBombError as exc:
@@ -218,14 +250,15 @@ def list_images(folder: str | os.PathLike[str], others: list[Path] | None = None
     return sorted(found)
 
 
-def resize_image(array: np.ndarray, size: int, mode: str) -> np.ndarray:
-    """Resize an (H, W, C) uint8 image for training or inference according to `mode`.
+def resize_image(array: np.ndarray, size: int, mode: str, nearest: bool = False) -> np.ndarray:
+    """Resize an (H, W, C) uint8 image (or an (H, W) label map, with `nearest`) according to `mode`.
 
     resize_and_crop: short side scaled to `size`, then a centred size x size crop.
     scale_width:     width scaled to `size` keeping the aspect ratio, height cropped to a multiple of 4.
     none:            no resampling, just a centred crop to multiples of 4.
     Heights and widths end up divisible by 4 because the generators downsample twice by 2 and
-    must upsample back to the same size.
+    must upsample back to the same size. `nearest` resamples without interpolating, so a label map keeps
+    only classes it had.
     """
     if mode not in RESIZE_MODES:
         raise ValueError(f"unknown resize mode {mode!r}; expected one of {', '.join(RESIZE_MODES)}")
@@ -234,18 +267,19 @@ def resize_image(array: np.ndarray, size: int, mode: str) -> np.ndarray:
     height, width = array.shape[:2]
     if mode == "resize_and_crop":
         scale = size / min(height, width)
-        resized = _resample(array, max(size, round(width * scale)), max(size, round(height * scale)))
+        resized = _resample(array, max(size, round(width * scale)), max(size, round(height * scale)), nearest)
         return _center_crop(resized, size, size)
     if mode == "scale_width":
-        resized = _resample(array, size, max(1, round(height * size / width)))
+        resized = _resample(array, size, max(1, round(height * size / width)), nearest)
         return _center_crop(resized, resized.shape[0] // 4 * 4, size)
     return _center_crop(array, height // 4 * 4, width // 4 * 4)
 
 
-def _resample(array: np.ndarray, width: int, height: int) -> np.ndarray:
+def _resample(array: np.ndarray, width: int, height: int, nearest: bool = False) -> np.ndarray:
     if array.shape[1] == width and array.shape[0] == height:
         return array
-    return np.asarray(Image.fromarray(array).resize((width, height), Image.Resampling.LANCZOS))
+    method = Image.Resampling.NEAREST if nearest else Image.Resampling.LANCZOS
+    return np.asarray(Image.fromarray(array).resize((width, height), method))
 
 
 def _center_crop(array: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -269,6 +303,22 @@ def write_image_atomic(
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) uint8 array, got shape {array.shape} dtype {array.dtype}")
     write_atomic(path, lambda fp: _save(fp, array, _save_format(path, format), quality))
+
+
+def write_labels_atomic(path: str | os.PathLike[str], labels: np.ndarray, colours: list[tuple[int, int, int]]) -> None:
+    """An (H, W) label map as a palette PNG whose pixel indices are the classes, placed atomically."""
+    write_atomic(Path(path), lambda fp: fp.write(encode_labels(labels, colours)))
+
+
+def encode_labels(labels: np.ndarray, colours: list[tuple[int, int, int]]) -> bytes:
+    """An (H, W) label map encoded as a palette PNG (indices = classes, colours for people), in memory."""
+    if labels.ndim != 2:
+        raise ValueError(f"expected an (H, W) label map, got shape {labels.shape}")
+    image = Image.fromarray(np.ascontiguousarray(labels, dtype=np.uint8))
+    image.putpalette([value for colour in colours for value in colour])  # L -> P, the indices unchanged
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def encode_image(array: np.ndarray, pil_format: str, quality: int = 95) -> bytes:

@@ -1,5 +1,6 @@
 """The one tensor-range contract: 8-bit RGB pixels <-> model values in [-1, 1] (what every network and ONNX
-model of this pipeline takes and returns). Works on numpy arrays and on torch tensors alike, in any layout."""
+model of this pipeline takes and returns). Works on numpy arrays and on torch tensors alike, in any layout.
+Label maps are class indices 0..K-1 per pixel; `palette` gives each class its colour for people."""
 
 from __future__ import annotations
 
@@ -31,6 +32,35 @@ def to_pixels(values):
     import torch
 
     return values.detach().float().add(1).mul(HALF_RANGE).round().clamp(0, 255).to(torch.uint8)
+
+
+def palette(classes: int) -> list[tuple[int, int, int]]:
+    """The colour of each class: the PASCAL VOC colour map (class 0 black, then well-separated colours), which
+    label-map tools and datasets widely share."""
+    colours = []
+    for index in range(classes):
+        r = g = b = 0
+        for shift in range(7, -1, -1):
+            r |= ((index >> 0) & 1) << shift
+            g |= ((index >> 1) & 1) << shift
+            b |= ((index >> 2) & 1) << shift
+            index >>= 3
+        colours.append((r, g, b))
+    return colours
+
+
+def palette_text(colours: list[tuple[int, int, int]]) -> str:
+    """A palette as the model card stores it: "#000000,#800000,..."."""
+    return ",".join(f"#{r:02x}{g:02x}{b:02x}" for r, g, b in colours)
+
+
+def parse_palette(text: str) -> list[tuple[int, int, int]]:
+    return [tuple(int(colour[i : i + 2], 16) for i in (1, 3, 5)) for colour in text.split(",")]
+
+
+def colorize(labels, colours: list[tuple[int, int, int]]):
+    """(..., H, W) class indices -> (..., H, W, 3) uint8 RGB in the palette's colours."""
+    return np.asarray(colours, dtype=np.uint8)[np.asarray(labels)]
 
 
 def sample_sheet(columns: dict) -> np.ndarray:

@@ -22,14 +22,23 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class LabelMapParams(Strict):
+    """The side of an aligned dataset that holds label maps: single-channel or palette PNGs of class indices."""
+
+    domain: Literal["A", "B"] = "B"
+    classes: Annotated[int, Field(ge=2, le=256)]
+
+
 class DatasetParams(Strict):
     source: Literal["builtin", "folder"] = "folder"
-    builtin: Literal["digits", "photos"] = "digits"  # which built-in domains, with source builtin
+    # Which built-in domains, with source builtin; digits_labels: ink digits and their label maps (K = 11).
+    builtin: Literal["digits", "photos", "digits_labels"] = "digits"
     path: str | None = None
     layout: Literal["unaligned", "aligned", "classes"] = "unaligned"
     size: PositiveInt = 256
     resize: Literal["resize_and_crop", "scale_width", "none"] = "resize_and_crop"
     test_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    labels: LabelMapParams | None = None  # aligned only: which side is a label map, and of how many classes
 
     @field_validator("size")
     @classmethod
@@ -42,6 +51,15 @@ class DatasetParams(Strict):
     def _folder_needs_path(self) -> DatasetParams:
         if self.source == "folder" and not self.path:
             raise ValueError("path: a dataset with source 'folder' needs a path")
+        return self
+
+    @model_validator(mode="after")
+    def _labels_are_aligned(self) -> DatasetParams:
+        digits_labels = self.source == "builtin" and self.builtin == "digits_labels"
+        if self.labels is not None and self.layout != "aligned":
+            raise ValueError("labels: label maps come as one side of an aligned dataset (layout: aligned)")
+        if digits_labels and (self.labels is None or self.labels.classes != 11):
+            raise ValueError("labels: the built-in digits_labels needs labels: {domain: A or B, classes: 11}")
         return self
 
 

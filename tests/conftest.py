@@ -130,6 +130,14 @@ TINY = {
         "pix2pix.discriminator.kind=n_layers",
         "pix2pix.batch_size=2",
     ],
+    "pix2pix_labels": [
+        "pix2pix_labels.generator.arch=unet_5down",
+        "pix2pix_labels.generator.ngf=4",
+        "pix2pix_labels.discriminator.ndf=4",
+        "pix2pix_labels.discriminator.n_layers=1",
+        "pix2pix_labels.discriminator.kind=n_layers",
+        "pix2pix_labels.batch_size=2",
+    ],
     "cdcgan": ["cdcgan.ngf=4", "cdcgan.ndf=4", "cdcgan.z_dim=8", "cdcgan.batch_size=4"],
     **{
         recipe: [

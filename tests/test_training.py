@@ -78,9 +78,10 @@ def test_train_writes_checkpoint_metrics_and_resumes(workdir):
     }
     assert [row["step"] for row in state["history"]] == [2, 4]
     metrics = json.loads((workdir / "metrics/pix2pix.train.json").read_text())
-    assert set(metrics["losses"]) == {"G", "G_adv", "L1", "D"} and metrics["steps_per_second"] > 0
+    assert set(metrics["losses"]) == {"G", "G_adv", "L1", "CE", "D"} and metrics["steps_per_second"] > 0
+    assert metrics["losses"]["CE"] == 0 and metrics["losses"]["L1"] > 0  # an RGB output has no cross-entropy
     # The CSV's columns are the recipe's declared losses, in its order.
-    assert (workdir / "runs/pix2pix/losses.csv").read_text().splitlines()[0] == "step,G,G_adv,L1,D"
+    assert (workdir / "runs/pix2pix/losses.csv").read_text().splitlines()[0] == "step,G,G_adv,L1,CE,D"
 
     again = train("pix2pix", params, QUIET)  # nothing left to do: the measured speed is kept, not zeroed
     assert again["steps_per_second"] == round(4 / state["seconds"], 4) > 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import platform
 import tempfile
 import time
@@ -14,28 +15,35 @@ from PIL import Image
 
 from pipeline.data.prepare import prepare_folder
 from pipeline.params import Params
-from pipeline.schema import DatasetParams
+from pipeline.schema import DatasetParams, LabelMapParams
 from pipeline.train import recipes
 from pipeline.train.context import Context
 
 
-def _synthetic_dataset(root: Path, size: int, layout: str) -> Path:
-    """Smooth random images at the asked size, prepared like user data (a few per domain is enough)."""
+def _synthetic_dataset(root: Path, size: int, layout: str, labels: LabelMapParams | None = None) -> Path:
+    """Smooth random images at the asked size, prepared like user data (a few per domain is enough); the side
+    that `labels` names gets label maps of random class blocks instead."""
     rng = np.random.default_rng(0)
     source = root / "source"
     folders = {"unaligned": ["trainA", "trainB"], "aligned": ["A/train", "B/train"], "classes": ["0", "1"]}[layout]
     for folder in folders:
         (source / folder).mkdir(parents=True)
         for i in range(8):
-            small = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
-            Image.fromarray(small).resize((size, size), Image.BICUBIC).save(source / folder / f"{i}.png")
-    spec = DatasetParams(source="folder", path=str(source), layout=layout, size=size, test_fraction=0)
+            if labels is not None and folder.startswith(f"{labels.domain}/"):
+                blocks = rng.integers(0, labels.classes, size=(8, 8), dtype=np.uint8)
+                image = Image.fromarray(blocks).resize((size, size), Image.NEAREST)
+            else:
+                small = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+                image = Image.fromarray(small).resize((size, size), Image.BICUBIC)
+            image.save(source / folder / f"{i}.png")
+    spec = DatasetParams(source="folder", path=str(source), layout=layout, size=size, test_fraction=0, labels=labels)
     prepare_folder(source, root / "prepared", spec, seed=0, log=lambda _: None)
     return root / "prepared"
 
 
 def run(recipe: str, params: Params, size: int, steps: int = 20, warmup: int = 3) -> dict:
-    """Times `steps` training steps after `warmup` untimed ones (compilation, allocator, cuDNN autotuning)."""
+    """Times `steps` training steps after `warmup` untimed ones (compilation, allocator, cuDNN autotuning); also
+    says whether every step's losses were finite, the last step's, and the GPU's peak memory over the run."""
     recipe_class = recipes.get(recipe)
     p = params.recipe(recipe)
     if "domain" in type(p).model_fields:
@@ -43,22 +51,25 @@ def run(recipe: str, params: Params, size: int, steps: int = 20, warmup: int = 3
         p = p.model_copy(update={"domain": "A"})
     torch.manual_seed(params.seed)
     with tempfile.TemporaryDirectory() as tmp:
-        data_dir = _synthetic_dataset(Path(tmp), size, recipe_class.layout)
+        # A recipe that trains on label maps gets them where its own dataset has them.
+        labels = params.data.datasets[p.dataset].labels
+        data_dir = _synthetic_dataset(Path(tmp), size, recipe_class.layout, labels)
         ctx = Context.create(p)
+        cuda = ctx.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(ctx.device)
         model = recipe_class(p, ctx, data_dir)
         stream = iter(model.batches(params.seed, 0))
 
         def next_batch():
             return ctx.to_device(next(stream))
 
-        for _ in range(warmup):
-            model.step(next_batch)
-        if ctx.device.type == "cuda":
+        losses = [model.step(next_batch) for _ in range(warmup)]
+        if cuda:
             torch.cuda.synchronize()
         started = time.perf_counter()
-        for _ in range(steps):
-            model.step(next_batch)
-        if ctx.device.type == "cuda":
+        losses += [model.step(next_batch) for _ in range(steps)]
+        if cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started
     # One step trains on n_critic critic batches and one generator batch; images/s counts generator images.
@@ -67,15 +78,16 @@ def run(recipe: str, params: Params, size: int, steps: int = 20, warmup: int = 3
         "size": size,
         "batch_size": p.batch_size,
         "precision": ctx.precision,
-        "device": torch.cuda.get_device_name()
-        if ctx.device.type == "cuda"
-        else f"cpu ({torch.get_num_threads()} threads)",
-        "channels_last": p.channels_last and ctx.device.type == "cuda",
+        "device": torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)",
+        "channels_last": p.channels_last and cuda,
         "compile": p.compile,
         "steps": steps,
         "seconds": round(seconds, 3),
         "steps_per_second": round(steps / seconds, 3),
         "images_per_second": round(steps * p.batch_size / seconds, 3),
+        "losses_finite": all(math.isfinite(value) for step in losses for value in step.values()),
+        "losses": losses[-1],
+        "peak_memory_mib": round(torch.cuda.max_memory_allocated(ctx.device) / 2**20, 1) if cuda else None,
         "machine": platform.machine(),
         "date": date.today().isoformat(),
     }

@@ -1,5 +1,6 @@
-"""The built-in domains, made offline: `digits` from scikit-learn's handwritten digits, and `photos` (below) from
-the photographs bundled with scikit-image and scikit-learn.
+"""The built-in domains, made offline: `digits` from scikit-learn's handwritten digits (and `digits_labels`, the
+same ink digits paired with their label maps), and `photos` (below) from the photographs bundled with
+scikit-image and scikit-learn.
 
 Domain A is ink on paper: dark strokes on a light, warm page. Domain B is the same digit as neon: a hot
 core with a coloured glow on a dark night-blue ground. B is a deterministic function of A (recover the
@@ -79,6 +80,12 @@ def digit_pairs(seed: int) -> Iterator[DigitPair]:
         rng = np.random.default_rng([seed, index])
         a = render_paper(ink_from_digit(pixels, rng))
         yield DigitPair(source=index, label=int(label), a=a, b=neon_from_paper(a))
+
+
+def digit_label_map(a: np.ndarray, label: int) -> np.ndarray:
+    """The label map of an ink digit A: 0 on the page, 1 + the digit's class on its strokes (K = 11); strokes
+    are the pixels at least half ink, recovered from A's pixels as B is."""
+    return np.where(ink_from_paper(a) >= 0.5, 1 + label, 0).astype(np.uint8)
 
 
 def split_sources(n: int, seed: int, test_fraction: float) -> dict[str, np.ndarray]:

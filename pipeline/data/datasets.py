@@ -47,7 +47,18 @@ def read_rgb(path: Path) -> np.ndarray:
         return np.array(image.convert("RGB"))
 
 
-def build_augment(params: AugmentParams, paired: bool) -> A.Compose:
+def read_labels(path: Path) -> np.ndarray:
+    """A prepared label map (a palette PNG of class indices) as an (H, W) uint8 array."""
+    with Image.open(path) as image:
+        return np.array(image)
+
+
+def label_side(manifest: dict) -> dict | None:
+    """{"domain", "classes", "palette"} of an aligned dataset whose one side is label maps, else None."""
+    return manifest.get("labels")
+
+
+def build_augment(params: AugmentParams, paired: bool, b_is_label_map: bool = False) -> A.Compose:
     transforms: list = []
     if params.crop:
         # Training on random crops: the generators are fully convolutional, so they still run on whole images.
@@ -66,16 +77,18 @@ def build_augment(params: AugmentParams, paired: bool) -> A.Compose:
     if params.color_jitter:
         j = params.color_jitter
         transforms.append(A.ColorJitter(brightness=j, contrast=j, saturation=j, hue=min(j, 0.5) / 4, p=1.0))
-    return A.Compose(transforms, additional_targets={"image_b": "image"} if paired else None)
+    # A label map moves with its image as a mask: nearest-neighbour geometry, and no colour changes.
+    targets = {"image_b": "mask" if b_is_label_map else "image"} if paired else None
+    return A.Compose(transforms, additional_targets=targets)
 
 
 class PreparedImages(Dataset):
     """Shared behaviour: a manifest, a seeded random state, and augmentation applied the same to paired images."""
 
-    def __init__(self, dataset_dir: Path, augment: AugmentParams, paired: bool, seed: int):
+    def __init__(self, dataset_dir: Path, augment: AugmentParams, paired: bool, seed: int, labels_in: str = ""):
         self.root = Path(dataset_dir)
         self.manifest = load_manifest(self.root)
-        self.augment = build_augment(augment, paired)
+        self.augment = build_augment(augment, paired, b_is_label_map=bool(labels_in))
         self.reseed(seed)
 
     def reseed(self, seed: int) -> None:
@@ -114,10 +127,13 @@ class UnpairedDataset(PreparedImages):
 
 
 class PairedDataset(PreparedImages):
-    """Aligned pairs (pix2pix): the same augmentation is applied to both images of a pair."""
+    """Aligned pairs (pix2pix): the same augmentation is applied to both images of a pair. A label-map side comes
+    as (H, W) int64 class indices instead of an image."""
 
     def __init__(self, dataset_dir: Path, split: str, augment: AugmentParams = AugmentParams(), seed: int = 0):
-        super().__init__(dataset_dir, augment, paired=True, seed=seed)
+        labels = label_side(load_manifest(dataset_dir))
+        self.labels_in = labels["domain"] if labels else ""
+        super().__init__(dataset_dir, augment, paired=True, seed=seed, labels_in=self.labels_in)
         b_by_pair = {e["pair"]: e for e in entries(self.manifest, split, "B")}
         self.pairs = [(e, b_by_pair[e["pair"]]) for e in entries(self.manifest, split, "A") if e["pair"] in b_by_pair]
         self._require(self.pairs, f"paired {split}")
@@ -126,9 +142,17 @@ class PairedDataset(PreparedImages):
         return len(self.pairs)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        a_entry, b_entry = self.pairs[index]
-        a, b = self._apply(read_rgb(self.root / a_entry["path"]), read_rgb(self.root / b_entry["path"]))
-        return {"A": to_tensor(a), "B": to_tensor(b)}
+        pair = dict(zip("AB", self.pairs[index], strict=True))
+        read = {d: read_labels if d == self.labels_in else read_rgb for d in "AB"}
+        arrays = {d: read[d](self.root / pair[d]["path"]) for d in "AB"}
+        # The label map, if any, goes second (albumentations' mask target); its image first.
+        first, second = ("B", "A") if self.labels_in == "A" else ("A", "B")
+        arrays[first], arrays[second] = self._apply(arrays[first], arrays[second])
+        return {d: _as_tensor(arrays[d], d == self.labels_in) for d in "AB"}
+
+
+def _as_tensor(array: np.ndarray, is_label_map: bool) -> torch.Tensor:
+    return torch.from_numpy(array.astype(np.int64)) if is_label_map else to_tensor(array)
 
 
 class LabeledDataset(PreparedImages):

@@ -6,7 +6,8 @@ Every prepared dataset has the same shape, whatever its source:
     <out>/manifest.json   every image: path, source, size, sha256, split, domain, label, pair
     <out>/report.json     {"prepared": N, "rejected": [{"path": ..., "reason": ...}]}
 
-Paired (aligned) datasets use the same file name in A and B. Labeled (classes) datasets put every image in
+Paired (aligned) datasets use the same file name in A and B; one side may be label maps (`labels` in params),
+written as palette PNGs whose pixel indices are the classes. Labeled (classes) datasets put every image in
 domain A under a folder per class. The whole folder is built under a temporary name and renamed at the
 end, so an interrupted run never leaves a half-prepared dataset behind.
 """
@@ -27,7 +28,16 @@ import numpy as np
 from pipeline.data import builtin
 from pipeline.errors import UserError
 from pipeline.files import json_hash, sha256_of_file, write_json_atomic
-from pipeline.images import BadImage, decode_rgb, list_images, resize_image, write_image_atomic
+from pipeline.images import (
+    BadImage,
+    decode_labels,
+    decode_rgb,
+    list_images,
+    resize_image,
+    write_image_atomic,
+    write_labels_atomic,
+)
+from pipeline.pixels import palette
 from pipeline.schema import DatasetParams
 
 MANIFEST = "manifest.json"
@@ -59,6 +69,8 @@ def prepare_dataset(name: str, spec: DatasetParams, root: Path, seed: int, log: 
     if spec.source == "builtin":
         if spec.builtin == "photos" and spec.layout != "unaligned":
             raise UserError(f"data.datasets.{name}.layout: the built-in photos come as unaligned")
+        if spec.builtin == "digits_labels" and spec.layout != "aligned":
+            raise UserError(f"data.datasets.{name}.layout: the built-in digits_labels come as aligned")
         if spec.layout == "classes":
             raise UserError(f"data.datasets.{name}.layout: the built-in digits come as unaligned or aligned")
         fingerprint = _fingerprint({"builtin": spec.builtin, "seed": seed, "spec": spec.model_dump(mode="json")})
@@ -110,6 +122,7 @@ def _build(
                 "size": spec.size,
                 "resize": spec.resize,
                 "classes": classes,
+                "labels": _label_side(spec),
                 "images": outcome.entries,
             },
         )
@@ -122,6 +135,13 @@ def _build(
         log(f"skipped {rejection['path']}: {rejection['reason']}")
     log(f"{out}: prepared {report['prepared']} images, rejected {len(report['rejected'])}")
     return report
+
+
+def _label_side(spec: DatasetParams) -> dict | None:
+    """The manifest's record of the label-map side: its domain, its number of classes and their colours."""
+    if spec.labels is None:
+        return None
+    return {"domain": spec.labels.domain, "classes": spec.labels.classes, "palette": palette(spec.labels.classes)}
 
 
 def _refuse_empty_domains(out: Path, outcome: Outcome, spec: DatasetParams, log: Callable[[str], None]) -> None:
@@ -153,11 +173,18 @@ def _write_items(items: list[Item], staging: Path, spec: DatasetParams) -> Outco
     outcome = Outcome()
     seen: set[str] = set()
 
+    labels = _label_side(spec)
+
     def work(item: Item) -> dict:
         rgb = item.load() if item.load else decode_rgb(item.source)
-        rgb = resize_image(rgb, spec.size, spec.resize)
+        is_label_map = labels is not None and item.domain == labels["domain"]
+        # Label maps resize by nearest neighbour: interpolating would invent classes between classes.
+        rgb = resize_image(rgb, spec.size, spec.resize, nearest=is_label_map)
         rel = f"{item.split}{item.domain}/{item.name}.png"
-        write_image_atomic(staging / rel, rgb)
+        if is_label_map:
+            write_labels_atomic(staging / rel, rgb, labels["palette"])
+        else:
+            write_image_atomic(staging / rel, rgb)
         digest = sha256_of_file(staging / rel)
         return {
             "path": rel,
@@ -218,7 +245,11 @@ def _digits_items(spec: DatasetParams, seed: int) -> list[Item]:
                 "A": "train" if pair.source in set(splits["trainA"].tolist()) else None,
                 "B": "train" if pair.source in set(splits["trainB"].tolist()) else None,
             }
-        for domain, array in (("A", pair.a), ("B", pair.b)):
+        sides = {"A": pair.a, "B": pair.b}
+        if spec.builtin == "digits_labels":  # the ink digit and its label map, on the sides params choose
+            label_map = builtin.digit_label_map(pair.a, pair.label)
+            sides = {"A": label_map, "B": pair.a} if spec.labels.domain == "A" else {"A": pair.a, "B": label_map}
+        for domain, array in sides.items():
             if use[domain]:
                 items.append(Item(source, use[domain], domain, name, pair.label, load=_constant(array)))
     return items
@@ -263,6 +294,7 @@ def _unaligned_items(source: Path, spec: DatasetParams, seed: int) -> list[Item]
 def _aligned_items(source: Path, spec: DatasetParams, seed: int) -> list[Item]:
     """pix2pix's side-by-side A|B images in train/ (test/, val/), or A/<split>/ and B/<split>/ with matching names."""
     items: list[Item] = []
+    label_domain = spec.labels.domain if spec.labels else None
     if (source / "A").is_dir() and (source / "B").is_dir():
         for split_dir in sorted(p for p in (source / "A").iterdir() if p.is_dir()):
             split = "test" if split_dir.name in ("test", "val") else "train"
@@ -273,9 +305,12 @@ def _aligned_items(source: Path, spec: DatasetParams, seed: int) -> list[Item]:
                 if stem not in b_files:
                     items.append(Item(str(a_path), split, "A", stem, load=_missing_pair(a_path)))
                     continue
-                items.append(Item(str(a_path), split, "A", stem))
-                items.append(Item(str(b_files[stem]), split, "B", stem))
+                for domain, path in (("A", a_path), ("B", b_files[stem])):
+                    load = _label_map(path, spec.labels.classes) if domain == label_domain else None
+                    items.append(Item(str(path), split, domain, stem, load=load))
         return items + _non_images(source)
+    if label_domain:
+        raise UserError(f"{source}: label maps come as their own files: A/<split>/ and B/<split>/ with matching names")
     _require(source, ["train"], "aligned")
     for split_name in ("train", "test", "val"):
         folder = source / split_name
@@ -287,6 +322,10 @@ def _aligned_items(source: Path, spec: DatasetParams, seed: int) -> list[Item]:
             items.append(Item(str(path), split, "A", stem, load=_half_of(path, 0)))
             items.append(Item(str(path), split, "B", stem, load=_half_of(path, 1)))
     return items + _non_images(source)
+
+
+def _label_map(path: Path, classes: int) -> Callable[[], np.ndarray]:
+    return lambda: decode_labels(path, classes)
 
 
 def _missing_pair(path: Path) -> Callable[[], np.ndarray]:

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.data.datasets import entries, read_rgb, to_tensor, to_uint8
+from pipeline.data.datasets import entries, label_side, read_labels, read_rgb, to_tensor, to_uint8
 from pipeline.errors import UserError
 from pipeline.evaluate import metrics
 from pipeline.images import write_image_atomic
-from pipeline.pixels import sample_sheet
+from pipeline.pixels import colorize, sample_sheet, to_model_range
 
 
 @dataclass(frozen=True)
@@ -35,11 +35,18 @@ class EvalInputs:
 
 
 def load_split(inputs: EvalInputs, domain: str) -> tuple[list[str], torch.Tensor, list[int | None]]:
-    """The test images of one domain, sorted by path: names (without testA/ and suffix), images, labels."""
+    """The test images of one domain, sorted by path: names (without testA/ and suffix), images ((N, H, W) int64
+    for a label-map side), labels."""
     items = sorted(entries(inputs.manifest, "test", domain), key=lambda e: e["path"])
     if not items:
         raise UserError(f"{inputs.data_dir}: no test{domain} images to evaluate on")
-    images = torch.stack([to_tensor(read_rgb(inputs.data_dir / e["path"])) for e in items])
+    labels = label_side(inputs.manifest)
+    if labels and labels["domain"] == domain:
+        images = torch.stack(
+            [torch.from_numpy(read_labels(inputs.data_dir / e["path"]).astype(np.int64)) for e in items]
+        )
+    else:
+        images = torch.stack([to_tensor(read_rgb(inputs.data_dir / e["path"])) for e in items])
     names = [Path(e["path"]).relative_to(f"test{domain}").with_suffix("").as_posix() for e in items]
     return names, images, [e["label"] for e in items]
 
@@ -53,7 +60,8 @@ def translation(generators: dict[str, torch.nn.Module], inputs: EvalInputs) -> d
     paired, batch_size, rows = names_a == names_b, inputs.settings.batch_size, inputs.settings.sheet_rows
     result: dict = {}
     fake_b = _run(generators["AtoB"], real_a, batch_size)
-    result["AtoB"] = _direction(real_a, fake_b, real_b if paired else None, labels_a, real_b, inputs)
+    # A label-map input (labels -> photo) is compared and shown in its palette's colours.
+    result["AtoB"] = _direction(_shown(real_a, inputs), fake_b, real_b if paired else None, labels_a, real_b, inputs)
     if "BtoA" in generators:
         fake_a = _run(generators["BtoA"], real_b, batch_size)
         result["BtoA"] = _direction(real_b, fake_a, real_a if paired else None, labels_b, real_a, inputs)
@@ -67,10 +75,36 @@ def translation(generators: dict[str, torch.nn.Module], inputs: EvalInputs) -> d
         _sheet(inputs, "BtoA.png", {"real B": real_b, "fake A": fake_a, "rec B": rec_b} | truth_a, rows)
         _sheet(inputs, "AtoB.png", {"real A": real_a, "fake B": fake_b, "rec A": rec_a} | truth_b, rows)
     else:
-        _sheet(inputs, "AtoB.png", {"real A": real_a, "fake B": fake_b} | ({"real B": real_b} if paired else {}), rows)
+        shown_a = _shown(real_a, inputs)
+        _sheet(inputs, "AtoB.png", {"real A": shown_a, "fake B": fake_b} | ({"real B": real_b} if paired else {}), rows)
     if inputs.classifier is not None and all(label is not None for label in labels_b):
         result["real_content_accuracy"] = _accuracy(inputs.classifier, real_b, labels_b)
     return result
+
+
+@torch.no_grad()
+def label_maps(generator: torch.nn.Module, inputs: EvalInputs) -> dict:
+    """A -> label maps (the argmax of G's logits) against the true maps of the test split: pixel accuracy, mIoU,
+    IoU per class and the majority class's accuracy (metrics.label_map_scores); AtoB.png in the palette's colours."""
+    _, real_a, _ = load_split(inputs, "A")
+    _, truth, _ = load_split(inputs, "B")
+    predicted = _run(generator, real_a, inputs.settings.batch_size).argmax(1)
+    columns = {"real A": real_a, "fake B": predicted, "real B": truth}
+    _sheet(
+        inputs,
+        "AtoB.png",
+        {name: _shown(images, inputs) for name, images in columns.items()},
+        inputs.settings.sheet_rows,
+    )
+    return {"AtoB": metrics.label_map_scores(truth, predicted, label_side(inputs.manifest)["classes"])}
+
+
+def _shown(images: torch.Tensor, inputs: EvalInputs) -> torch.Tensor:
+    """Images as they are; (N, H, W) label maps in the dataset palette's colours, in the model range."""
+    if images.dim() == 4:
+        return images
+    rgb = colorize(images.numpy(), [tuple(c) for c in label_side(inputs.manifest)["palette"]])
+    return to_model_range(torch.from_numpy(np.ascontiguousarray(rgb)).permute(0, 3, 1, 2))
 
 
 @torch.no_grad()

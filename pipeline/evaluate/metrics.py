@@ -105,6 +105,29 @@ def _per_image(
 # so both are written here on arrays; tests cross-check them against torchmetrics.
 
 
+def label_map_scores(truth: torch.Tensor, predicted: torch.Tensor, classes: int) -> dict:
+    """Scores of (N, H, W) predicted class maps against the truth: pixel accuracy, IoU per class (None for a class
+    in neither) and their mean over the classes present, and the accuracy of each image's majority class other
+    than 0 (class 0 the background: on the digits, the digit read off its strokes)."""
+    from torchmetrics.functional.classification import multiclass_accuracy, multiclass_jaccard_index
+
+    accuracy = multiclass_accuracy(predicted, truth, classes, average="micro")
+    iou = multiclass_jaccard_index(predicted, truth, classes, average="none", zero_division=float("nan"))
+    majority = [_majority_foreground_class(maps, classes) for maps in (predicted, truth)]
+    return {
+        "pixel_accuracy": float(accuracy),
+        "miou": float(iou.nanmean()),
+        "per_class_iou": {str(k): None if v != v else float(v) for k, v in enumerate(iou.tolist())},
+        "majority_class_accuracy": float((majority[0] == majority[1]).float().mean()),
+    }
+
+
+def _majority_foreground_class(maps: torch.Tensor, classes: int) -> torch.Tensor:
+    """(N, H, W) class maps -> (N,) the most frequent class above 0 in each, or -1 where there is none."""
+    counts = F.one_hot(maps.flatten(1), classes).sum(1)[:, 1:]
+    return torch.where(counts.sum(1) > 0, counts.argmax(1) + 1, -1)
+
+
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2).
 

@@ -3,7 +3,10 @@ defined once here and read by export, the inference engine, `sample`, the benchm
 
 Kinds:
 - image_translation: input `image`, output `translated`, float32 NCHW RGB in [-1, 1], dynamic batch, height and
-  width (multiples of `multiple`). ONNX forbids a graph output named like an input, hence `translated`.
+  width (multiples of `multiple`). ONNX forbids a graph output named like an input, hence `translated`. With
+  `input_type` label_map, `image` is a label map instead: int64 N x H x W class indices below `classes`.
+- label_map: input `image` as above, output `labels`, int64 N x H x W, each pixel's class (the argmax of the
+  generator's logits: deterministic); `classes` and `palette` (a colour per class, "#rrggbb,...") in the card.
 - conditional_generation: inputs `z` (float32, N x z_dim) and `label` (int64, N), output `image`.
 - flow_sampling: input `z` (float32, N x C x H x W, `latent_shape`), output `image`.
 
@@ -25,11 +28,15 @@ CONDITIONAL_GENERATION = "conditional_generation"
 FLOW_SAMPLING = "flow_sampling"
 THUMBNAIL_STATISTICS = "thumbnail_statistics"
 STATISTICS_TILE = "statistics_tile"
+LABEL_MAP = "label_map"
+TRANSLATORS = (IMAGE_TRANSLATION, LABEL_MAP)  # the kinds the inference engine runs
 STATISTICS = "statistics"  # the statistics companion's suffix and its tensor's name
 TILE = "tile"
 
 IMAGE_INPUT = "image"
 IMAGE_OUTPUT = "translated"
+LABELS_OUTPUT = "labels"
+INPUT_TYPE = "input_type"  # "image" (RGB) or "label_map"
 LATENT_INPUT = "z"
 LABEL_INPUT = "label"
 SAMPLE_OUTPUT = "image"
@@ -62,6 +69,9 @@ DERIVED = (
     "instance_norm_layers",
     "statistics_width",
     "context",
+    "classes",
+    "palette",
+    INPUT_TYPE,
 )
 
 

@@ -116,6 +116,8 @@ def quantize_with_folder(fp32_path: Path, folder: Path, limits: Int8Params) -> d
     metadata = card.read_metadata(fp32_path)
     if metadata.get("kind") != card.IMAGE_TRANSLATION or metadata.get("precision") != "float32":
         raise UserError(f"{fp32_path}: not a float32 image-translation model of this pipeline")
+    if metadata.get(card.INPUT_TYPE) == card.LABEL_MAP:
+        raise UserError(f"{fp32_path}: takes label maps; int8 calibration needs a model of images")
     if not Path(folder).is_dir():
         raise UserError(f"--images {folder}: not a folder")
     wanted = limits.calibration_images + limits.check_images

@@ -12,7 +12,12 @@ from pipeline.data import datasets
 from pipeline.errors import UserError
 from pipeline.export import model_card as card
 from pipeline.export.quantize import write_int8_companion
-from pipeline.export.to_onnx import export_conditional_generator, export_flow_sampler, export_image_generator
+from pipeline.export.to_onnx import (
+    export_conditional_generator,
+    export_flow_sampler,
+    export_image_generator,
+    export_label_map_generator,
+)
 from pipeline.files import write_json_atomic
 from pipeline.params import Params
 from pipeline.schema import ExportParams, Int8Params
@@ -35,9 +40,13 @@ def export_state(state, out_dir: Path, fp16: bool, export: ExportParams, data_ro
         metadata = card.provenance(state, direction, spec.source, spec.target)
         if spec.kind == card.IMAGE_TRANSLATION:
             results[direction] = export_image_generator(net, path, metadata, fp16=fp16, **options)
-            if export.int8.enabled:
+            if export.int8.enabled and results[direction]["input_type"] == card.LABEL_MAP:
+                results[direction]["int8"] = {"skipped": "it takes label maps, not images to calibrate on"}
+            elif export.int8.enabled:
                 data_dir = Path(data_root) / recipe_params.dataset if data_root else None
                 results[direction]["int8"] = _int8(path, data_dir, spec.source, export.int8)
+        elif spec.kind == card.LABEL_MAP:
+            results[direction] = export_label_map_generator(net, path, metadata, **options)
         elif spec.kind == card.CONDITIONAL_GENERATION:
             results[direction] = export_conditional_generator(net, path, metadata, **options)
         else:
@@ -68,6 +77,8 @@ def _int8(fp32_path: Path, data_dir: Path | None, domain: str, limits: Int8Param
 
 
 def _parity_text(result: dict) -> str:
+    if "differing_pixels" in result:  # a label map: classes, not values
+        return f"classes as PyTorch's at {result['pixels'] - result['differing_pixels']} of {result['pixels']} pixels"
     text = f"max abs error vs PyTorch {result['max_abs_error']:.2e}"
     if result.get("fp16"):
         text += f"; fp16 model {result['fp16']['max_abs_error']:.2e}"

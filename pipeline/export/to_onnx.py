@@ -24,12 +24,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.export import Dim
 
+from models.categorical import LabelMapOutput, OneHotInput
 from models.dcgan import ConditionalGenerator
 from models.thumbnail_norm import StatisticsGraph, context_radius, instance_norms, statistics_width
 from pipeline.errors import UserError
 from pipeline.export import model_card as card
 from pipeline.export.tile_graphs import statistics_graph, tile_graph
 from pipeline.files import write_bytes_atomic
+from pipeline.pixels import palette, palette_text
 
 IMAGE_CHANNELS = 3
 FP16_ATOL = 5e-2
@@ -56,9 +58,12 @@ def export_image_generator(
     below FP16_ATOL. An instance-norm network also gets its tiling companions (`tile_graphs`). Raises
     ExportParityError when any model misses its tolerance, in which case no file is written. Returns {"path",
     "max_abs_error", "tolerance", "cases", "fp16": {same keys} | None, "tiles": {"context", ...} | None}.
+    A generator fed label maps (models.categorical.OneHotInput) takes `image` as int64 N x H x W classes
+    (`input_type` label_map in the card); it gets no fp16 or tiling companions, which need an RGB input.
     """
     multiple = int(net.size_multiple)
-    layers = len(instance_norms(net))
+    classes = net.classes if isinstance(net, OneHotInput) else None
+    layers = len(instance_norms(net)) if classes is None else 0
     props = _metadata_props(
         metadata,
         card.IMAGE_PROVENANCE,
@@ -69,18 +74,22 @@ def export_image_generator(
             "input": card.IMAGE_INPUT,
             "output": card.IMAGE_OUTPUT,
             "instance_norm_layers": str(layers),
-        },
+        }
+        | (
+            {card.INPUT_TYPE: card.LABEL_MAP, "classes": str(classes), "palette": palette_text(palette(classes))}
+            if classes
+            else {}
+        ),
     )
     out_path = Path(out_path)
     model = _eval_copy(net)
-    # Example sizes differ from each other so the exporter cannot tie height to width.
-    example = (torch.zeros(2, IMAGE_CHANNELS, 2 * multiple, 3 * multiple),)
-    dims = ({0: Dim("batch", min=1), 2: Dim("h", min=1) * multiple, 3: Dim("w", min=1) * multiple},)
-    cases = [_image_case(*size) for size in _image_sizes(multiple)]
+    example, dims = _image_example(multiple, classes)
+    cases = [_image_case(*size, classes=classes) for size in _image_sizes(multiple)]
     with torch.no_grad():
         expected = [model(*inputs) for inputs in cases]
 
     variants = [(out_path, model, atol, "float32")]
+    fp16 = fp16 and classes is None
     if fp16:
         half = _Float16Compute(copy.deepcopy(model).half()).eval()
         variants.append((card.companion_path(out_path, "fp16"), half, FP16_ATOL, "float16"))
@@ -99,7 +108,58 @@ def export_image_generator(
     # Every model passed before any is written, so a failure never leaves a mismatched set behind.
     for path, proto in zip(paths, protos, strict=True):
         write_bytes_atomic(path, proto.SerializeToString())
-    return {**reports[0], "fp16": reports[1] if fp16 else None, "tiles": tiles}
+    input_type = card.LABEL_MAP if classes else "image"
+    return {**reports[0], "fp16": reports[1] if fp16 else None, "tiles": tiles, "input_type": input_type}
+
+
+def export_label_map_generator(
+    net: nn.Module, out_path: Path, metadata: dict[str, str], opset: int = 18, atol: float = 1e-4
+) -> dict:
+    """Export a generator of K logits per pixel as a label map model (kind label_map): input `image` as for any
+    translator, output `labels`, the int64 N x H x W argmax, with `classes` and `palette` in the card. Parity: ONNX
+    Runtime's classes equal PyTorch's at every pixel whose two best logits are more than `atol` apart (closer
+    ones are rounding-level ties either may break). Returns {"path", "pixels", "differing_pixels", "tolerance",
+    "cases"}; raises ExportParityError, writing nothing, on any other difference."""
+    multiple = int(net.size_multiple)
+    model = LabelMapOutput(_eval_copy(net)).eval()
+    cases = [_image_case(*size) for size in _image_sizes(multiple)]
+    with torch.no_grad():
+        logits = [model.generator(*inputs) for inputs in cases]
+    classes = logits[0].shape[1]
+    props = _metadata_props(
+        metadata,
+        card.IMAGE_PROVENANCE,
+        {
+            "kind": card.LABEL_MAP,
+            "multiple": str(multiple),
+            "normalization": card.NORMALIZATION,
+            "input": card.IMAGE_INPUT,
+            "output": card.LABELS_OUTPUT,
+            "classes": str(classes),
+            "palette": palette_text(palette(classes)),
+            "precision": "float32",
+        },
+    )
+    example, dims = _image_example(multiple, None)
+    proto = _export(model, example, dims, [card.IMAGE_INPUT], [card.LABELS_OUTPUT], opset)
+    onnx.helper.set_model_props(proto, props)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    pixels = differing = 0
+    for (image,), scores in zip(cases, logits, strict=True):
+        (labels,) = session.run(None, {card.IMAGE_INPUT: image.numpy()})
+        best_two = scores.topk(2, dim=1).values
+        decisive = (best_two[:, 0] - best_two[:, 1] > atol).numpy()
+        differs = labels != scores.argmax(1).numpy()
+        wrong = int((differs & decisive).sum())
+        if wrong:
+            raise ExportParityError(
+                f"ONNX model for {Path(out_path).name} gives other classes than PyTorch at {wrong} pixels of "
+                f"{image.shape[2]}x{image.shape[3]} images; nothing written"
+            )
+        pixels, differing = pixels + labels.size, differing + int(differs.sum())
+    write_bytes_atomic(Path(out_path), proto.SerializeToString())
+    shapes = [{"batch": image.shape[0], "height": image.shape[2], "width": image.shape[3]} for (image,) in cases]
+    return {"path": str(out_path), "pixels": pixels, "differing_pixels": differing, "tolerance": atol, "cases": shapes}
 
 
 def tile_graphs(
@@ -252,11 +312,24 @@ def _image_sizes(multiple: int) -> list[tuple[int, int, int]]:
     return [(1, side, side), (3, side + multiple, max(side - 3 * multiple, multiple))]
 
 
-def _image_case(batch: int, height: int, width: int) -> tuple[torch.Tensor]:
-    """A photo-like input: random colours at a quarter of the resolution, bilinearly upsampled. Per-pixel noise
-    is far outside what any model was trained on; a flow's exponential scales then amplify float32 rounding past
-    1e-4 (AlignFlow B->A: 1.9e-4 on noise, 1.1e-5 on these and 8e-6 on real digits)."""
+def _image_example(multiple: int, classes: int | None) -> tuple[tuple[torch.Tensor], tuple[dict]]:
+    """The export example and dynamic shapes of a translator's input: N x 3 x H x W, or N x H x W classes."""
+    # Example sizes differ from each other so the exporter cannot tie height to width.
+    h, w = Dim("h", min=1) * multiple, Dim("w", min=1) * multiple
+    if classes:
+        return (torch.zeros(2, 2 * multiple, 3 * multiple, dtype=torch.int64),), ({0: Dim("batch", min=1), 1: h, 2: w},)
+    return (torch.zeros(2, IMAGE_CHANNELS, 2 * multiple, 3 * multiple),), ({0: Dim("batch", min=1), 2: h, 3: w},)
+
+
+def _image_case(batch: int, height: int, width: int, classes: int | None = None) -> tuple[torch.Tensor]:
+    """A photo-like input: random colours at a quarter of the resolution, bilinearly upsampled (a label map:
+    random classes in blocks of 4x4). Per-pixel noise is far outside what any model was trained on; a flow's
+    exponential scales then amplify float32 rounding past 1e-4 (AlignFlow B->A: 1.9e-4 on noise, 1.1e-5 on
+    these and 8e-6 on real digits)."""
     generator = torch.Generator().manual_seed(batch * 100_003 + height * 101 + width)
+    if classes:
+        coarse = torch.randint(0, classes, (batch, 1, max(height // 4, 2), max(width // 4, 2)), generator=generator)
+        return (F.interpolate(coarse.float(), size=(height, width), mode="nearest").long()[:, 0],)
     coarse = torch.rand(batch, IMAGE_CHANNELS, max(height // 4, 2), max(width // 4, 2), generator=generator)
     return (F.interpolate(coarse * 2 - 1, size=(height, width), mode="bilinear", align_corners=False),)
 

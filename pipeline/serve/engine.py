@@ -1,4 +1,5 @@
-"""The inference engine: one ONNX Runtime session that translates uint8 RGB images of any size.
+"""The inference engine: one ONNX Runtime session that translates uint8 RGB images of any size (or label maps:
+a model of kind label_map gives (H, W) class indices, one with a label-map input takes them).
 
 The `translate` CLI, the Ray path and the HTTP service all go through `Engine`. Images keep their size: each
 batch is reflect-padded up to the model's multiple and cropped back. Large images can go through `translate`
@@ -24,7 +25,7 @@ import onnxruntime as ort
 from pipeline import fidelity, threads
 from pipeline.errors import InferenceError, UserError
 from pipeline.export import model_card as card
-from pipeline.pixels import pad_to_multiple, to_model_range, to_pixels
+from pipeline.pixels import pad_to_multiple, parse_palette, to_model_range, to_pixels
 from pipeline.serve import openvino_bf16, tiling
 from pipeline.serve import precision as cpu_precision
 
@@ -84,7 +85,7 @@ class Engine:
         self.fp16 = fp16
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         kind = self.metadata.get("kind", card.IMAGE_TRANSLATION)
-        if kind != card.IMAGE_TRANSLATION or "multiple" not in self.metadata:
+        if kind not in card.TRANSLATORS or "multiple" not in self.metadata:
             raise UserError(
                 f"{self.model_path.name} is not an image-translation model of this pipeline "
                 f"(kind {kind!r}, multiple {self.metadata.get('multiple')!r}); export it with `transfigure export`"
@@ -94,11 +95,20 @@ class Engine:
         if len(inputs) != 1 or len(outputs) != 1:
             raise UserError(f"{self.model_path.name} must have one input and one output image")
         self.input_name, self.output_name = inputs[0].name, outputs[0].name
+        # Label maps: what goes in or comes out is (H, W) class indices, drawn in `palette` for people.
+        self.labels_out = kind == card.LABEL_MAP
+        self.labels_in = self.metadata.get(card.INPUT_TYPE) == card.LABEL_MAP
+        self.classes = int(self.metadata["classes"]) if "classes" in self.metadata else None
+        self.palette = parse_palette(self.metadata["palette"]) if "palette" in self.metadata else None
         self.precision, self.precision_reason = "fp32", f"on {self.provider}"
         self._openvino: openvino_bf16.OpenVinoBf16 | None = None
         self.tiling: str | None = None  # how large images are tiled, once load_tiling ran
         self._tiles: tiling.StatisticsTiles | None = None
-        if self.provider == "cpu":
+        if self.labels_in or self.labels_out:
+            if precision in cpu_precision.REDUCED:
+                raise UserError(f"--precision {precision}: {self.model_path.name} is a label-map model, run in fp32")
+            self.precision_reason = f"on {self.provider} (label maps run in float32)"
+        elif self.provider == "cpu":
             self._choose_cpu_precision(precision)
 
     def _choose_cpu_precision(self, requested: str) -> None:
@@ -136,8 +146,10 @@ class Engine:
             self._openvino = None
 
     def translate_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """Translate (H, W, 3) uint8 images that all have the same size; outputs have that size too."""
-        return list(to_pixels(self._forward(np.stack(images))))
+        """Translate (H, W, 3) uint8 images (label maps: (H, W) uint8 classes) that all have the same size; outputs
+        have that size too, (H, W, 3) uint8 RGB or, from a label-map model, (H, W) uint8 classes."""
+        out = self._forward(np.stack(images))
+        return list(out.astype(np.uint8) if self.labels_out else to_pixels(out))
 
     def translate(
         self, image: np.ndarray, tile: int | None = None, batch_size: int = 4, thumbnail: int | None = None
@@ -170,15 +182,24 @@ class Engine:
         return self._tiles
 
     def _forward(self, batch: np.ndarray, run=None) -> np.ndarray:
-        """(N, H, W, 3) uint8 -> (N, H, W, 3) float32 in [-1, 1], through the model (or `run`) at a padded size."""
-        _, height, width, _ = batch.shape
-        x = np.ascontiguousarray(to_model_range(pad_to_multiple(batch, self.multiple).transpose(0, 3, 1, 2)))
+        """(N, H, W, 3) uint8 -> (N, H, W, 3) float32 in [-1, 1], through the model (or `run`) at a padded size;
+        label maps in or out are (N, H, W) int64 classes."""
+        height, width = batch.shape[1:3]
+        if self.labels_in:
+            if self.classes is not None and batch.size and int(batch.max()) >= self.classes:
+                raise InferenceError(f"label value {int(batch.max())} is not below the model's {self.classes} classes")
+            pad = ((0, 0), (0, -height % self.multiple), (0, -width % self.multiple))
+            x = np.ascontiguousarray(np.pad(batch, pad, mode="edge").astype(np.int64))
+        else:
+            x = np.ascontiguousarray(to_model_range(pad_to_multiple(batch, self.multiple).transpose(0, 3, 1, 2)))
         try:
             if run is None:
                 run = self._run_bound if self.provider in GPU_PROVIDERS else self._run
             y = run(x)
         except Exception as exc:  # ONNX Runtime raises one bare Exception subclass per status code
             raise InferenceError(f"inference failed on {width}x{height}: {str(exc).splitlines()[0]}") from exc
+        if self.labels_out:
+            return y[:, :height, :width]
         return y[:, :, :height, :width].transpose(0, 2, 3, 1)
 
     def _run(self, x: np.ndarray) -> np.ndarray:

@@ -23,7 +23,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipeline.images import encode_image
+from pipeline.images import encode_image, encode_labels
 from pipeline.serve import oip, uploads
 from pipeline.serve.batching import DeadlineExceeded, MicroBatcher, QueueFull
 from pipeline.serve.engine import Engine, InferenceError
@@ -78,13 +78,17 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     )
     metrics.queue_depth.set_function(lambda: batcher.depth)
     state = {"ready": False}
+    signature = oip.Signature(engine.labels_in, engine.labels_out)
+    classes_in = engine.classes if engine.labels_in else None
 
     async def warm_up() -> None:
         # The first run of a session allocates and picks kernels (TensorRT builds engines, minutes); a client
         # should not pay for it, so it has its own long deadline and readiness waits for it.
         side = max(engine.multiple, 64 // engine.multiple * engine.multiple)
         try:
-            await batcher.submit(np.zeros((side, side, 3), np.uint8), WARM_UP_TIMEOUT_S)
+            await batcher.submit(
+                np.zeros((side, side) if engine.labels_in else (side, side, 3), np.uint8), WARM_UP_TIMEOUT_S
+            )
         except Exception:
             logging.getLogger("transfigure.serve").exception("warm-up failed; /readyz stays 503")
             return
@@ -204,9 +208,16 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         start = time.perf_counter()
         media_type = OUTPUT_FORMATS[format] if format else _accepted(request.headers.get("accept", ""))
         data, name = await uploads.image_upload(request, settings.max_body_bytes)
-        image = await asyncio.to_thread(uploads.decode, data, name, settings.max_pixels)
+        if engine.labels_out and media_type != "image/png":
+            if format:
+                raise ClientError(422, f"format {format}: label maps come as PNG, whose indices are the classes")
+            media_type = "image/png"  # whatever Accept prefers: only PNG keeps the classes
+        image = await asyncio.to_thread(uploads.decode, data, name, settings.max_pixels, classes_in)
         (output,) = await translate_images([image])
-        encoded = await asyncio.to_thread(encode_image, output, uploads.IMAGE_TYPES[media_type])
+        if engine.labels_out:
+            encoded = await asyncio.to_thread(encode_labels, output, engine.palette)
+        else:
+            encoded = await asyncio.to_thread(encode_image, output, uploads.IMAGE_TYPES[media_type])
         seconds = f"{time.perf_counter() - start:.4f}"
         return Response(encoded, media_type=media_type, headers={"X-Transfigure-Seconds": seconds})
 
@@ -232,7 +243,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     @app.get("/v2/models/{name}/versions/{version}", include_in_schema=False)
     async def v2_model(name: str, version: str | None = None) -> dict:
         known(name, version)
-        return oip.model_metadata(name)
+        return oip.model_metadata(name, signature)
 
     @app.get("/v2/models/{name}/ready", summary="Open Inference Protocol: model readiness.")
     @app.get("/v2/models/{name}/versions/{version}/ready", include_in_schema=False)
@@ -254,16 +265,16 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
             raise ClientError(415, "compressed requests are not accepted; send the body uncompressed")
         body = await uploads.read_limited(request, settings.max_body_bytes)
         try:
-            parsed = oip.parse_infer_request(body, request.headers.get(oip.HEADER_LENGTH))
+            parsed = oip.parse_infer_request(body, request.headers.get(oip.HEADER_LENGTH), signature)
         except oip.ProtocolError as exc:
             raise ClientError(400, str(exc)) from None
-        count, height, width, _ = parsed.images.shape
+        count, height, width = parsed.images.shape[:3]
         if count > settings.max_queue:
             raise ClientError(413, f"{count} images in one request; this server takes at most {settings.max_queue}")
         if height * width > settings.max_pixels:
             raise ClientError(413, f"images of {width}x{height} exceed the limit of {settings.max_pixels} pixels")
         outputs = await translate_images(list(parsed.images))
-        content, headers = oip.infer_response(name, parsed.id, np.stack(outputs), parsed.binary_output)
+        content, headers = oip.infer_response(name, parsed.id, np.stack(outputs), parsed.binary_output, signature)
         return Response(content, headers=headers, media_type=headers.pop("Content-Type"))
 
     return app

@@ -50,6 +50,7 @@ def translate_on_ray(
     workers: int = 2,
     progress: bool = True,
     report_path: Path | None = None,
+    colorize: bool = False,
 ) -> dict:
     """translate_path's work and report on a Ray cluster (`address`, or a local one sized to this machine), plus
     "engine": "ray" and "actors". `engine_options` are open_engine's; the driver checks the model on its CPU."""
@@ -68,7 +69,7 @@ def translate_on_ray(
         requested_providers(engine_options.get("providers"), engine_options.get("precision", "auto"))
         checked = Engine(local, providers=["cpu"], precision=engine_options.get("precision", "auto"))
         files = model_files(local)
-    chosen_batch = check_options(checked, batch_size, fmt, tile, thumbnail)
+    chosen_batch = check_options(checked, batch_size, fmt, tile, thumbnail, colorize)
     todo, report = plan(Path(input), Path(output), fmt, skip_existing)
     report.update(engine="ray", actors=0)
     ran = {"provider": checked.provider, "precision": checked.precision}
@@ -88,6 +89,7 @@ def translate_on_ray(
                 raise UserError(f"--require-gpu: the Ray cluster has {gpus} GPUs, or the options rule them out")
             report["actors"] = min(len(todo), gpus if use_gpu else cpus)
             settings = {"tile": tile, "thumbnail": thumbnail, "max_pixels": max_pixels, "workers": workers}
+            settings["colorize"] = colorize
             settings["batch_size"] = chosen_batch
             if use_gpu and batch_size is None:
                 settings["batch_size"] = default_batch_size("cuda")

@@ -4,6 +4,8 @@ Worker threads decode ahead and encode behind while the main thread runs the mod
 Runtime all release the GIL). Decoded images wait in buckets by size and go to the engine as a batch when a
 bucket is full, or when too many pixels are waiting, so memory stays bounded on folders of any size.
 Outputs are written atomically, so an interrupted run leaves only complete files and `skip_existing` resumes it.
+A label-map model's outputs are palette PNGs whose pixel indices are the classes (`colorize`: RGB in the palette's
+colours, for people); a label-map input is read as class indices.
 """
 
 from __future__ import annotations
@@ -20,7 +22,16 @@ import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.files import write_json_atomic
-from pipeline.images import DEFAULT_MAX_PIXELS, BadImage, decode_rgb, list_images, write_image_atomic
+from pipeline.images import (
+    DEFAULT_MAX_PIXELS,
+    BadImage,
+    decode_labels,
+    decode_rgb,
+    list_images,
+    write_image_atomic,
+    write_labels_atomic,
+)
+from pipeline.pixels import colorize as in_colours
 from pipeline.progress import Progress
 from pipeline.serve.engine import Engine, InferenceError
 
@@ -53,6 +64,7 @@ def translate_path(
     workers: int = 2,
     progress: bool = True,
     report_path: Path | None = None,
+    colorize: bool = False,
 ) -> dict:
     """Translate INPUT (an image, or a folder searched recursively) into OUTPUT, keeping relative paths and stems.
 
@@ -63,14 +75,14 @@ def translate_path(
     [{"path", "reason"}], "ignored", "seconds", "provider", "precision", "tiling" (None unless an image was tiled),
     "images_per_second"}.
     """
-    batch_size = check_options(engine, batch_size, fmt, tile, thumbnail)
+    batch_size = check_options(engine, batch_size, fmt, tile, thumbnail, colorize)
     start = time.perf_counter()
     todo, report = plan(Path(input), Path(output), fmt, skip_existing)
 
     from rich.console import Console
 
     with Progress(Console(stderr=True, quiet=not progress), "translating", len(todo), unit="img") as bar:
-        translate_jobs(engine, todo, report, batch_size, tile, thumbnail, max_pixels, workers, bar.advance)
+        translate_jobs(engine, todo, report, batch_size, tile, thumbnail, max_pixels, workers, bar.advance, colorize)
     return finish_report(report, start, engine.provider, engine.precision, report_path)
 
 
@@ -84,9 +96,11 @@ def translate_jobs(
     max_pixels: int,
     workers: int,
     advance: Callable[[], None],
+    colorize: bool = False,
 ) -> None:
     """Translates (source, target) jobs into `report` ("translated", "rejected", "tiling"), calling `advance` once
     per job done; the one loop under the local engine and each Ray actor (pipeline/serve/ray_translate.py)."""
+    save = output_writer(engine, colorize)
     with ThreadPoolExecutor(max(1, workers)) as pool:
         writes: deque[tuple[Path, Future]] = deque()
         ahead = 2 * batch_size + max(1, workers)
@@ -106,7 +120,7 @@ def translate_jobs(
 
         def write(jobs_and_outputs: list[tuple[tuple[Path, Path], np.ndarray]]) -> None:
             for (source, target), image in jobs_and_outputs:
-                writes.append((source, pool.submit(write_image_atomic, target, image)))
+                writes.append((source, pool.submit(save, target, image)))
             while len(writes) > ahead:
                 finish_write()
 
@@ -120,7 +134,7 @@ def translate_jobs(
             write(list(zip([job for job, _ in batch], outputs, strict=True)))
 
         buckets: dict[tuple[int, int], list] = {}
-        for job, decoded in _decode_ahead(pool, jobs, ahead, max_pixels):
+        for job, decoded in _decode_ahead(pool, jobs, ahead, max_pixels, input_reader(engine)):
             if isinstance(decoded, BadImage):
                 reject(job[0], str(decoded))
                 continue
@@ -144,10 +158,34 @@ def translate_jobs(
             finish_write()
 
 
-def check_options(engine: Engine, batch_size: int | None, fmt: str, tile: int | None, thumbnail: int | None) -> int:
+def input_reader(engine: Engine) -> Callable[[Path, int], np.ndarray]:
+    """How the engine's inputs are read: decoded to RGB, or for a label-map input to class indices (checked)."""
+    if engine.labels_in:
+        return lambda path, max_pixels: decode_labels(path, engine.classes, max_pixels)
+    return decode_rgb
+
+
+def output_writer(engine: Engine, colorize: bool) -> Callable[[Path, np.ndarray], None]:
+    """How the engine's outputs are written: images, or label maps as palette PNGs (RGB with `colorize`)."""
+    if not engine.labels_out:
+        return write_image_atomic
+    if colorize:
+        return lambda target, labels: write_image_atomic(target, in_colours(labels, engine.palette))
+    return lambda target, labels: write_labels_atomic(target, labels, engine.palette)
+
+
+def check_options(
+    engine: Engine, batch_size: int | None, fmt: str, tile: int | None, thumbnail: int | None, colorize: bool = False
+) -> int:
     """Refuses bad options before any work; the batch size to use."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if colorize and not engine.labels_out:
+        raise UserError("--colorize: the model gives images, not label maps")
+    if engine.labels_out and not colorize and fmt != "png":
+        raise UserError(f"--format {fmt}: label maps are written as PNG, whose indices are the classes (or --colorize)")
+    if (engine.labels_in or engine.labels_out) and tile is not None:
+        raise UserError("--tile: label-map models translate whole images")
     batch_size = default_batch_size(engine.provider) if batch_size is None else batch_size
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
@@ -245,7 +283,7 @@ def _plan(input: Path, output: Path, fmt: str) -> tuple[list[tuple[Path, Path]],
 
 
 def _decode_ahead(
-    pool: ThreadPoolExecutor, jobs: list[tuple[Path, Path]], ahead: int, max_pixels: int
+    pool: ThreadPoolExecutor, jobs: list[tuple[Path, Path]], ahead: int, max_pixels: int, read: Callable
 ) -> Iterator[tuple[tuple[Path, Path], np.ndarray | BadImage]]:
     """Decoded images (or the BadImage that refused them) in order, with at most `ahead` decodes in flight."""
     pending: deque[tuple[tuple[Path, Path], Future]] = deque()
@@ -257,7 +295,7 @@ def _decode_ahead(
             return job, exc
 
     for job in jobs:
-        pending.append((job, pool.submit(decode_rgb, job[0], max_pixels)))
+        pending.append((job, pool.submit(read, job[0], max_pixels)))
         if len(pending) > ahead:
             yield result(*pending.popleft())
     while pending:

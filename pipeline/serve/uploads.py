@@ -9,7 +9,7 @@ import numpy as np
 from fastapi import Request
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from pipeline.images import BadImage, ImageTooLarge, decode_rgb_bytes
+from pipeline.images import BadImage, ImageTooLarge, decode_labels_bytes, decode_rgb_bytes
 
 IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP"}
 MULTIPART = "multipart/form-data"
@@ -64,8 +64,11 @@ async def image_upload(request: Request, limit: int) -> tuple[bytes, str]:
     return await upload.read(), f"field 'image' ({upload.filename or 'no file name'})"
 
 
-def decode(data: bytes, name: str, max_pixels: int) -> np.ndarray:
+def decode(data: bytes, name: str, max_pixels: int, classes: int | None = None) -> np.ndarray:
+    """An upload as RGB, or with `classes` as a label map of class indices; 413/422 say what is wrong."""
     try:
+        if classes is not None:
+            return decode_labels_bytes(data, name, classes, max_pixels)
         return decode_rgb_bytes(data, name, max_pixels, formats=tuple(IMAGE_TYPES.values()))
     except ImageTooLarge as exc:
         raise ClientError(413, f"{name}: {exc}") from None

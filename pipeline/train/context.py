@@ -45,6 +45,7 @@ class Context:
     world: World = World()
     scaler: torch.amp.GradScaler | None = None
     forwards: dict[int, Callable] = field(default_factory=dict)
+    step: int = 0  # the step being trained (1 to params.steps), set by the loop: for a recipe's own schedules
 
     @classmethod
     def create(cls, p: RecipeParams, world: World = World()) -> Context:

@@ -20,10 +20,13 @@ _SHARED = (
 
 
 def code_fingerprint(recipe: type) -> dict[str, str]:
-    """{file: sha256} of models/, the data package, the training package's own modules and the recipe's module."""
-    own = Path(inspect.getsourcefile(recipe)).resolve()
+    """{file: sha256} of models/, the data package, the training package's own modules and the recipe's module
+    (and the module of each recipe it builds on: a preset's training is its parent's)."""
     digests = source_digests(_SHARED, ROOT)
-    return digests | source_digests([own], ROOT if own.is_relative_to(ROOT) else own.parent)
+    for cls in (c for c in recipe.__mro__ if "name" in vars(c)):
+        own = Path(inspect.getsourcefile(cls)).resolve()
+        digests |= source_digests([own], ROOT if own.is_relative_to(ROOT) else own.parent)
+    return digests
 
 
 def changed_files(old: dict[str, str], new: dict[str, str]) -> list[str]:

@@ -172,6 +172,7 @@ def train(
                 for name, opt in recipe.optimizers.items():
                     for group, base in zip(opt.param_groups, base_lrs[name], strict=True):
                         group["lr"] = base * factor
+                ctx.step = step
                 losses = world.mean(recipe.step(next_batch))
                 check_finite(losses, step, last_good)
                 for net_name, averaged in ema.items():

@@ -35,7 +35,7 @@ class Export:
     """One exported model: the network it comes from, its model-card kind and its domains (A, B or noise)."""
 
     network: str
-    kind: Literal["image_translation", "conditional_generation", "flow_sampling"]
+    kind: Literal["image_translation", "label_map", "conditional_generation", "flow_sampling"]
     source: str
     target: str
 
