@@ -59,7 +59,7 @@ ON_DEVICE = {
 WHEELS_SCRIPT = REPO / "benchmarks" / "gpu_wheels.sh"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: the slow-first ordering splits this module
 def dry_run(tmp_path_factory) -> tuple[str, dict, str]:
     """stdout, the JSON report and the Markdown table of one `gpu_check.sh --dry-run`, with the venv first on PATH."""
     out = tmp_path_factory.mktemp("gpu_check")
