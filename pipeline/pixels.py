@@ -63,6 +63,15 @@ def colorize(labels, colours: list[tuple[int, int, int]]):
     return np.asarray(colours, dtype=np.uint8)[np.asarray(labels)]
 
 
+def label_maps_in_model_range(labels, colours: list[tuple[int, int, int]]):
+    """(N, H, W) class indices (a torch tensor) -> (N, 3, H, W) float32 palette colours in [-1, 1], on the same
+    device: label maps beside images in a sample sheet."""
+    import torch
+
+    rgb = torch.from_numpy(colorize(labels.cpu().numpy(), colours)).permute(0, 3, 1, 2)
+    return to_model_range(rgb).to(labels.device)
+
+
 def sample_sheet(columns: dict) -> np.ndarray:
     """Equal-sized image batches, one per kind, by label ("real A": ..., "fake B": ...) -> one uint8 HWC picture
     in which each row is one sample and each column one kind, named above it. Small images are enlarged

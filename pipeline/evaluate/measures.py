@@ -15,7 +15,7 @@ from pipeline.data.datasets import entries, label_side, read_labels, read_rgb, t
 from pipeline.errors import UserError
 from pipeline.evaluate import metrics
 from pipeline.images import write_image_atomic
-from pipeline.pixels import colorize, sample_sheet, to_model_range
+from pipeline.pixels import label_maps_in_model_range, sample_sheet
 
 
 @dataclass(frozen=True)
@@ -101,10 +101,7 @@ def label_maps(generator: torch.nn.Module, inputs: EvalInputs) -> dict:
 
 def _shown(images: torch.Tensor, inputs: EvalInputs) -> torch.Tensor:
     """Images as they are; (N, H, W) label maps in the dataset palette's colours, in the model range."""
-    if images.dim() == 4:
-        return images
-    rgb = colorize(images.numpy(), [tuple(c) for c in label_side(inputs.manifest)["palette"]])
-    return to_model_range(torch.from_numpy(np.ascontiguousarray(rgb)).permute(0, 3, 1, 2))
+    return images if images.dim() == 4 else label_maps_in_model_range(images, label_side(inputs.manifest)["palette"])
 
 
 @torch.no_grad()

@@ -17,7 +17,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
@@ -30,7 +29,7 @@ from models.init import init_weights
 from pipeline.data.datasets import PairedDataset, first_items, label_side
 from pipeline.errors import UserError
 from pipeline.evaluate import measures
-from pipeline.pixels import colorize, to_model_range
+from pipeline.pixels import label_maps_in_model_range
 from pipeline.schema import OBJECTIVES, DiscriminatorParams, GeneratorParams, NonNegativeFloat, RecipeParams, Strict
 from pipeline.train.context import Context
 from pipeline.train.parts import critic_loss, generator_adversarial, set_requires_grad
@@ -217,7 +216,4 @@ class Pix2Pix(Recipe):
 
     def _visible(self, images: torch.Tensor) -> torch.Tensor:
         """Images as they are; (N, H, W) label maps as palette colours in the model range."""
-        if images.dim() == 4:
-            return images.float()
-        rgb = colorize(images.cpu().numpy(), [tuple(c) for c in self.palette])
-        return to_model_range(torch.from_numpy(np.ascontiguousarray(rgb)).permute(0, 3, 1, 2)).to(images.device)
+        return images.float() if images.dim() == 4 else label_maps_in_model_range(images, self.palette)
