@@ -2,12 +2,15 @@
 # The serving image: `transfigure serve` on ONNX Runtime, without PyTorch or the training stack.
 #   docker build -t transfigure .                          GPU (onnxruntime-gpu 1.31: CUDA 13 + cuDNN 9 from
 #                                                          NVIDIA's PyPI wheels; the host needs driver >= 580)
+#   docker build --build-arg VARIANT=gpu-cu12 -t transfigure:cu12 .   GPU on older drivers (onnxruntime-gpu 1.26:
+#                                                          CUDA 12 + cuDNN 9; the host needs driver >= 525)
 #   docker build --build-arg VARIANT=cpu -t transfigure:cpu .
-#   docker build --build-arg MODEL_FILE=artifacts/cyclegan/AtoB.onnx -t transfigure:horse2zebra .   (baked in)
+#   docker build --build-arg MODEL_FILE=artifacts/cyclegan/AtoB.onnx -t transfigure:horse2zebra .   (baked in,
+#                                                          with its companions, served as AtoB)
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
-# gpu | cpu: which lock file (requirements/serve-gpu.txt or serve-cpu.txt, hashed, made by `make lock`)
+# gpu | gpu-cu12 | cpu: which lock file (requirements/serve-${VARIANT}.txt, hashed, made by `make lock`)
 ARG VARIANT=gpu
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
@@ -22,16 +25,22 @@ RUN pip wheel --no-deps --wheel-dir /wheels . \
     && /opt/venv/bin/pip install --no-deps /wheels/transfigure-*.whl
 
 FROM ${PYTHON_IMAGE} AS runtime
-# A path inside the build context to bake in as /models/model.onnx; empty: mount a model at run time.
+# A model inside the build context to bake in, e.g. artifacts/cyclegan/AtoB.onnx; empty: mount one at run time.
 ARG MODEL_FILE=""
+# Its file name, which MODEL_URI names (the served name is its stem); trimming needs Dockerfile syntax >= 1.7.
+ARG MODEL_FILE_NAME=${MODEL_FILE##*/}
 RUN useradd --create-home --no-log-init --uid 10001 transfigure
 COPY --from=build /opt/venv /opt/venv
+# The model and every file named after it, names kept: the engine finds its int8 and tiling companions
+# (AtoB.int8.onnx, AtoB.statistics.onnx, AtoB.tile.onnx) and external data (AtoB.onnx.data) beside it.
 RUN --mount=type=bind,source=.,target=/context \
     mkdir -p /models \
-    && if [ -n "${MODEL_FILE}" ]; then cp "/context/${MODEL_FILE}" /models/model.onnx; fi
+    && if [ -n "${MODEL_FILE}" ]; then \
+        for file in "/context/${MODEL_FILE%.onnx}".*; do cp "${file}" /models/; done; \
+    fi
 ENV PATH=/opt/venv/bin:${PATH} \
     PYTHONUNBUFFERED=1 \
-    MODEL_URI=/models/model.onnx \
+    MODEL_URI=/models/${MODEL_FILE_NAME:-model.onnx} \
     TRANSFIGURE_HOST=0.0.0.0 \
     TRANSFIGURE_PORT=8000
 USER 10001

@@ -36,7 +36,7 @@ lint: setup
 
 # The serving image's hashed lock files (Dockerfile), for the image's Python and platform, from requirements/*.in.
 lock: setup
-	cd requirements && for variant in gpu cpu; do \
+	cd requirements && for variant in gpu gpu-cu12 cpu; do \
 		../$(BIN)/uv pip compile --quiet --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 			--custom-compile-command "make lock" serve-$$variant.in -o serve-$$variant.txt; \
 	done

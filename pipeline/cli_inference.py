@@ -13,30 +13,110 @@ from pipeline.cli_support import console as _console
 from pipeline.images import DEFAULT_MAX_PIXELS
 from pipeline.serve.settings import ServeSettings, default_max_batch
 
+# The engine's options (pipeline/serve/options.py), the same flag and environment variable on translate and serve.
+ProvidersOption = Annotated[
+    str | None,
+    typer.Option(
+        envvar="TRANSFIGURE_PROVIDERS",
+        help="Comma-separated, in order: tensorrt,cuda,cpu (default: the best that loads).",
+    ),
+]
+RequireGpuOption = Annotated[
+    bool, typer.Option("--require-gpu", envvar="TRANSFIGURE_REQUIRE_GPU", help="Fail unless CUDA or TensorRT loaded.")
+]
+TensorrtFp16Option = Annotated[
+    bool,
+    typer.Option(
+        "--tensorrt-fp16",
+        envvar="TRANSFIGURE_TENSORRT_FP16",
+        help="Let TensorRT build fp16 engines (the model file stays fp32).",
+    ),
+]
+TensorrtCacheOption = Annotated[
+    Path | None, typer.Option(envvar="TRANSFIGURE_TENSORRT_CACHE", help="TensorRT engine cache folder.")
+]
+TileOption = Annotated[
+    int | None,
+    typer.Option(
+        envvar="TRANSFIGURE_TILE",
+        help="Translate images larger than N px in tiles of N px (default: only images past the memory budget, "
+        "in the largest tiles it allows).",
+    ),
+]
+ThumbnailOption = Annotated[
+    int | None,
+    typer.Option(
+        envvar="TRANSFIGURE_THUMBNAIL",
+        help="Instance-norm tiles share the statistics of a thumbnail this long (px; default: as large as the "
+        "memory budget allows, up to 2048).",
+    ),
+]
+MemoryBudgetOption = Annotated[
+    str | None,
+    typer.Option(
+        envvar="TRANSFIGURE_MEMORY_BUDGET",
+        help="Bytes one translation may hold, e.g. 1G or 800M (default: a quarter of the container's memory "
+        "limit or the machine's memory, at most 1.5G). Larger images go in tiles.",
+    ),
+]
+
+
+def inference_options(
+    providers: str | None,
+    precision: str,
+    tile: int | None,
+    thumbnail: int | None,
+    memory_budget: str | None,
+    max_pixels: int,
+    threads: str | None,
+    batch_size: int | None,
+    require_gpu: bool = False,
+    tensorrt_fp16: bool = False,
+    tensorrt_cache: Path | None = None,
+):
+    """The engine's options from a command's flags, checked; the thread setting takes effect here."""
+    from pipeline.serve.options import InferenceOptions, parse_bytes, parse_providers
+
+    options = InferenceOptions(
+        providers=parse_providers(providers),
+        require_gpu=require_gpu,
+        tensorrt_fp16=tensorrt_fp16,
+        tensorrt_cache=tensorrt_cache,
+        precision=precision,
+        tile=tile,
+        thumbnail=thumbnail,
+        memory_budget=parse_bytes(memory_budget),
+        max_pixels=max_pixels,
+        threads=threads if threads is not None else "auto",
+        batch_size=batch_size,
+    ).check()
+    use_threads(options.threads)
+    return options
+
 
 def translate(
     input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="An image, or a folder searched recursively.")],
     output: Annotated[Path, typer.Argument(help="Output folder (or output file for a single image).")],
     model: Annotated[str, typer.Option(help="FILE.onnx or models:/NAME@ALIAS.")],
     batch_size: Annotated[
-        int | None, typer.Option(help="Images of one size per batch (default: 1 on the CPU, 8 on a GPU).")
+        int | None,
+        typer.Option(
+            envvar="TRANSFIGURE_BATCH_SIZE", help="Images of one size per batch (default: 1 on the CPU, 8 on a GPU)."
+        ),
     ] = None,
-    providers: Annotated[
-        str | None, typer.Option(help="Comma-separated, in order: tensorrt,cuda,cpu (default: the best that loads).")
-    ] = None,
-    require_gpu: Annotated[bool, typer.Option("--require-gpu", help="Fail unless CUDA or TensorRT loaded.")] = False,
-    tensorrt_fp16: Annotated[
-        bool, typer.Option("--tensorrt-fp16", help="Let TensorRT build fp16 engines (the model file stays fp32).")
-    ] = False,
-    tensorrt_cache: Annotated[Path | None, typer.Option(help="TensorRT engine cache folder.")] = None,
+    providers: ProvidersOption = None,
+    require_gpu: RequireGpuOption = False,
+    tensorrt_fp16: TensorrtFp16Option = False,
+    tensorrt_cache: TensorrtCacheOption = None,
     precision: PrecisionOption = "auto",
     fmt: Annotated[str, typer.Option("--format", help="png | jpg | webp")] = "png",
     skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Keep outputs that already exist.")] = False,
-    tile: Annotated[int | None, typer.Option(help="Translate images larger than N px in tiles of N px.")] = None,
-    thumbnail: Annotated[
-        int | None, typer.Option(help="Instance-norm tiles share the statistics of a thumbnail this long (px).")
-    ] = None,
-    max_pixels: Annotated[int, typer.Option(help="Refuse larger images (read from the header).")] = DEFAULT_MAX_PIXELS,
+    tile: TileOption = None,
+    thumbnail: ThumbnailOption = None,
+    memory_budget: MemoryBudgetOption = None,
+    max_pixels: Annotated[
+        int, typer.Option(envvar="TRANSFIGURE_MAX_PIXELS", help="Refuse larger images (read from the header).")
+    ] = DEFAULT_MAX_PIXELS,
     workers: Annotated[int, typer.Option(help="Decode/encode threads.")] = 2,
     report: Annotated[Path | None, typer.Option(help="Write the JSON report here.")] = None,
     colorize: Annotated[
@@ -61,33 +141,19 @@ def translate(
             raise UserError(f"--engine {engine_name!r}: expected local or ray")
         if ray_address and engine_name != "ray":
             raise UserError("--ray-address needs --engine ray")
-        use_threads(threads)
+        options = inference_options(
+            providers, precision, tile, thumbnail, memory_budget, max_pixels, threads, batch_size,
+            require_gpu, tensorrt_fp16, tensorrt_cache,
+        )  # fmt: skip
         check_writable(output, report)
-        names = [p.strip() for p in providers.split(",") if p.strip()] if providers else None
-        options = {
-            "providers": names,
-            "require_gpu": require_gpu,
-            "fp16": tensorrt_fp16,
-            "tensorrt_cache": tensorrt_cache,
-            "precision": precision,
-        }
-        common = {
-            "batch_size": batch_size,
-            "fmt": fmt,
-            "skip_existing": skip_existing,
-            "tile": tile,
-            "thumbnail": thumbnail,
-            "max_pixels": max_pixels,
-            "workers": workers,
-            "report_path": report,
-            "colorize": colorize,
-        }
+        common = {"fmt": fmt, "skip_existing": skip_existing, "workers": workers, "report_path": report}
+        common["colorize"] = colorize
         if engine_name == "ray":
             from pipeline.serve.ray_translate import translate_on_ray
 
             result = translate_on_ray(input_path, output, model, options, address=ray_address, **common)
         else:
-            result = translate_path(input_path, output, open_engine(model, **options), **common)
+            result = translate_path(input_path, output, open_engine(model, options), **common)
         console = _console()
         for line in rejections_text(result):
             console.print(line)
@@ -119,22 +185,18 @@ def serve(
         int, typer.Option(envvar="TRANSFIGURE_MAX_QUEUE", help="Images waiting or running; past this, 503.")
     ] = ServeSettings.max_queue,
     timeout_s: Annotated[
-        float, typer.Option(envvar="TRANSFIGURE_TIMEOUT_S", help="Per-request deadline (504).")
+        float,
+        typer.Option(envvar="TRANSFIGURE_TIMEOUT_S", help="Per-request deadline (504); the work stops there too."),
     ] = ServeSettings.timeout_s,
     max_body_bytes: Annotated[int, typer.Option(envvar="TRANSFIGURE_MAX_BODY_BYTES")] = ServeSettings.max_body_bytes,
     max_pixels: Annotated[
         int, typer.Option(envvar="TRANSFIGURE_MAX_PIXELS", help="Per image, from its header.")
     ] = ServeSettings.max_pixels,
-    tile: Annotated[
-        int | None, typer.Option(envvar="TRANSFIGURE_TILE", help="Translate images larger than N px in tiles.")
-    ] = None,
-    thumbnail: Annotated[
-        int | None,
-        typer.Option(envvar="TRANSFIGURE_THUMBNAIL", help="Instance-norm tiles share a thumbnail's statistics (px)."),
-    ] = None,
-    providers: Annotated[
-        str | None, typer.Option(envvar="TRANSFIGURE_PROVIDERS", help="Comma-separated, in order: tensorrt,cuda,cpu.")
-    ] = None,
+    tile: TileOption = None,
+    thumbnail: ThumbnailOption = None,
+    memory_budget: MemoryBudgetOption = None,
+    providers: ProvidersOption = None,
+    require_gpu: RequireGpuOption = False,
     timeout_graceful_shutdown: Annotated[
         float, typer.Option(envvar="TRANSFIGURE_GRACEFUL_S", help="On SIGTERM, seconds to finish in-flight requests.")
     ] = ServeSettings.timeout_graceful_shutdown,
@@ -144,17 +206,13 @@ def serve(
     """Serve the model over HTTP: /v1/translate, the Open Inference Protocol v2, a page at /, /metrics."""
 
     def work() -> None:
-        from pipeline.errors import UserError
         from pipeline.serve import server
         from pipeline.serve.engine import open_engine
 
-        use_threads(threads)
-        names = [p.strip() for p in providers.split(",") if p.strip()] if providers else None
-        engine = open_engine(model, providers=names, precision=precision)
-        if tile is not None and tile < engine.multiple:
-            raise UserError(f"--tile {tile} is smaller than the model's multiple ({engine.multiple})")
-        if thumbnail is not None and (tile is None or thumbnail < tile):
-            raise UserError(f"--thumbnail {thumbnail}: needs --tile, and at least the tile's size ({tile})")
+        options = inference_options(
+            providers, precision, tile, thumbnail, memory_budget, max_pixels, threads, max_batch, require_gpu
+        )
+        engine = open_engine(model, options)
         settings = ServeSettings(
             model_name=model_name or server.model_name(model),
             max_batch=max_batch or default_max_batch(engine.provider),
@@ -163,15 +221,14 @@ def serve(
             timeout_s=timeout_s,
             max_body_bytes=max_body_bytes,
             max_pixels=max_pixels,
-            tile=tile,
-            thumbnail=thumbnail,
             timeout_graceful_shutdown=timeout_graceful_shutdown,
         )
         server.check(settings)
         _console().print(
             f"serving {settings.model_name} on http://{host}:{port} with {engine.provider} in {engine.precision} "
-            f"({engine.precision_reason}), "
-            f"max batch {settings.max_batch}, max wait {max_wait_ms:g} ms"
+            f"({engine.precision_reason}), max batch {settings.max_batch}, max wait {max_wait_ms:g} ms, "
+            f"memory budget {engine.memory_budget / 2**20:.0f} MiB ({engine.bytes_per_pixel} bytes a pixel, "
+            f"{engine.memory_measured})"
         )
         server.run(engine, settings, host, port)
 

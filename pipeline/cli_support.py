@@ -20,7 +20,12 @@ PrecisionOption = Annotated[
     ),
 ]
 ThreadsOption = Annotated[
-    str | None, typer.Option("--threads", help="CPU threads: auto (the free cores) or a number (default: params).")
+    str | None,
+    typer.Option(
+        "--threads",
+        envvar="TRANSFIGURE_THREADS",
+        help="CPU threads: auto (the free cores) or a number (default: params).",
+    ),
 ]
 
 

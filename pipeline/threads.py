@@ -1,8 +1,9 @@
 """The CPU threads of the pipeline's work: one setting, `threads` in params or `--threads` on a command.
 
 `auto` uses the cores this process may run on (its affinity mask, which containers and taskset narrow) that are
-free when the command starts (under half busy over a short sample of /proc/stat), at least one, shared evenly by
-the processes that torchrun starts on the machine. On a busy
+free when the command starts (under half busy over a short sample of /proc/stat), and no more than the container's
+CPU quota rounded up (a pod limited to 2 CPUs on a 64-core node sees 64 cores but is throttled past 2 busy
+threads), at least one, shared evenly by the processes that torchrun starts on the machine. On a busy
 machine a thread that waits for a core another job holds stalls every other thread at each OpenMP barrier:
 two threads on two cores with one core taken ran 2.5-3.2x slower than one thread, and up to 47x under
 heavier contention (docs/BENCHMARKS.md, Threads). A number is used as given.
@@ -11,9 +12,11 @@ heavier contention (docs/BENCHMARKS.md, Threads). A number is used as given.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import time
 
+from pipeline import machine
 from pipeline.errors import UserError
 
 _applied: int | None = None
@@ -75,8 +78,10 @@ def parse(setting: str | int, source: str) -> int | str:
 def resolve(setting: int | str) -> int:
     if setting != "auto":
         return int(setting)
+    quota = machine.cpu_quota()
+    usable = free_cpus() if quota is None else min(free_cpus(), math.ceil(quota))
     # torchrun's processes on this machine (LOCAL_WORLD_SIZE) share its free cores.
-    return max(1, free_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, usable // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def apply(setting: int | str) -> int:
@@ -98,10 +103,13 @@ def current() -> int:
 def describe() -> list[str]:
     """What `doctor` prints about threads."""
     cpus = available_cpus()
+    quota = machine.cpu_quota()
     lines = [
         f"cpus: {len(cpus)} available to this process (affinity {cpus[0]}-{cpus[-1]}), {os.cpu_count()} in the machine",
-        f"threads auto: {free_cpus()} (the available cores that are free now)",
+        f"threads auto: {resolve('auto')} (the available cores that are free now, within the CPU quota)",
     ]
+    if quota is not None:
+        lines.append(f"cpu quota: {quota:g} CPUs from the container's cgroup, so auto uses at most {math.ceil(quota)}")
     for name in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS"):
         if name in os.environ:
             lines.append(f"{name}={os.environ[name]} (from the environment)")

@@ -24,6 +24,17 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session):
+    """Under `--dist loadgroup` each xdist_group must run on one worker, which xdist marks in the test's id: a
+    group without the mark would repeat its module's expensive fixtures on every worker (pyproject.toml's pin)."""
+    if not session.config.getoption("loadgroup", default=False):
+        return
+    lost = [item.nodeid for item in session.items if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+    if lost:
+        raise pytest.UsageError(f"xdist lost the group of {len(lost)} tests, e.g. {lost[0]}: check pytest's version")
+
+
 # What export needs to know about a model made in a test.
 METADATA = {
     "recipe": "test",
@@ -44,6 +55,16 @@ def export_tiny_translator(path: Path) -> Path:
     torch.manual_seed(0)
     export_image_generator(build_generator("resnet_2blocks", ngf=8), path, METADATA)
     return path
+
+
+def make_engine(path: Path, **fields):
+    """An Engine with these InferenceOptions fields (`providers` as a list, as a command line gives them)."""
+    from pipeline.serve.engine import Engine
+    from pipeline.serve.options import InferenceOptions
+
+    if "providers" in fields:
+        fields["providers"] = tuple(fields["providers"])
+    return Engine(path, InferenceOptions(**fields))
 
 
 def made_once(tmp_path_factory, name: str, make) -> Path:

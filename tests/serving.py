@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import httpx
 
@@ -23,12 +24,33 @@ def container_command() -> list[str]:
     return json.loads(match.group(1))
 
 
-def container_env() -> dict[str, str]:
-    """The ENV of the Dockerfile's last stage, as `KEY=value` pairs (PATH is left to the caller)."""
-    last_stage = (REPO / "Dockerfile").read_text().rsplit("\nFROM ", 1)[1]
-    block = re.search(r"^ENV (.*?)(?<!\\)\n", last_stage, re.MULTILINE | re.DOTALL).group(1)
+def container_env(**build_args: str) -> dict[str, str]:
+    """The ENV of the Dockerfile's last stage, as `KEY=value` pairs, for these build arguments (PATH is left to the
+    caller). Its ARG defaults and ENV values are expanded by `sh`: they use only expansions that Docker's Dockerfile
+    syntax 1.7 shares with the shell (`${A:-default}`, `${A##*/}`)."""
+    stage = _last_stage()
+    block = re.search(r"^ENV (.*?)(?<!\\)\n", stage, re.MULTILINE | re.DOTALL).group(1)
     pairs = re.findall(r"([A-Z_]+)=(\S+)", block.replace("\\\n", " "))
-    return {key: value for key, value in pairs if key != "PATH"}
+    arguments = [
+        f"{name}={shlex.quote(build_args[name]) if name in build_args else default}"
+        for name, default in re.findall(r"^ARG ([A-Z_]+)=(.*)$", stage, re.MULTILINE)
+    ]
+    prints = [f'printf "%s\\n" "{key}={value}"' for key, value in pairs if key != "PATH"]
+    expanded = subprocess.run(["sh", "-c", "\n".join(arguments + prints)], capture_output=True, text=True, check=True)
+    return dict(line.split("=", 1) for line in expanded.stdout.splitlines())
+
+
+def bake_model(context: Path, models: Path, model_file: str) -> Path:
+    """Runs the last stage's RUN that bakes MODEL_FILE (a path inside the build context) into /models, with
+    `context` for the build context and `models` for /models; returns the file the image's MODEL_URI names."""
+    run = re.search(r"^RUN --mount=type=bind,source=\.,target=/context \\\n(.*?[^\\])\n", _last_stage(), re.M | re.S)
+    script = run.group(1).replace("/context", str(context)).replace("/models", str(models))
+    subprocess.run(["sh", "-c", script], env={**os.environ, "MODEL_FILE": model_file}, check=True)
+    return models / PurePosixPath(container_env(MODEL_FILE=model_file)["MODEL_URI"]).relative_to("/models")
+
+
+def _last_stage() -> str:
+    return (REPO / "Dockerfile").read_text().rsplit("\nFROM ", 1)[1]
 
 
 def free_port() -> int:

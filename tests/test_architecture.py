@@ -89,6 +89,7 @@ TOP += (
     "pipeline.tracking",
     "pipeline.params",
     "pipeline.threads",
+    "pipeline.machine",
     "pipeline.charts",
     "models",
 )
@@ -109,6 +110,7 @@ ALLOWED = {
         "pipeline.serve.openvino_bf16",
     ),  # what `--precision auto` picks on this machine
     "pipeline.threads": TOP,
+    "pipeline.machine": TOP,
     "pipeline.charts": TOP,
     "pipeline.params": (*TOP, "pipeline.train.recipes"),  # the schema is assembled from the recipes' sections
     "pipeline.cli": ("pipeline", "models"),

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import METADATA
+from conftest import METADATA, make_engine
 
 from models.generators import build_generator
 from pipeline.errors import UserError
@@ -13,7 +13,8 @@ from pipeline.export import model_card as card
 from pipeline.export.quantize import write_int8_companion
 from pipeline.export.to_onnx import export_image_generator
 from pipeline.schema import Int8Params
-from pipeline.serve.engine import Engine, InferenceError, open_engine
+from pipeline.serve.engine import InferenceError, open_engine
+from pipeline.serve.options import InferenceOptions
 from tests.corpus import gradient
 
 # One worker runs the whole module, so its module-scoped fixtures are made once (tests/README.md).
@@ -53,7 +54,7 @@ def _max_diff(a: np.ndarray, b: np.ndarray) -> int:
 
 
 def test_reads_names_and_multiple_from_the_model(instance_model):
-    engine = Engine(instance_model[1], providers=["cpu"])
+    engine = make_engine(instance_model[1], providers=["cpu"])
     assert (engine.input_name, engine.output_name) == ("image", "translated")
     assert engine.multiple == 4
     assert engine.provider == "cpu"
@@ -62,7 +63,7 @@ def test_reads_names_and_multiple_from_the_model(instance_model):
 
 def test_odd_sizes_keep_their_size_and_match_pytorch(instance_model):
     net, path = instance_model
-    engine = Engine(path, providers=["cpu"])
+    engine = make_engine(path, providers=["cpu"])
     for width, height in [(37, 23), (32, 24), (9, 41)]:
         image = gradient(width, height, seed=width)
         out = engine.translate(image)
@@ -71,7 +72,7 @@ def test_odd_sizes_keep_their_size_and_match_pytorch(instance_model):
 
 
 def test_a_batch_equals_its_images_one_by_one(instance_model):
-    engine = Engine(instance_model[1], providers=["cpu"])
+    engine = make_engine(instance_model[1], providers=["cpu"])
     images = [gradient(30, 22, seed=seed) for seed in range(3)]
     batch = engine.translate_batch(images)
     assert len(batch) == 3
@@ -81,10 +82,10 @@ def test_a_batch_equals_its_images_one_by_one(instance_model):
 
 def test_tiles_match_the_whole_image_without_seams(local_model):
     net, path = local_model
-    engine = Engine(path, providers=["cpu"])
+    engine = make_engine(path, providers=["cpu"])
     image = gradient(300, 200, seed=7)
     whole = engine.translate(image)
-    tiled = engine.translate(image, tile=64)
+    tiled = make_engine(path, providers=["cpu"], tile=64).translate(image)
     assert tiled.shape == whole.shape == (200, 300, 3)
     assert _max_diff(whole, _torch_translate(net, image)) <= 1
     diff = np.abs(tiled.astype(np.int16) - whole.astype(np.int16))
@@ -92,35 +93,39 @@ def test_tiles_match_the_whole_image_without_seams(local_model):
     assert diff.mean() < 1.0
     assert diff.max() <= 16
     # An image no larger than the tile is translated whole.
-    assert np.array_equal(engine.translate(image, tile=300), whole)
+    assert np.array_equal(make_engine(path, providers=["cpu"], tile=300).translate(image), whole)
 
 
 def test_an_image_too_small_for_the_network_raises_inference_error(instance_model):
-    engine = Engine(instance_model[1], providers=["cpu"])
-    with pytest.raises(InferenceError, match="4x4"):
+    engine = make_engine(instance_model[1], providers=["cpu"])
+    # Reflection padding at the coarsest level needs 2 px there: the engine found 8 px at load, and says so in
+    # its own words rather than ONNX Runtime's (which names a Pad node).
+    assert engine.min_side == 8
+    with pytest.raises(InferenceError, match="^the image is 4x4; this model needs at least 8 px on each side$"):
         engine.translate(gradient(4, 4))
+    assert engine.translate(gradient(8, 8)).shape == (8, 8, 3)
 
 
 def test_unknown_provider_lists_the_valid_names(instance_model):
-    with pytest.raises(UserError, match="tensorrt, cuda, cpu"):
-        Engine(instance_model[1], providers=["gpu"])
+    with pytest.raises(UserError, match="--providers: unknown provider 'gpu'; expected some of tensorrt, cuda, cpu"):
+        make_engine(instance_model[1], providers=["gpu"])
 
 
 def test_require_gpu_says_what_loaded(instance_model):
-    if Engine(instance_model[1]).provider != "cpu":
+    if make_engine(instance_model[1]).provider != "cpu":
         pytest.skip("a GPU provider loads on this machine")
     with pytest.raises(UserError, match="no GPU provider loaded.*loaded: cpu"):
-        Engine(instance_model[1], require_gpu=True)
+        make_engine(instance_model[1], require_gpu=True)
     with pytest.raises(UserError, match=r"none of the requested providers \(cuda\) loaded; loaded: cpu"):
-        Engine(instance_model[1], providers=["cuda"])
+        make_engine(instance_model[1], providers=["cuda"])
 
 
 def test_missing_or_broken_model_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="model not found"):
-        Engine(tmp_path / "absent.onnx")
+        make_engine(tmp_path / "absent.onnx")
     (tmp_path / "notes.onnx").write_text("not a model\n")
     with pytest.raises(UserError, match="cannot load notes.onnx"):
-        Engine(tmp_path / "notes.onnx")
+        make_engine(tmp_path / "notes.onnx")
 
 
 def test_registered_model_uri_resolves_through_mlflow(instance_model, local_model, tmp_path, monkeypatch, capfd):
@@ -140,28 +145,29 @@ def test_registered_model_uri_resolves_through_mlflow(instance_model, local_mode
     mlflow.MlflowClient().set_registered_model_alias("horse2zebra", "champion", "1")
 
     image = gradient(20, 16)
-    first, newest = (Engine(model[1], providers=["cpu"]).translate(image) for model in (instance_model, local_model))
+    first, newest = (make_engine(path, providers=["cpu"]).translate(image) for _, path in (instance_model, local_model))
     # MLflow reserves the alias "latest" for the newest version; "/latest" says the same.
     for uri, expected in [
         ("models:/horse2zebra@latest", newest),
         ("models:/horse2zebra/latest", newest),
         ("models:/horse2zebra@champion", first),
     ]:
-        assert np.array_equal(open_engine(uri, providers=["cpu"]).translate(image), expected), uri
+        assert np.array_equal(open_engine(uri, InferenceOptions(providers=("cpu",))).translate(image), expected), uri
     assert "Downloading artifacts" not in capfd.readouterr().err, "MLflow's progress bar for a local copy"
     # The int8 companion travels with its model through the registry.
-    assert open_engine("models:/horse2zebra@latest", precision="int8").precision == "int8"
+    assert open_engine("models:/horse2zebra@latest", InferenceOptions(precision="int8")).precision == "int8"
     with pytest.raises(UserError, match="no int8 model beside it"):
-        open_engine("models:/horse2zebra@champion", precision="int8")
+        open_engine("models:/horse2zebra@champion", InferenceOptions(precision="int8"))
     # So do the tiling companions: tiles of a registered instance-norm model share a thumbnail's statistics.
-    assert open_engine("models:/horse2zebra@champion", providers=["cpu"]).tiling == "thumbnail statistics"
+    champion = open_engine("models:/horse2zebra@champion", InferenceOptions(providers=("cpu",)))
+    assert champion.tiling == "thumbnail statistics"
     with pytest.raises(UserError, match="models:/zebra2horse@latest"):
-        open_engine("models:/zebra2horse@latest", providers=["cpu"])
+        open_engine("models:/zebra2horse@latest", InferenceOptions(providers=("cpu",)))
 
 
 def test_a_registered_model_from_a_folder_without_a_store_is_refused_without_creating_one(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match="no MLflow store: no mlflow.db in"):
-        open_engine("models:/horse2zebra@latest", providers=["cpu"])
+        open_engine("models:/horse2zebra@latest", InferenceOptions(providers=("cpu",)))
     assert list(tmp_path.iterdir()) == []

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import BIN, export_tiny_translator
+from conftest import BIN, export_tiny_translator, make_engine
 
 from pipeline import fidelity
 from pipeline.errors import UserError
@@ -17,7 +17,6 @@ from pipeline.export import model_card as card
 from pipeline.export.quantize import write_int8_companion
 from pipeline.schema import Int8Params
 from pipeline.serve import openvino_bf16, precision
-from pipeline.serve.engine import Engine
 from tests.corpus import gradient, write_bad_corpus, write_good
 
 VNNI = frozenset({"fpu", "avx2", "avx512_vnni"})
@@ -84,8 +83,8 @@ def test_the_companion_repeats_the_card_and_records_its_quality(translator):
 def test_int8_by_name_runs_the_companion_close_to_fp32(translator):
     path, result = translator
     image = gradient(28, 22, seed=99)
-    fp32 = Engine(path, precision="fp32")
-    int8 = Engine(path, precision="int8")
+    fp32 = make_engine(path, precision="fp32")
+    int8 = make_engine(path, precision="int8")
     assert (fp32.precision, int8.precision) == ("fp32", "int8") and int8.provider == "cpu"
     a, b = fp32.translate(image), int8.translate(image)
     diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
@@ -97,18 +96,18 @@ def test_int8_by_name_runs_the_companion_close_to_fp32(translator):
 def test_auto_takes_int8_only_with_the_instructions_and_a_passing_companion(translator, tmp_path, monkeypatch):
     path, _ = translator
     monkeypatch.setattr(precision, "cpu_flags", lambda: VNNI)
-    engine = Engine(path, providers=["cpu"])
+    engine = make_engine(path, providers=["cpu"])
     assert engine.precision == "int8" and "avx512_vnni" in engine.precision_reason
     monkeypatch.setattr(precision, "cpu_flags", lambda: NO_INT8)
-    engine = Engine(path, providers=["cpu"])
+    engine = make_engine(path, providers=["cpu"])
     assert engine.precision == "fp32" and "no int8 dot-product instructions" in engine.precision_reason
 
     monkeypatch.setattr(precision, "cpu_flags", lambda: VNNI)
     strict = export_tiny_translator(tmp_path / "strict.onnx")
     write_int8_companion(strict, _images(4), _images(2, seed=50), NO_QUALITY_IS_ENOUGH, "test:trainA")
-    engine = Engine(strict, providers=["cpu"])
+    engine = make_engine(strict, providers=["cpu"])
     assert engine.precision == "fp32" and "quality check failed: mean difference" in engine.precision_reason
-    assert Engine(strict, precision="int8").precision_reason.startswith("asked for (its quality check failed")
+    assert make_engine(strict, precision="int8").precision_reason.startswith("asked for (its quality check failed")
 
 
 def test_a_companion_from_another_export_is_never_used(translator, tmp_path, monkeypatch):
@@ -122,20 +121,20 @@ def test_a_companion_from_another_export_is_never_used(translator, tmp_path, mon
             prop.value = "retrained"
     card.companion_path(moved, card.INT8).write_bytes(card.companion_path(path, card.INT8).read_bytes())
     moved.write_bytes(model.SerializeToString())
-    engine = Engine(moved, providers=["cpu"])
+    engine = make_engine(moved, providers=["cpu"])
     assert engine.precision == "fp32" and "another export (params_hash differ)" in engine.precision_reason
     with pytest.raises(UserError, match="--precision int8: the int8 model beside it comes from another export"):
-        Engine(moved, precision="int8")
+        make_engine(moved, precision="int8")
 
 
 def test_int8_without_a_companion_or_on_a_gpu_provider_and_unknown_precisions_are_refused(tmp_path):
     bare = export_tiny_translator(tmp_path / "bare.onnx")
     with pytest.raises(UserError, match="no int8 model beside it .*transfigure quantize"):
-        Engine(bare, precision="int8")
+        make_engine(bare, precision="int8")
     with pytest.raises(UserError, match="runs on the CPU"):
-        Engine(bare, providers=["cuda", "cpu"], precision="int8")
+        make_engine(bare, providers=["cuda", "cpu"], precision="int8")
     with pytest.raises(UserError, match="--precision 'fp8': expected one of auto, fp32, int8"):
-        Engine(bare, precision="fp8")
+        make_engine(bare, precision="fp8")
 
 
 def test_quantize_command_skips_bad_files_and_translate_then_runs_int8(tmp_path):
@@ -193,12 +192,12 @@ def test_bf16_decisions_follow_the_first_use_check():
 def test_bf16_by_name_runs_openvino_close_to_fp32_and_auto_tries_it_only_with_amx(translator, monkeypatch):
     path, _ = translator
     image = gradient(28, 22, seed=7)
-    fp32 = Engine(path, precision="fp32").translate(image)
-    engine = Engine(path, precision="bf16")
+    fp32 = make_engine(path, precision="fp32").translate(image)
+    engine = make_engine(path, precision="bf16")
     assert engine.precision == "bf16" and "OpenVINO computing in" in engine.precision_reason
     bf16 = engine.translate(image)
     assert bf16.shape == image.shape and np.abs(bf16.astype(np.int16) - fp32).mean() < 2
     monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"amx_bf16"}))
-    assert "first use" in Engine(path, providers=["cpu"]).precision_reason
+    assert "first use" in make_engine(path, providers=["cpu"]).precision_reason
     with pytest.raises(UserError, match="--precision bf16 runs on the CPU"):
-        Engine(path, providers=["cuda"], precision="bf16")
+        make_engine(path, providers=["cuda"], precision="bf16")

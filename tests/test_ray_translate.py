@@ -10,7 +10,8 @@ from conftest import export_tiny_translator
 from PIL import Image
 
 from pipeline.errors import UserError
-from pipeline.serve.ray_translate import INSTALL_HINT, translate_on_ray
+from pipeline.serve.options import InferenceOptions
+from pipeline.serve.ray_translate import INSTALL_HINT, external_data_files, translate_on_ray
 from tests.corpus import gradient, write_bad_corpus, write_good
 
 
@@ -62,11 +63,32 @@ def test_the_ray_engine_matches_the_local_engine_and_resumes(run_cli, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in before} == before
 
 
+@pytest.mark.slow
+def test_a_registered_model_reaches_the_actors_with_its_external_data(run_cli, tmp_path, monkeypatch):
+    from pipeline import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)  # the sqlite store's artifacts land in ./mlruns, where run_cli runs too
+    model = export_tiny_translator(tmp_path / "g.onnx")
+    with tracking._mlflow().start_run() as run:
+        run_id = run.info.run_id
+    tracking.register_onnx(run_id, model, "horse2zebra")
+    stored = next((tmp_path / "mlruns").rglob("model.onnx"))
+    assert external_data_files(stored), "MLflow keeps the weights beside the graph: the case this test is about"
+    write_good(tmp_path / "in", 3, size=(40, 36))
+    for engine in ("local", "ray"):
+        done = run_cli("translate", "in", f"out_{engine}", "--model", "models:/horse2zebra@latest", "--engine", engine)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "translated 3, skipped 0, rejected 0" in done.stdout
+    for path in (tmp_path / "out_local").iterdir():
+        assert np.array_equal(pixels(tmp_path / "out_ray" / path.name), pixels(path))
+
+
 def test_without_ray_the_engine_says_how_to_install_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets where the extra is not installed
     write_good(tmp_path / "in", 1)
     with pytest.raises(UserError) as refused:
-        translate_on_ray(tmp_path / "in", tmp_path / "out", str(tmp_path / "g.onnx"), {})
+        translate_on_ray(tmp_path / "in", tmp_path / "out", str(tmp_path / "g.onnx"), InferenceOptions())
     assert str(refused.value) == INSTALL_HINT and "pip install 'transfigure[ray]'" in INSTALL_HINT
 
 

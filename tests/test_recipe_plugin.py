@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_engine
 from torch import nn
 
 from models.discriminators import build_discriminator
@@ -18,7 +19,6 @@ from pipeline.evaluate.stage import evaluate_recipe
 from pipeline.export.stage import export_recipe
 from pipeline.params import load_params
 from pipeline.schema import NonNegativeFloat, RecipeParams
-from pipeline.serve.engine import Engine
 from pipeline.train import recipes
 from pipeline.train.loop import train
 from pipeline.train.parts import set_requires_grad
@@ -107,7 +107,7 @@ def test_a_new_recipe_trains_evaluates_and_exports_through_the_ordinary_paths(wo
     assert (workdir / "reports/tinypaired/AtoB.png").exists()
 
     export_recipe("tinypaired", params, console, fp16=False)
-    engine = Engine(workdir / "artifacts/tinypaired/AtoB.onnx", providers=["cpu"])
+    engine = make_engine(workdir / "artifacts/tinypaired/AtoB.onnx", providers=["cpu"])
     assert engine.metadata["recipe"] == "tinypaired" and engine.metadata["source_domain"] == "digits_paired:A"
     image = gradient(36, 28)
     assert engine.translate(image).shape == image.shape and engine.translate(image).dtype == np.uint8

@@ -4,7 +4,7 @@ PyTorch definition of those statistics (models/thumbnail_norm.py) against known 
 import numpy as np
 import pytest
 import torch
-from conftest import METADATA
+from conftest import METADATA, make_engine
 from PIL import Image
 from torch import nn
 
@@ -13,7 +13,6 @@ from models.thumbnail_norm import StatisticsGraph, TileGraph, context_radius, st
 from pipeline.export import model_card as card
 from pipeline.export.to_onnx import export_image_generator
 from pipeline.fidelity import photo_like
-from pipeline.serve.engine import Engine
 from tests.corpus import gradient
 
 pytestmark = pytest.mark.xdist_group("test_tiling")
@@ -70,18 +69,19 @@ def test_batch_norm_models_get_no_companions(tmp_path):
     path = tmp_path / "batch.onnx"
     result = export_image_generator(build_generator("resnet_2blocks", ngf=8, norm="batch"), path, METADATA)
     assert result["tiles"] is None and not card.companion_path(path, card.TILE).exists()
-    engine = Engine(path, providers=["cpu"])
-    assert engine.translate(gradient(100, 90), tile=32).shape == (90, 100, 3)
+    engine = make_engine(path, providers=["cpu"], tile=32)
+    assert engine.translate(gradient(100, 90)).shape == (90, 100, 3)
     assert engine.tiling.startswith("blended overlaps (no instance norm")
 
 
 @pytest.mark.parametrize("size", [(300, 200), (301, 197), (64, 257)])
 def test_a_full_size_thumbnail_makes_tiles_equal_the_whole_image(instance_model, size):
-    engine = Engine(instance_model[0], providers=["cpu"])
+    engine = make_engine(instance_model[0], providers=["cpu"])
     image = gradient(*size, seed=size[0])
     whole = engine.translate(image)
-    tiled = engine.translate(image, tile=64, thumbnail=max(size))
-    assert engine.tiling == "thumbnail statistics"
+    tiling = make_engine(instance_model[0], providers=["cpu"], tile=64, thumbnail=max(size))
+    tiled = tiling.translate(image)
+    assert tiling.tiling == "thumbnail statistics"
     # Edge, corner and non-multiple tiles come out at their exact size, and equal to float rounding.
     assert tiled.shape == whole.shape == (size[1], size[0], 3)
     assert _diff(tiled, whole).max() <= 1
@@ -91,13 +91,13 @@ def test_a_smaller_thumbnail_stays_close_where_tiles_alone_do_not(instance_model
     # A photograph enlarged 4x, as large photos are smooth at the pixel level: a half-size thumbnail keeps it.
     small = Image.fromarray(photo_like(60, 90, seed=5))
     image = np.asarray(small.resize((360, 240), Image.Resampling.BICUBIC))
-    engine = Engine(instance_model[0], providers=["cpu"])
+    engine = make_engine(instance_model[0], providers=["cpu"])
     whole = engine.translate(image)
-    shared = _diff(engine.translate(image, tile=64, thumbnail=180), whole)
+    shared = _diff(make_engine(instance_model[0], providers=["cpu"], tile=64, thumbnail=180).translate(image), whole)
     alone = tmp_path / "alone.onnx"
     alone.write_bytes(instance_model[0].read_bytes())  # the same model without its companions
-    by_itself = Engine(alone, providers=["cpu"])
-    separate = _diff(by_itself.translate(image, tile=64), whole)
+    by_itself = make_engine(alone, providers=["cpu"], tile=64)
+    separate = _diff(by_itself.translate(image), whole)
     assert "no alone.statistics.onnx and alone.tile.onnx beside the model" in by_itself.tiling
     # A random network is far more sensitive to its statistics than a trained one (docs/BENCHMARKS.md, Tiling):
     # measured 9 levels mean with the thumbnail against 28 alone; the thumbnail must keep most of the gain.
@@ -116,8 +116,8 @@ def test_companions_from_another_export_are_not_used(instance_model, tmp_path):
     path.write_bytes(model.SerializeToString())
     for suffix in (card.STATISTICS, card.TILE):
         card.companion_path(path, suffix).write_bytes(card.companion_path(instance_model[0], suffix).read_bytes())
-    engine = Engine(path, providers=["cpu"])
-    assert engine.translate(gradient(100, 80), tile=64).shape == (80, 100, 3)
+    engine = make_engine(path, providers=["cpu"], tile=64)
+    assert engine.translate(gradient(100, 80)).shape == (80, 100, 3)
     assert "AtoB.statistics.onnx does not belong to this model (params_hash differ)" in engine.tiling
 
 
@@ -131,12 +131,12 @@ def test_a_field_wider_than_can_be_measured_keeps_blended_tiles(tmp_path):
     assert result["tiles"] is None and not card.companion_path(tmp_path / "unet.onnx", card.TILE).exists()
 
 
-def test_a_thumbnail_too_small_for_the_network_is_an_inference_error_not_a_crash(instance_model, tmp_path):
-    from pipeline.errors import InferenceError, UserError
-    from pipeline.serve.translate import translate_path
+def test_a_long_thin_image_keeps_enough_of_its_short_side_in_the_thumbnail(instance_model):
+    from pipeline.errors import UserError
 
-    engine = Engine(instance_model[0], providers=["cpu"])
-    with pytest.raises(InferenceError, match="statistics of a 64x4 thumbnail failed"):
-        engine.translate(gradient(300, 8), tile=64, thumbnail=64)
-    with pytest.raises(UserError, match="--thumbnail 32: needs --tile, and at least the tile's size"):
-        translate_path(tmp_path, tmp_path / "out", engine, tile=64, thumbnail=32, progress=False)
+    # 300x8 at a 64 px thumbnail would be 64x4, below the 8 px this network needs: the thumbnail keeps 8.
+    engine = make_engine(instance_model[0], providers=["cpu"], tile=64, thumbnail=64)
+    assert engine.min_side == 8
+    assert engine.translate(gradient(300, 8)).shape == (8, 300, 3) and engine.tiling == "thumbnail statistics"
+    with pytest.raises(UserError, match="--thumbnail 32: must be at least the tile's size \\(64\\)"):
+        make_engine(instance_model[0], tile=64, thumbnail=32)

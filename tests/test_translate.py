@@ -5,11 +5,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import export_tiny_translator
+from conftest import export_tiny_translator, make_engine
 from PIL import Image
 
 from pipeline.errors import UserError
-from pipeline.serve.engine import Engine
 from pipeline.serve.translate import check_writable, exit_code, translate_path
 from tests.corpus import gradient, write_bad_corpus, write_good
 
@@ -36,7 +35,7 @@ def model_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(model_file):
-    return Engine(model_file, providers=["cpu"])
+    return make_engine(model_file, providers=["cpu"])
 
 
 def _outputs(folder: Path) -> list[str]:
@@ -50,7 +49,7 @@ def test_folder_keeps_relative_paths_stems_and_sizes(engine, tmp_path):
     Image.fromarray(gradient(64, 48)).save(src / "sub" / "photo.v2.jpg")
     (src / "readme.txt").write_text("not an input\n")
 
-    report = translate_path(src, tmp_path / "out", engine, batch_size=2, progress=False)
+    report = translate_path(src, tmp_path / "out", make_engine(engine.model_path, batch_size=2), progress=False)
 
     assert set(report) == REPORT_KEYS
     assert report["translated"] == 6 and report["skipped"] == 0 and report["rejected"] == []
@@ -83,7 +82,7 @@ def test_bad_files_are_reported_and_the_rest_translated(engine, tmp_path):
     assert "truncated" in reasons["truncated.jpg"]
     assert "not an image" in reasons["notes.jpg"]
     assert "bomb" in reasons["bomb.png"]
-    assert "inference failed on 4x4" in reasons["tiny.png"]
+    assert reasons["tiny.png"] == "the image is 4x4; this model needs at least 8 px on each side"
     good = sorted(Path(name).stem + ".png" for name, kind in kinds.items() if kind == "good")
     assert report["translated"] == len(good) and _outputs(tmp_path / "out") == good
     assert json.loads(report_path.read_text()) == report
@@ -138,9 +137,10 @@ def test_output_inside_input_is_not_read_back(engine, tmp_path):
         assert report["translated"] == 2
 
 
-def test_large_images_go_in_tiles(engine, tmp_path):
+def test_large_images_go_in_tiles(model_file, tmp_path):
+    tiling_engine = make_engine(model_file, providers=["cpu"], tile=64)
     Image.fromarray(gradient(150, 90)).save(tmp_path / "big.png")
-    report = translate_path(tmp_path / "big.png", tmp_path / "out", engine, tile=64, progress=False)
+    report = translate_path(tmp_path / "big.png", tmp_path / "out", tiling_engine, progress=False)
     assert report["translated"] == 1 and report["tiling"] == "thumbnail statistics"
     with Image.open(tmp_path / "out" / "big.png") as img:
         assert img.size == (150, 90)
@@ -152,8 +152,8 @@ def test_usage_errors(engine, tmp_path):
         translate_path(tmp_path / "in", tmp_path / "out", engine, fmt="gif", progress=False)
     with pytest.raises(UserError, match="input not found"):
         translate_path(tmp_path / "absent", tmp_path / "out", engine, progress=False)
-    with pytest.raises(UserError, match="--batch-size"):
-        translate_path(tmp_path / "in", tmp_path / "out", engine, batch_size=0, progress=False)
+    with pytest.raises(UserError, match="--batch-size must be at least 1, got 0"):
+        make_engine(engine.model_path, batch_size=0)
 
 
 def test_exit_code():

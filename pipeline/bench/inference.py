@@ -220,8 +220,10 @@ def _time_engine(
     precision: str = "fp32",
 ) -> list[dict]:
     from pipeline.serve.engine import Engine
+    from pipeline.serve.options import InferenceOptions
 
-    engine = Engine(model, providers=[provider], fp16=fp16 and provider == "tensorrt", precision=precision)
+    fp16 = fp16 and provider == "tensorrt"
+    engine = Engine(model, InferenceOptions(providers=(provider,), tensorrt_fp16=fp16, precision=precision))
     label = "engine only, " + ("fp16" if engine.fp16 else engine.precision)
     rows = []
     for batch_size in batch_sizes:

@@ -1,11 +1,14 @@
 """The inference engine: one ONNX Runtime session that translates uint8 RGB images of any size (or label maps:
 a model of kind label_map gives (H, W) class indices, one with a label-map input takes them).
 
-The `translate` CLI, the Ray path and the HTTP service all go through `Engine`. Images keep their size: each
-batch is reflect-padded up to the model's multiple and cropped back. Large images can go through `translate`
-with `tile`, one tile at a time, so memory follows the tile (pipeline/serve/tiling.py: instance-norm models
+The `translate` CLI, the Ray path and the HTTP service all go through `Engine`, configured by one
+`InferenceOptions`. Images keep their size: each batch is reflect-padded up to the model's multiple and cropped
+back. Memory is bounded by design: the engine measures at load what its forward pass costs per pixel
+(pipeline/serve/memory.py) and translates any image whose whole pass would exceed the memory budget tile by tile,
+in the largest tiles the budget allows, or in `tile`s when asked (pipeline/serve/tiling.py: instance-norm models
 share a thumbnail's statistics across tiles, and those tiles run in float32 through the tile graph whatever the
-precision; blended tiles run in the chosen precision).
+precision; blended tiles run in the chosen precision). A deadline stops a translation between tiles, and inside
+a run through ONNX Runtime's terminate flag (`Cancelled`).
 Providers are asked for by short name (tensorrt, cuda, cpu); ONNX Runtime silently falls back to the CPU when
 one fails to load, so `Engine.provider` is read back from the session, never assumed.
 """
@@ -14,56 +17,58 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from pipeline import fidelity, threads
+from pipeline import fidelity, machine, threads
 from pipeline.errors import InferenceError, UserError
 from pipeline.export import model_card as card
 from pipeline.pixels import pad_to_multiple, parse_palette, to_model_range, to_pixels
-from pipeline.serve import openvino_bf16, tiling
+from pipeline.serve import memory, openvino_bf16, options, tiling
 from pipeline.serve import precision as cpu_precision
+from pipeline.serve.options import GPU_PROVIDERS, InferenceOptions
 
-PROVIDERS = {
-    "tensorrt": "TensorrtExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "cpu": "CPUExecutionProvider",
-}
-GPU_PROVIDERS = ("tensorrt", "cuda")
+_FULL_NAMES = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+PROVIDERS = dict(zip(options.PROVIDERS, _FULL_NAMES, strict=True))
 _SHORT_NAMES = {full: short for short, full in PROVIDERS.items()}
 MODEL_URI_PREFIX = "models:/"
+# The probe images whose peak memory sets the cost per pixel: large enough that fixed costs are small beside it.
+MEMORY_PROBE_SIDES = (256, 384)
+log = logging.getLogger("transfigure.engine")
+
+
+class Cancelled(Exception):
+    """A translation stopped at its deadline (between tiles, or inside a run); nobody waits for its result."""
 
 
 class Engine:
-    """An ONNX model of the image-translation contract, ready to translate (H, W, 3) uint8 RGB arrays.
+    """An ONNX model of the image-translation contract, ready to translate (H, W, 3) uint8 RGB arrays of any size.
 
-    `providers`: short names in order of preference; None means every one this ONNX Runtime build offers, in
-    the order tensorrt, cuda, cpu (the first that really loads wins). `require_gpu` raises UserError unless
-    CUDA or TensorRT loaded. `fp16` asks TensorRT to build fp16 engines, cached under `tensorrt_cache`.
-    `precision` (auto, fp32, int8, bf16) is the CPU's: `auto` runs the model's int8 companion, or OpenVINO in
-    bf16, where precision.decide and the bf16 check allow it; `precision` and `precision_reason` say what runs
-    and why. int8 and bf16 by name run on the CPU only.
+    `options` (InferenceOptions, checked here) say which providers to try (None: every one this ONNX Runtime
+    build offers, tensorrt only where its libraries are present, then cuda, cpu; the first that really loads
+    wins), the CPU's precision (`auto` runs the model's int8 companion, or OpenVINO in bf16, where
+    precision.decide and the bf16 check allow it; `precision` and `precision_reason` say what runs and why),
+    tiles, thumbnail and the memory budget. `bytes_per_pixel` (and `memory_measured`, how it was found) is
+    what a forward pass holds per input pixel; `min_side` the smallest side the model accepts.
     """
 
-    def __init__(
-        self,
-        model_path: Path,
-        providers: list[str] | None = None,
-        require_gpu: bool = False,
-        fp16: bool = False,
-        tensorrt_cache: Path | None = None,
-        precision: str = "auto",
-    ):
+    def __init__(self, model_path: Path, options: InferenceOptions | None = None):
+        self.options = (options or InferenceOptions()).check()
+        providers, precision, fp16 = self.options.providers, self.options.precision, self.options.tensorrt_fp16
+        require_gpu, tensorrt_cache = self.options.require_gpu, self.options.tensorrt_cache
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
             raise UserError(f"model not found: {self.model_path}")
         auto = not providers
-        names = requested_providers(providers, precision)
+        names = requested_providers(self.options)
         cache = Path(tensorrt_cache) if tensorrt_cache else _default_tensorrt_cache()
         entries = [_provider_entry(name, fp16, cache) for name in names]
         self.session = _session(self.model_path, entries, quiet=auto, gpu=any(n in GPU_PROVIDERS for n in names))
@@ -91,6 +96,7 @@ class Engine:
                 f"(kind {kind!r}, multiple {self.metadata.get('multiple')!r}); export it with `transfigure export`"
             )
         self.multiple = int(self.metadata["multiple"])
+        self.min_side = self.multiple  # until _smallest_side has probed the model
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if len(inputs) != 1 or len(outputs) != 1:
             raise UserError(f"{self.model_path.name} must have one input and one output image")
@@ -110,6 +116,13 @@ class Engine:
             self.precision_reason = f"on {self.provider} (label maps run in float32)"
         elif self.provider == "cpu":
             self._choose_cpu_precision(precision)
+        if self.options.tile is not None and (self.labels_in or self.labels_out):
+            raise UserError("--tile: label-map models translate whole images")
+        if self.options.tile is not None and self.options.tile < self.multiple:
+            raise UserError(f"--tile {self.options.tile} is smaller than the model's multiple ({self.multiple})")
+        self.memory_budget = self.options.budget
+        self.min_side = self._smallest_side()
+        self.bytes_per_pixel, self.memory_measured = self._measure_memory()
 
     def _choose_cpu_precision(self, requested: str) -> None:
         """Swap in the int8 companion's session when precision.decide says so; its card is read from the session
@@ -145,27 +158,63 @@ class Engine:
         if self.precision != "bf16":
             self._openvino = None
 
-    def translate_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """Translate (H, W, 3) uint8 images (label maps: (H, W) uint8 classes) that all have the same size; outputs
-        have that size too, (H, W, 3) uint8 RGB or, from a label-map model, (H, W) uint8 classes."""
-        out = self._forward(np.stack(images))
+    def translate_batch(self, images: list[np.ndarray], deadline: float | None = None) -> list[np.ndarray]:
+        """Translate (H, W, 3) uint8 images (label maps: (H, W) uint8 classes) that all have the same size in one
+        run; outputs have that size too, (H, W, 3) uint8 RGB or, from a label-map model, (H, W) uint8 classes.
+        Raises Cancelled past `deadline` (a time.monotonic() value)."""
+        out = self._forward(np.stack(images), deadline=deadline)
         return list(out.astype(np.uint8) if self.labels_out else to_pixels(out))
 
-    def translate(
-        self, image: np.ndarray, tile: int | None = None, batch_size: int = 4, thumbnail: int | None = None
-    ) -> np.ndarray:
-        """Translate one (H, W, 3) uint8 image; with `tile`, one larger than `tile` on a side goes in tiles of
-        `tile` (rounded down to the model's multiple), `batch_size` at a time. An instance-norm model exported
-        with its statistics and tile graphs normalizes every tile with the statistics of a thumbnail of the
-        whole image (longer side `thumbnail`, default tiling.DEFAULT_THUMBNAIL), so tiles match the whole image;
-        other models tile with blended overlaps (pipeline/serve/tiling.py). `tiling` says which was used."""
+    def translate(self, image: np.ndarray, deadline: float | None = None) -> np.ndarray:
+        """Translate one image of any size: whole, or tile by tile when `tiled` says so (instance-norm models
+        exported with their statistics and tile graphs share the statistics of a thumbnail of the whole image, so
+        tiles match it; other models blend overlapping tiles; `tiling` says which ran). Raises Cancelled past
+        `deadline`."""
         height, width = image.shape[:2]
-        if tile is None or max(height, width) <= tile:
-            return self.translate_batch([image])[0]
-        if self.load_tiling() is not None:
-            longest = thumbnail or tiling.DEFAULT_THUMBNAIL
-            return self._tiles.translate(image, tile, self.multiple, batch_size, longest, self._forward)
-        return to_pixels(tiling.ramped_tiles(image, tile, self.multiple, batch_size, self._forward))
+        plan = self.plan(height, width)
+        if plan is None:
+            return self.translate_batch([image], deadline)[0]
+
+        def run_session(session, feed: dict, what: str) -> np.ndarray:
+            return self._run_session(session, feed, what, deadline)
+
+        if self._tiles is not None:
+            forward = self._forward
+            args = (plan.tile, self.multiple, plan.tiles_per_run, plan.thumbnail, self.min_side, forward, run_session)
+            return self._tiles.translate(image, *args)
+        forward = lambda batch: self._forward(batch, deadline=deadline)  # noqa: E731
+        return tiling.ramped_tiles(image, plan.tile, self.multiple, plan.tiles_per_run, forward)
+
+    def tiled(self, height: int, width: int) -> bool:
+        """Whether an image of this size goes in tiles: larger than `--tile`, or without it, past the budget."""
+        return self.plan(height, width) is not None
+
+    def plan(self, height: int, width: int) -> memory.TilePlan | None:
+        """The tiles for an image of this size, or None when it goes whole (label maps always do)."""
+        if self.labels_in or self.labels_out:
+            return None
+        tile = self.options.tile
+        if tile is None and self._io_bytes(height, width) + height * width * self.bytes_per_pixel <= self.memory_budget:
+            return None
+        if tile is not None and max(height, width) <= tile:
+            return None
+        context = self._tiles.context if self.load_tiling() is not None else 0
+        forward_budget = max(0, self.memory_budget - self._io_bytes(height, width))
+        return memory.plan_tiles(
+            height, width, forward_budget, self.bytes_per_pixel, self.multiple, self.min_side, context,
+            tile=tile, thumbnail=self.options.thumbnail,
+        )  # fmt: skip
+
+    def memory_needed(self, height: int, width: int, count: int = 1) -> int:
+        """Estimated peak bytes of translating `count` images of this size in one run (or one tiled image),
+        the input and output arrays included."""
+        plan = self.plan(height, width)
+        forward = count * height * width * self.bytes_per_pixel if plan is None else plan.peak_bytes
+        return count * self._io_bytes(height, width) + forward
+
+    def _io_bytes(self, height: int, width: int) -> int:
+        """The decoded input and the output of one image: 3 bytes a pixel each, 1 for a label map."""
+        return height * width * ((1 if self.labels_in else 3) + (1 if self.labels_out else 3))
 
     def load_tiling(self) -> tiling.StatisticsTiles | None:
         """The statistics and tile graphs, loaded on the first tiled image (or by open_engine); None for others."""
@@ -181,10 +230,14 @@ class Engine:
                 self.tiling = reason if self._tiles else f"blended overlaps, tiles normalized alone: {reason}"
         return self._tiles
 
-    def _forward(self, batch: np.ndarray, run=None) -> np.ndarray:
+    def _forward(self, batch: np.ndarray, run=None, deadline: float | None = None) -> np.ndarray:
         """(N, H, W, 3) uint8 -> (N, H, W, 3) float32 in [-1, 1], through the model (or `run`) at a padded size;
         label maps in or out are (N, H, W) int64 classes."""
         height, width = batch.shape[1:3]
+        if min(height, width) < self.min_side:
+            raise InferenceError(
+                f"the image is {width}x{height}; this model needs at least {self.min_side} px on each side"
+            )
         if self.labels_in:
             if self.classes is not None and batch.size and int(batch.max()) >= self.classes:
                 raise InferenceError(f"label value {int(batch.max())} is not below the model's {self.classes} classes")
@@ -192,54 +245,103 @@ class Engine:
             x = np.ascontiguousarray(np.pad(batch, pad, mode="edge").astype(np.int64))
         else:
             x = np.ascontiguousarray(to_model_range(pad_to_multiple(batch, self.multiple).transpose(0, 3, 1, 2)))
-        try:
-            if run is None:
-                run = self._run_bound if self.provider in GPU_PROVIDERS else self._run
+        what = f"{len(batch)} image{'s' if len(batch) > 1 else ''} of {width}x{height}"
+        if run is not None:
             y = run(x)
-        except Exception as exc:  # ONNX Runtime raises one bare Exception subclass per status code
-            raise InferenceError(f"inference failed on {width}x{height}: {str(exc).splitlines()[0]}") from exc
+        elif self._openvino is not None:
+            _terminate_at(deadline, None)
+            y = self._openvino(x)
+        else:
+            y = self._run_session(self.session, {self.input_name: x}, what, deadline)
         if self.labels_out:
             return y[:, :height, :width]
         return y[:, :, :height, :width].transpose(0, 2, 3, 1)
 
-    def _run(self, x: np.ndarray) -> np.ndarray:
-        if self._openvino is not None:
-            return self._openvino(x)
-        return self.session.run([self.output_name], {self.input_name: x})[0]
+    def _run_session(self, session, feed: dict, what: str, deadline: float | None) -> np.ndarray:
+        """The session's first output; Cancelled once `deadline` passes (ONNX Runtime checks the terminate flag
+        between nodes), and failures in our words (ONNX Runtime's text, naming graph nodes, goes to the log)."""
+        run_options = ort.RunOptions()
+        timer = _terminate_at(deadline, run_options)
+        try:
+            if self.provider in GPU_PROVIDERS and session is self.session:
+                return self._run_bound(feed, run_options)
+            return session.run(None, feed, run_options)[0]
+        except Exception as exc:  # ONNX Runtime raises one bare Exception subclass per status code
+            if run_options.terminate:
+                raise Cancelled(f"stopped at the deadline while computing {what}") from None
+            detail = str(exc).splitlines()[0]
+            log.warning("ONNX Runtime failed on %s: %s", what, detail)
+            memory_words = ("alloc", "memory")
+            reason = "out of memory" if any(word in detail.lower() for word in memory_words) else "the model failed"
+            raise InferenceError(f"{reason} on {what}") from None
+        finally:
+            if timer is not None:
+                timer.cancel()
 
-    def _run_bound(self, x: np.ndarray) -> np.ndarray:
+    def _run_bound(self, feed: dict, run_options: ort.RunOptions) -> np.ndarray:
         """CUDA and TensorRT: bind the input as a device copy and let ORT allocate the output on the device,
         so the run itself never stages through host buffers; one copy back at the end."""
         binding = self.session.io_binding()
-        binding.bind_ortvalue_input(self.input_name, ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0))
+        binding.bind_ortvalue_input(self.input_name, ort.OrtValue.ortvalue_from_numpy(feed[self.input_name], "cuda", 0))
         binding.bind_output(self.output_name, "cuda", 0)
-        self.session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding, run_options)
         return binding.copy_outputs_to_cpu()[0]
 
+    def _smallest_side(self) -> int:
+        """The smallest square the model runs on (reflection padding needs a few pixels at the coarsest level),
+        found by trying multiples of the model's multiple; without it a tiny image fails deep in the graph."""
+        for side in range(self.multiple, 64 * self.multiple + 1, self.multiple):
+            x = np.zeros((1, side, side), np.int64) if self.labels_in else np.zeros((1, 3, side, side), np.float32)
+            try:
+                self._openvino(x) if self._openvino is not None else self.session.run(None, {self.input_name: x})
+                return side
+            except Exception:  # ONNX Runtime raises one bare Exception subclass per status code
+                continue
+        raise UserError(f"{self.model_path.name} runs on no square image up to {64 * self.multiple} px")
 
-def requested_providers(providers: list[str] | None, precision: str) -> list[str]:
-    """The providers to try, in order: as asked, or the best available; refuses unknown names and reduced
-    precision on a GPU provider (a usage error, before any session loads)."""
-    cpu_precision.check(precision)
-    names = _available_names() if not providers else list(providers)
-    if precision in cpu_precision.REDUCED:
-        if providers and any(name in GPU_PROVIDERS for name in names):
-            raise UserError(f"--precision {precision} runs on the CPU; leave out --providers, or use fp32 on a GPU")
-        names = ["cpu"]
-    unknown = [name for name in names if name not in PROVIDERS]
-    if unknown:
-        raise UserError(f"unknown provider {unknown[0]!r}; expected some of {', '.join(PROVIDERS)}")
-    return names
+    def _measure_memory(self) -> tuple[int, str]:
+        """Bytes a forward pass holds per input pixel, measured on the CPU (memory.bytes_per_pixel)."""
+        if self.provider != "cpu" or not memory.measurable():
+            where = "a GPU provider" if self.provider != "cpu" else "this system"
+            return memory.FALLBACK_BYTES_PER_PIXEL, f"not measured on {where}: assumed"
+        sides = tuple(max(self.min_side, self.multiple * -(-side // self.multiple)) for side in MEMORY_PROBE_SIDES)
+
+        def run_at(side: int) -> None:
+            self._forward(np.zeros((1, side, side) if self.labels_in else (1, side, side, 3), np.uint8))
+
+        return memory.bytes_per_pixel(run_at, sides), f"measured at load on {sides[-1]}x{sides[-1]}"
 
 
-def open_engine(model: str | Path, **options) -> Engine:
+def _terminate_at(deadline: float | None, run_options: ort.RunOptions | None) -> threading.Timer | None:
+    """Cancelled now when `deadline` has passed; else a timer that sets the run's terminate flag at the deadline."""
+    if deadline is None:
+        return None
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise Cancelled("the deadline passed before the run")
+    if run_options is None:
+        return None
+    timer = threading.Timer(remaining, setattr, (run_options, "terminate", True))
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+def requested_providers(options: InferenceOptions) -> list[str]:
+    """The providers to try, in order: as asked, or the best available; the CPU alone for int8 and bf16."""
+    if options.precision in cpu_precision.REDUCED:
+        return ["cpu"]
+    return list(options.providers) if options.providers else _available_names()
+
+
+def open_engine(model: str | Path, options: InferenceOptions | None = None) -> Engine:
     """An Engine for a local .onnx file or a registered model `models:/NAME@ALIAS` (or `models:/NAME/VERSION`)."""
     if not str(model).startswith(MODEL_URI_PREFIX):
-        return Engine(Path(model), **options)
+        return Engine(Path(model), options)
     # ONNX Runtime reads the model and its external data into memory, so the download can go afterwards
     # (the tiling companions too, loaded here rather than on the first large image).
     with tempfile.TemporaryDirectory(prefix="transfigure-model-") as tmp:
-        engine = Engine(download_model(str(model), Path(tmp)), **options)
+        engine = Engine(download_model(str(model), Path(tmp)), options)
         engine.load_tiling()
         return engine
 
@@ -271,8 +373,11 @@ def download_model(uri: str, dst: Path) -> Path:
 
 
 def _available_names() -> list[str]:
+    """The providers this ONNX Runtime build offers; TensorRT's only where its libraries are present (the build
+    lists it regardless, and trying it without them costs a failed load and a page of errors)."""
     available = ort.get_available_providers()
-    return [name for name, full in PROVIDERS.items() if full in available]
+    names = [name for name, full in PROVIDERS.items() if full in available]
+    return [name for name in names if name != "tensorrt" or machine.tensorrt_present()]
 
 
 def _provider_entry(name: str, fp16: bool, cache: Path) -> str | tuple[str, dict]:
@@ -292,6 +397,10 @@ def _session(path: Path, providers: list, quiet: bool, gpu: bool) -> ort.Inferen
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # ORT counts the machine's cores; a container may allow fewer, and another job may hold some (threads.py).
     options.intra_op_num_threads = threads.current()
+    # Without the arena, memory goes back after each run: a large image's peak must not stay held (memory.py).
+    options.enable_cpu_mem_arena = False
+    # A failed run comes back as an exception, which the engine words and logs; ORT's own line names graph nodes.
+    options.log_severity_level = 4
     # ORT prints its provider fallbacks on stdout; they go to stderr, or nowhere when the choice was automatic
     # (a GPU provider failing on a CPU machine is expected then, and `provider` says what loaded).
     sink = io.StringIO() if quiet else sys.stderr

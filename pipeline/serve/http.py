@@ -1,16 +1,19 @@
 """The HTTP service: `/v1/translate` for people and scripts, the Open Inference Protocol v2 under `/v2`, a page at
-`/`, and `/healthz`, `/readyz`, `/metrics` for operations. Every image goes through the one `Engine`, batched
-by `MicroBatcher`; `uploads` checks what a request carries before any work. Every error is JSON
-`{"error": "..."}`; no traceback reaches a client.
+`/`, `/docs` and `/openapi.json`, and `/healthz`, `/readyz`, `/metrics` for operations. Every image goes through
+`Inference`: the one `Engine`, batched by `MicroBatcher`, admitted by its estimated memory; `uploads` checks what
+a request carries before any work. Every error is JSON `{"error": "..."}`; no traceback reaches a client.
+Every response carries `X-Request-ID` (the client's, or a new one), which the JSON access log line has too.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import contextvars
+import html
 import logging
-import sys
+import re
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import metadata, resources
@@ -20,118 +23,92 @@ import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    generate_latest,
+)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.images import encode_image, encode_labels
 from pipeline.serve import oip, uploads
-from pipeline.serve.batching import DeadlineExceeded, MicroBatcher, QueueFull
-from pipeline.serve.engine import Engine, InferenceError
+from pipeline.serve.engine import Engine
+from pipeline.serve.inference import Inference, Metrics
 from pipeline.serve.settings import ServeSettings
 from pipeline.serve.uploads import ClientError
 
 OUTPUT_FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "jpg": "image/jpeg", "webp": "image/webp"}
-WARM_UP_TIMEOUT_S = 900
+REQUEST_ID = "X-Request-ID"
 access_log = logging.getLogger("transfigure.access")
-
-
-class Metrics:
-    """The service's Prometheus metrics, in a registry of its own (so two apps in one process do not clash)."""
-
-    def __init__(self, engine: Engine, settings: ServeSettings):
-        self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "transfigure_requests", "HTTP requests by route and status.", ["route", "status"], registry=self.registry
-        )
-        self.duration = Histogram(
-            "transfigure_request_duration_seconds", "Time from request to response.", ["route"], registry=self.registry
-        )
-        self.batch_size = Histogram(
-            "transfigure_batch_size", "Images per engine run.", buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry
-        )
-        self.queue_depth = Gauge("transfigure_queue_depth", "Images waiting or running.", registry=self.registry)
-        info = Gauge(
-            "transfigure_model_info",
-            "The served model (value 1).",
-            ["name", "recipe", "direction", "provider", "precision", "max_batch"],
-            registry=self.registry,
-        )
-        meta = engine.metadata
-        info.labels(
-            settings.model_name,
-            meta.get("recipe", ""),
-            meta.get("direction", ""),
-            engine.provider,
-            engine.precision,
-            str(settings.max_batch),
-        ).set(1)
+log = logging.getLogger("transfigure.serve")
+# The request a log line belongs to (each request runs in its own task, so its own context).
+current_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+_CLIENT_REQUEST_ID = re.compile(r"[\w.:@/+=-]{1,128}")
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
 
 
 def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     metrics = Metrics(engine, settings)
-    batcher = MicroBatcher(
-        engine.translate_batch,
-        max_batch=settings.max_batch,
-        max_wait_s=settings.max_wait_ms / 1000,
-        max_queue=settings.max_queue,
-        on_batch=metrics.batch_size.observe,
-    )
-    metrics.queue_depth.set_function(lambda: batcher.depth)
-    state = {"ready": False}
-    signature = oip.Signature(engine.labels_in, engine.labels_out)
-    classes_in = engine.classes if engine.labels_in else None
-
-    async def warm_up() -> None:
-        # The first run of a session allocates and picks kernels (TensorRT builds engines, minutes); a client
-        # should not pay for it, so it has its own long deadline and readiness waits for it.
-        side = max(engine.multiple, 64 // engine.multiple * engine.multiple)
-        try:
-            await batcher.submit(
-                np.zeros((side, side) if engine.labels_in else (side, side, 3), np.uint8), WARM_UP_TIMEOUT_S
-            )
-        except Exception:
-            logging.getLogger("transfigure.serve").exception("warm-up failed; /readyz stays 503")
-            return
-        state["ready"] = True
+    inference = Inference(engine, settings, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        batcher.start()
-        warming = asyncio.create_task(warm_up())
+        inference.batcher.start()
+        warming = asyncio.create_task(inference.warm_up())
         yield
         warming.cancel()
-        await batcher.stop()
+        await inference.batcher.stop()
 
+    # No Swagger UI or ReDoc: they load from a CDN, blank offline; /docs is a page of our own.
     app = FastAPI(
         title="Transfigure",
         version=_version(),
         lifespan=lifespan,
         summary="Image-to-image translation with an ONNX model of the Transfigure pipeline.",
+        docs_url=None,
+        redoc_url=None,
     )
+    _observe_requests(app, metrics)
+    app.add_middleware(uploads.DrainUnreadBody)  # added last, so outermost: it reads what every layer left unread
+    _answer_errors_in_json(app)
+    _operations_routes(app, inference, metrics)
+    _v1_routes(app, inference)
+    _v2_routes(app, inference)
+    app.state.inference = inference  # for tools and tests that look inside a running app
+    return app
+
+
+def _observe_requests(app: FastAPI, metrics: Metrics) -> None:
+    """Each request gets an id (the client's X-Request-ID, or a new one), echoed in the response and written,
+    with the W3C trace id when `traceparent` has one, in its JSON access log line."""
 
     @app.middleware("http")
-    async def measure(request: Request, call_next):
+    async def observe(request: Request, call_next):
         start = time.perf_counter()
+        request_id = _request_id(request.headers.get(REQUEST_ID))
+        current_request_id.set(request_id)
         response = await call_next(request)
+        response.headers[REQUEST_ID] = request_id
         seconds = time.perf_counter() - start
         route = getattr(request.scope.get("route"), "path", "unmatched")
         metrics.requests.labels(route, str(response.status_code)).inc()
         metrics.duration.labels(route).observe(seconds)
-        access_log.info(
-            json.dumps(
-                {
-                    "time": round(time.time(), 3),
-                    "method": request.method,
-                    "path": request.url.path,
-                    "route": route,
-                    "status": response.status_code,
-                    "ms": round(seconds * 1000, 2),
-                    "client": request.client.host if request.client else None,
-                }
-            )
-        )
+        fields = {
+            "method": request.method,
+            "path": request.url.path,
+            "route": route,
+            "status": response.status_code,
+            "ms": round(seconds * 1000, 2),
+            "client": request.client.host if request.client else None,
+            "request_id": request_id,
+        }
+        trace_id = _trace_id(request.headers.get("traceparent"))
+        if trace_id:
+            fields["trace_id"] = trace_id
+        access_log.info("%s %s %s", request.method, request.url.path, response.status_code, extra={"fields": fields})
         return response
 
+
+def _answer_errors_in_json(app: FastAPI) -> None:
     @app.exception_handler(ClientError)
     async def client_error(request: Request, exc: ClientError) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, exc.status, headers=exc.headers)
@@ -147,38 +124,36 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def bug(request: Request, exc: Exception) -> JSONResponse:
-        logging.getLogger("transfigure.serve").exception("unexpected error on %s", request.url.path)
-        return JSONResponse({"error": "internal error (logged on the server)"}, 500)
+        log.exception("unexpected error on %s", request.url.path)
+        request_id = current_request_id.get()
+        headers = {REQUEST_ID: request_id} if request_id else None
+        return JSONResponse({"error": "internal error (logged on the server)"}, 500, headers=headers)
 
-    async def translate_images(images: list[np.ndarray]) -> list[np.ndarray]:
-        for image in images:
-            uploads.check_size(image, engine.multiple)
-        alone = None
-        if settings.tile is not None and max(images[0].shape[:2]) > settings.tile:
-            alone = lambda image: engine.translate(image, settings.tile, thumbnail=settings.thumbnail)  # noqa: E731
-        try:
-            return list(await asyncio.gather(*(batcher.submit(im, settings.timeout_s, alone) for im in images)))
-        except QueueFull as exc:
-            raise ClientError(503, f"busy: {exc}; retry shortly", {"Retry-After": "1"}) from None
-        except DeadlineExceeded as exc:
-            raise ClientError(504, str(exc)) from None
-        except InferenceError as exc:
-            raise ClientError(422, str(exc)) from None
 
+def _operations_routes(app: FastAPI, inference: Inference, metrics: Metrics) -> None:
+    engine, settings = inference.engine, inference.settings
     page_html = resources.files("pipeline.serve").joinpath("page.html").read_text()
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
         return HTMLResponse(page_html)
 
-    @app.get("/healthz", summary="The process is alive.")
-    async def healthz() -> dict:
-        return {"status": "alive"}
+    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return HTMLResponse(_docs_page(app.openapi()))
 
-    @app.get("/readyz", summary="The model is loaded and warmed up.")
+    @app.get("/healthz", summary="The process and its inference worker are alive.")
+    async def healthz() -> JSONResponse:
+        reason = inference.dead()
+        return JSONResponse(
+            {"status": "dead", "reason": reason} if reason else {"status": "alive"}, 503 if reason else 200
+        )
+
+    @app.get("/readyz", summary="The model is warmed up and no inference is stuck past the timeout.")
     async def readyz() -> JSONResponse:
-        body = {"status": "ready" if state["ready"] else "warming up", "provider": engine.provider}
-        return JSONResponse({**body, "model": settings.model_name}, 200 if state["ready"] else 503)
+        reason = inference.not_ready()
+        body = {"status": "not ready", "reason": reason} if reason else {"status": "ready"}
+        return JSONResponse({**body, "provider": engine.provider, "model": settings.model_name}, 503 if reason else 200)
 
     @app.get("/metrics", summary="Prometheus metrics.")
     async def prometheus() -> Response:
@@ -194,6 +169,11 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
             "max_batch": settings.max_batch,
             "card": engine.metadata,
         }
+
+
+def _v1_routes(app: FastAPI, inference: Inference) -> None:
+    engine, settings = inference.engine, inference.settings
+    classes_in = engine.classes if engine.labels_in else None
 
     @app.post(
         "/v1/translate",
@@ -212,26 +192,42 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
             if format:
                 raise ClientError(422, f"format {format}: label maps come as PNG, whose indices are the classes")
             media_type = "image/png"  # whatever Accept prefers: only PNG keeps the classes
-        image = await asyncio.to_thread(uploads.decode, data, name, settings.max_pixels, classes_in)
-        (output,) = await translate_images([image])
-        if engine.labels_out:
-            encoded = await asyncio.to_thread(encode_labels, output, engine.palette)
-        else:
-            encoded = await asyncio.to_thread(encode_image, output, uploads.IMAGE_TYPES[media_type])
+        height, width = uploads.dimensions(data, name, settings.max_pixels, classes_in)
+        deadline = inference.deadline()
+        async with inference.admitted(height, width, 1, deadline) as hold:
+            image = await asyncio.to_thread(uploads.decode, data, name, settings.max_pixels, classes_in)
+            (output,) = await inference.translate([image], deadline, hold)
+            if engine.labels_out:
+                encoded = await asyncio.to_thread(encode_labels, output, engine.palette)
+            else:
+                encoded = await asyncio.to_thread(encode_image, output, uploads.IMAGE_TYPES[media_type])
         seconds = f"{time.perf_counter() - start:.4f}"
         return Response(encoded, media_type=media_type, headers={"X-Transfigure-Seconds": seconds})
+
+
+def _v2_routes(app: FastAPI, inference: Inference) -> None:
+    """The Open Inference Protocol v2: what Triton's, KServe's and MLServer's clients speak."""
+    settings = inference.settings
+    signature = oip.Signature(inference.engine.labels_in, inference.engine.labels_out)
+
+    def ready_answer(body: dict) -> JSONResponse:
+        reason = inference.not_ready()
+        return JSONResponse(
+            {**body, "ready": False, "reason": reason} if reason else {**body, "ready": True}, 503 if reason else 200
+        )
 
     @app.get("/v2", summary="Open Inference Protocol: server metadata.")
     async def v2() -> dict:
         return oip.server_metadata(_version())
 
     @app.get("/v2/health/live", summary="Open Inference Protocol: liveness.")
-    async def v2_live() -> dict:
-        return {"live": True}
+    async def v2_live() -> JSONResponse:
+        reason = inference.dead()
+        return JSONResponse({"live": False, "reason": reason} if reason else {"live": True}, 503 if reason else 200)
 
     @app.get("/v2/health/ready", summary="Open Inference Protocol: readiness.")
     async def v2_ready() -> JSONResponse:
-        return JSONResponse({"ready": state["ready"]}, 200 if state["ready"] else 503)
+        return ready_answer({})
 
     def known(name: str, version: str | None = None) -> None:
         if name != settings.model_name:
@@ -249,7 +245,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     @app.get("/v2/models/{name}/versions/{version}/ready", include_in_schema=False)
     async def v2_model_ready(name: str, version: str | None = None) -> JSONResponse:
         known(name, version)
-        return JSONResponse({"name": name, "ready": state["ready"]}, 200 if state["ready"] else 503)
+        return ready_answer({"name": name})
 
     @app.post(
         "/v2/models/{name}/infer",
@@ -273,21 +269,49 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
             raise ClientError(413, f"{count} images in one request; this server takes at most {settings.max_queue}")
         if height * width > settings.max_pixels:
             raise ClientError(413, f"images of {width}x{height} exceed the limit of {settings.max_pixels} pixels")
-        outputs = await translate_images(list(parsed.images))
+        deadline = inference.deadline()
+        async with inference.admitted(height, width, count, deadline) as hold:
+            outputs = await inference.translate(list(parsed.images), deadline, hold)
         content, headers = oip.infer_response(name, parsed.id, np.stack(outputs), parsed.binary_output, signature)
         return Response(content, headers=headers, media_type=headers.pop("Content-Type"))
 
-    return app
+
+def _request_id(given: str | None) -> str:
+    """The client's X-Request-ID when it is a plain token; otherwise (none, or odd characters that would make
+    log lines ambiguous) a new one."""
+    if given and _CLIENT_REQUEST_ID.fullmatch(given):
+        return given
+    return uuid.uuid4().hex
 
 
-def configure_access_log() -> None:
-    """One JSON line per request on stderr (uvicorn's own access log is turned off)."""
-    if not access_log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        access_log.addHandler(handler)
-        access_log.setLevel(logging.INFO)
-        access_log.propagate = False
+def _trace_id(traceparent: str | None) -> str | None:
+    """The trace id of a W3C `traceparent` header (version-traceid-parentid-flags), None when it has none."""
+    match = _TRACEPARENT.fullmatch((traceparent or "").strip())
+    if match is None or match.group(1) == "ff" or set(match.group(2)) == {"0"}:
+        return None
+    return match.group(2)
+
+
+def _docs_page(openapi: dict) -> str:
+    """The API's routes and a link to its OpenAPI document, with nothing loaded from elsewhere."""
+    rows = "".join(
+        f"<tr><td>{method.upper()}</td><td><code>{html.escape(path)}</code></td>"
+        f"<td>{html.escape(operation.get('summary', ''))}</td></tr>"
+        for path, operations in openapi["paths"].items()
+        for method, operation in operations.items()
+    )
+    info = openapi["info"]
+    return (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>{html.escape(info['title'])} API</title><style>"
+        "body{font:15px/1.4 system-ui,sans-serif;margin:2rem auto;max-width:60rem;padding:0 1rem}"
+        "td{border-top:1px solid #ddd;padding:3px 8px;vertical-align:top}</style></head><body>"
+        f"<h1>{html.escape(info['title'])} {html.escape(info['version'])}</h1>"
+        f"<p>{html.escape(info.get('summary', ''))}</p>"
+        '<p>The whole API, with every request and response schema: <a href="/openapi.json">/openapi.json</a> '
+        '(OpenAPI 3; any OpenAPI viewer or client generator reads it). A page to try it: <a href="/">/</a>.</p>'
+        f"<table><tr><th>method</th><th>path</th><th>what it does</th></tr>{rows}</table></body></html>"
+    )
 
 
 def _accepted(accept: str) -> str:
@@ -314,7 +338,7 @@ _ERRORS = {
         413: "body or image too large",
         415: "content type not accepted",
         422: "undecodable, truncated or too small image",
-        503: "busy: retry after the Retry-After seconds",
+        503: "busy (queue or memory): retry after the Retry-After seconds",
         504: "not translated before the deadline",
     }.items()
 }

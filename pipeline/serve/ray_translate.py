@@ -18,6 +18,7 @@ import os
 import re
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +26,9 @@ import numpy as np
 from pipeline import threads
 from pipeline.errors import UserError
 from pipeline.export import model_card as card
-from pipeline.images import DEFAULT_MAX_PIXELS
 from pipeline.progress import Progress
-from pipeline.serve.engine import MODEL_URI_PREFIX, Engine, download_model, requested_providers
+from pipeline.serve.engine import MODEL_URI_PREFIX, Engine, download_model
+from pipeline.serve.options import GPU_PROVIDERS, InferenceOptions, default_memory_budget
 from pipeline.serve.translate import check_options, default_batch_size, finish_report, plan, translate_jobs
 
 INSTALL_HINT = "--engine ray needs Ray: pip install 'transfigure[ray]'"
@@ -39,21 +40,17 @@ def translate_on_ray(
     input: Path,
     output: Path,
     model: str,
-    engine_options: dict,
+    options: InferenceOptions,
     address: str | None = None,
-    batch_size: int | None = None,
     fmt: str = "png",
     skip_existing: bool = False,
-    tile: int | None = None,
-    thumbnail: int | None = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
     workers: int = 2,
     progress: bool = True,
     report_path: Path | None = None,
     colorize: bool = False,
 ) -> dict:
     """translate_path's work and report on a Ray cluster (`address`, or a local one sized to this machine), plus
-    "engine": "ray" and "actors". `engine_options` are open_engine's; the driver checks the model on its CPU."""
+    "engine": "ray" and "actors". The driver checks the model and `options` on its CPU."""
     # Ray Data's INFO lines would interleave with the progress bar; its full logs stay under /tmp/ray.
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
     try:
@@ -66,10 +63,10 @@ def translate_on_ray(
     with tempfile.TemporaryDirectory(prefix="transfigure-model-") as tmp:
         local = download_model(model, Path(tmp)) if str(model).startswith(MODEL_URI_PREFIX) else Path(model)
         # The options' usage errors here, and the model on the driver's CPU; GPUs are the actors' to load.
-        requested_providers(engine_options.get("providers"), engine_options.get("precision", "auto"))
-        checked = Engine(local, providers=["cpu"], precision=engine_options.get("precision", "auto"))
+        options.check()
+        checked = Engine(local, replace(options, providers=("cpu",), require_gpu=False, tensorrt_fp16=False))
         files = model_files(local)
-    chosen_batch = check_options(checked, batch_size, fmt, tile, thumbnail, colorize)
+    chosen_batch = check_options(checked, fmt, colorize)
     todo, report = plan(Path(input), Path(output), fmt, skip_existing)
     report.update(engine="ray", actors=0)
     ran = {"provider": checked.provider, "precision": checked.precision}
@@ -84,14 +81,12 @@ def translate_on_ray(
             ray.data.DataContext.get_current().enable_progress_bars = False  # the driver's own bar counts images
             resources = ray.cluster_resources()
             gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
-            use_gpu = gpus > 0 and wants_gpu(engine_options)
-            if engine_options.get("require_gpu") and not use_gpu:
+            use_gpu = gpus > 0 and wants_gpu(options)
+            if options.require_gpu and not use_gpu:
                 raise UserError(f"--require-gpu: the Ray cluster has {gpus} GPUs, or the options rule them out")
             report["actors"] = min(len(todo), gpus if use_gpu else cpus)
-            settings = {"tile": tile, "thumbnail": thumbnail, "max_pixels": max_pixels, "workers": workers}
-            settings["colorize"] = colorize
-            settings["batch_size"] = chosen_batch
-            if use_gpu and batch_size is None:
+            settings = {"workers": workers, "colorize": colorize, "batch_size": chosen_batch}
+            if use_gpu and options.batch_size is None:
                 settings["batch_size"] = default_batch_size("cuda")
             # Absolute, since workers elsewhere have other working folders; the report keeps the paths as given.
             rows = [{"source": os.path.abspath(source), "target": os.path.abspath(target)} for source, target in todo]
@@ -99,7 +94,7 @@ def translate_on_ray(
             blocks = min(len(rows), max(report["actors"], math.ceil(len(rows) / ROWS_PER_CALL)))
             results = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
                 Translator,
-                fn_constructor_kwargs={"files": files, "engine_options": engine_options, "settings": settings},
+                fn_constructor_kwargs={"files": files, "options": options, "settings": settings},
                 compute=ray.data.ActorPoolStrategy(size=report["actors"]),
                 batch_size=ROWS_PER_CALL,
                 batch_format="numpy",
@@ -120,11 +115,11 @@ def translate_on_ray(
     return finish_report(report, start, ran["provider"], ran["precision"], report_path)
 
 
-def wants_gpu(engine_options: dict) -> bool:
+def wants_gpu(options: InferenceOptions) -> bool:
     """Whether the options let the actors use a GPU: a GPU provider is allowed and the precision is not int8 or
     bf16 (CPU-only)."""
-    allowed = engine_options.get("providers") or ["tensorrt", "cuda"]
-    return bool({"tensorrt", "cuda"} & set(allowed)) and engine_options.get("precision", "auto") in ("auto", "fp32")
+    allowed = options.providers or GPU_PROVIDERS
+    return bool(set(GPU_PROVIDERS) & set(allowed)) and options.precision in ("auto", "fp32")
 
 
 def collect(results, report: dict, given: dict[str, str], progress: bool) -> dict | None:
@@ -146,26 +141,41 @@ def collect(results, report: dict, given: dict[str, str], progress: bool) -> dic
 
 
 def model_files(model: Path) -> dict[str, bytes]:
-    """The model and the companions beside it (int8, tiling), by file name, the model first: what each actor
-    writes into a folder of its own, so that workers need not see the driver's disk or the MLflow registry."""
-    files = {model.name: model.read_bytes()}
-    for kind in (card.INT8, card.STATISTICS, card.TILE):
-        companion = card.companion_path(model, kind)
-        if companion.exists():
-            files[companion.name] = companion.read_bytes()
-    return files
+    """The model, the companions beside it (int8, tiling) and the external-data files each of them names (MLflow
+    stores a registered model's weights in one), by file name, the model first: what each actor writes into a
+    folder of its own, so that workers need not see the driver's disk or the MLflow registry."""
+    paths = [model] + [card.companion_path(model, kind) for kind in (card.INT8, card.STATISTICS, card.TILE)]
+    paths = [path for path in paths if path.exists()]
+    data = [path.parent / name for path in paths for name in external_data_files(path)]
+    return {path.name: path.read_bytes() for path in [*paths, *data]}
+
+
+def external_data_files(model: Path) -> list[str]:
+    """The files (relative to the model's folder) that hold the model's external tensors."""
+    import onnx
+
+    proto = onnx.load(str(model), load_external_data=False)
+    tensors = [*proto.graph.initializer, *(a.t for node in proto.graph.node for a in node.attribute if a.HasField("t"))]
+    locations = [
+        {entry.key: entry.value for entry in tensor.external_data}.get("location")
+        for tensor in tensors
+        if tensor.data_location == onnx.TensorProto.EXTERNAL
+    ]
+    return sorted({location for location in locations if location})
 
 
 class Translator:
     """A Ray actor: one Engine over the model's files (model_files), translating a batch of (source, target) rows."""
 
-    def __init__(self, files: dict[str, bytes], engine_options: dict, settings: dict):
+    def __init__(self, files: dict[str, bytes], options: InferenceOptions, settings: dict):
         # Ray gave this actor one core (and a GPU, if any): one ONNX Runtime thread, one actor per core.
         threads.apply(1)
+        if options.memory_budget is None:  # the machine's actors, one a core, share its default budget
+            options = replace(options, memory_budget=default_memory_budget(sharing=len(threads.available_cpus())))
         self.folder = tempfile.TemporaryDirectory(prefix="transfigure-ray-model-")
         for name, data in files.items():
             (Path(self.folder.name) / name).write_bytes(data)
-        self.engine = Engine(Path(self.folder.name) / next(iter(files)), **engine_options)
+        self.engine = Engine(Path(self.folder.name) / next(iter(files)), options)
         self.engine.load_tiling()
         self.settings = settings
 

@@ -1,13 +1,51 @@
-"""`transfigure serve`: the HTTP app of `http.py` on uvicorn, one ONNX Runtime session per process."""
+"""`transfigure serve`: the HTTP app of `http.py` on uvicorn, one ONNX Runtime session per process. Everything
+it logs (uvicorn's startup and errors, the access log, warnings) is one JSON object per line on stderr."""
 
 from __future__ import annotations
 
+import json
+import logging
 import signal
+import warnings
+
+from PIL import Image
 
 from pipeline.errors import UserError
 from pipeline.serve.engine import MODEL_URI_PREFIX, Engine
-from pipeline.serve.http import configure_access_log, create_app
+from pipeline.serve.http import create_app, current_request_id
 from pipeline.serve.settings import ServeSettings
+
+LOG_CONFIG = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"json": {"()": "pipeline.serve.server.JsonLines"}},
+    "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
+    "root": {"handlers": ["stderr"], "level": "WARNING"},
+    "loggers": {
+        name: {"handlers": ["stderr"], "level": "INFO", "propagate": False}
+        for name in ("uvicorn", "transfigure", "py.warnings")
+    },
+}
+
+
+class JsonLines(logging.Formatter):
+    """A record as one JSON object: time, level, logger, message, the request's id when it belongs to one, the
+    `fields` an access line carries, and a traceback as one string."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "time": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        request_id = current_request_id.get()
+        if request_id:
+            line["request_id"] = request_id
+        line.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
 
 
 def model_name(model: str) -> str:
@@ -35,13 +73,16 @@ def run(engine: Engine, settings: ServeSettings, host: str, port: int) -> None:
     `settings.timeout_graceful_shutdown` seconds, and return."""
     import uvicorn
 
-    configure_access_log()
+    logging.captureWarnings(True)
+    # --max-pixels, checked from the header, is the limit here; Pillow's warning below its own would be noise.
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     config = uvicorn.Config(
         create_app(engine, settings),
         host=host,
         port=port,
         access_log=False,
         timeout_graceful_shutdown=settings.timeout_graceful_shutdown,
+        log_config=LOG_CONFIG,
         log_level="info",
     )
     server = uvicorn.Server(config)

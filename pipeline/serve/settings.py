@@ -1,5 +1,6 @@
-"""The HTTP service's settings and their defaults: one definition, read by `serve`'s flags and by the app.
-No heavy imports, so `transfigure --help` stays instant."""
+"""The HTTP service's own settings and their defaults: one definition, read by `serve`'s flags and by the app.
+How the model runs (tiles, memory, precision, ...) is the engine's InferenceOptions; `max_batch` and
+`max_pixels` are copied from them for the app. No heavy imports, so `transfigure --help` stays instant."""
 
 from __future__ import annotations
 
@@ -15,8 +16,6 @@ class ServeSettings:
     timeout_s: float = 30.0
     max_body_bytes: int = 20_000_000
     max_pixels: int = 40_000_000
-    tile: int | None = None
-    thumbnail: int | None = None
     timeout_graceful_shutdown: float = 20.0
 
 

@@ -18,13 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import InferenceError
 from pipeline.export import model_card as card
 from pipeline.pixels import pad_to_multiple, to_model_range, to_pixels
 
 DEFAULT_THUMBNAIL = 1024
 # (N, H, W, 3) uint8 -> (N, H, W, 3) float32 in [-1, 1]: the engine's padded forward, through some session.
 Forward = Callable[[np.ndarray], np.ndarray]
+# (session, feed, what it computes) -> its first output: the engine's run, which keeps the deadline and words errors.
+RunSession = Callable[[object, dict, str], np.ndarray]
 
 
 def tile_side(tile: int, multiple: int) -> int:
@@ -32,22 +33,30 @@ def tile_side(tile: int, multiple: int) -> int:
 
 
 def ramped_tiles(image: np.ndarray, tile: int, multiple: int, batch_size: int, forward: Forward) -> np.ndarray:
-    """Overlapping tiles of `tile` (rounded down to the multiple), blended: float32 [-1, 1] (H, W, 3)."""
+    """Overlapping tiles of `tile` (rounded down to the multiple), blended: uint8 (H, W, 3). The blend is summed in
+    float32 over one row of tiles at a time, so memory follows the tile's height, not the image's."""
     height, width = image.shape[:2]
     size = tile_side(tile, multiple)
     overlap = max(1, size // 8)
     tile_h, tile_w = min(size, height), min(size, width)
     window = np.outer(_ramp(tile_h, overlap), _ramp(tile_w, overlap))[:, :, None]
-    boxes = [(y, x) for y in _starts(height, tile_h, overlap) for x in _starts(width, tile_w, overlap)]
-    total = np.zeros((height, width, 3), np.float32)
-    weight = np.zeros((height, width, 1), np.float32)
-    for first in range(0, len(boxes), batch_size):
-        chunk = boxes[first : first + batch_size]
-        outputs = forward(np.stack([image[y : y + tile_h, x : x + tile_w] for y, x in chunk]))
-        for (y, x), output in zip(chunk, outputs, strict=True):
-            total[y : y + tile_h, x : x + tile_w] += output * window
-            weight[y : y + tile_h, x : x + tile_w] += window
-    return total / weight
+    rows, columns = _starts(height, tile_h, overlap), _starts(width, tile_w, overlap)
+    output = np.empty((height, width, 3), np.uint8)
+    # The rows from the current row of tiles down to its bottom; the next row starts inside it (the overlap).
+    total = np.zeros((tile_h, width, 3), np.float32)
+    weight = np.zeros((tile_h, width, 1), np.float32)
+    for index, y in enumerate(rows):
+        for first in range(0, len(columns), batch_size):
+            chunk = columns[first : first + batch_size]
+            outputs = forward(np.stack([image[y : y + tile_h, x : x + tile_w] for x in chunk]))
+            for x, result in zip(chunk, outputs, strict=True):
+                total[:, x : x + tile_w] += result * window
+                weight[:, x : x + tile_w] += window
+        done = rows[index + 1] - y if index + 1 < len(rows) else tile_h  # no later tile reaches these rows
+        output[y : y + done] = to_pixels(total[:done] / weight[:done])
+        total[: tile_h - done], weight[: tile_h - done] = total[done:], weight[done:]
+        total[tile_h - done :], weight[tile_h - done :] = 0, 0
+    return output
 
 
 class StatisticsTiles:
@@ -77,26 +86,32 @@ class StatisticsTiles:
                 return None, f"{path.name} does not belong to this model ({', '.join(stale) or 'kind'} differ)"
         return cls(*sessions, int(cards[1]["context"])), "thumbnail statistics"
 
-    def statistics(self, image: np.ndarray, thumbnail: int, multiple: int) -> np.ndarray:
+    def statistics(
+        self, image: np.ndarray, thumbnail: int, multiple: int, smallest: int, run_session: RunSession
+    ) -> np.ndarray:
         """(1, width) statistics of the image's thumbnail (the image itself when it fits in `thumbnail`)."""
-        small = thumbnail_of(image, thumbnail, multiple)
+        small = thumbnail_of(image, thumbnail, multiple, smallest)
         x = np.ascontiguousarray(to_model_range(small.transpose(2, 0, 1)[None]))
-        try:
-            return self.statistics_session.run(None, {card.IMAGE_INPUT: x})[0]
-        except Exception as exc:  # ONNX Runtime raises one bare Exception subclass per status code
-            raise InferenceError(
-                f"statistics of a {small.shape[1]}x{small.shape[0]} thumbnail failed: {str(exc).splitlines()[0]}"
-            ) from exc
+        return run_session(self.statistics_session, {card.IMAGE_INPUT: x}, "a thumbnail's statistics")
 
     def translate(
-        self, image: np.ndarray, tile: int, multiple: int, batch_size: int, thumbnail: int, padded_forward
+        self,
+        image: np.ndarray,
+        tile: int,
+        multiple: int,
+        batch_size: int,
+        thumbnail: int,
+        smallest: int,
+        padded_forward,
+        run_session: RunSession,
     ) -> np.ndarray:
         """uint8 (H, W, 3), tile by tile: each core tile of `tile` px runs with up to `context` px of
         the image around it (origins stay multiples of the model's multiple, so strides line up with the whole
-        image's) and only its core is kept. `padded_forward(batch, run)` is the engine's pad-run-crop."""
+        image's) and only its core is kept. `padded_forward(batch, run)` is the engine's pad-run-crop,
+        `run_session(session, feed, what)` its guarded run of one session (deadline, errors)."""
         height, width = image.shape[:2]
         size, context = tile_side(tile, multiple), self.context
-        statistics = self.statistics(image, thumbnail, multiple)
+        statistics = self.statistics(image, thumbnail, multiple, smallest, run_session)
         output = np.empty((height, width, 3), np.uint8)
         by_shape: dict[tuple[int, int], list[tuple[int, int, int, int]]] = defaultdict(list)
         for y in range(0, height, size):
@@ -107,7 +122,7 @@ class StatisticsTiles:
 
         def run(batch: np.ndarray) -> np.ndarray:
             feed = {card.IMAGE_INPUT: batch, card.STATISTICS: np.repeat(statistics, len(batch), axis=0)}
-            return self.tile_session.run(None, feed)[0]
+            return run_session(self.tile_session, feed, f"{len(batch)} tiles")
 
         for (crop_h, crop_w), boxes in by_shape.items():
             for first in range(0, len(boxes), batch_size):
@@ -120,8 +135,9 @@ class StatisticsTiles:
         return output
 
 
-def thumbnail_of(image: np.ndarray, longest: int, multiple: int) -> np.ndarray:
-    """The image scaled so its longer side is at most `longest`, each side a multiple of `multiple`, area-averaged
+def thumbnail_of(image: np.ndarray, longest: int, multiple: int, smallest: int = 1) -> np.ndarray:
+    """The image scaled so its longer side is at most `longest`, each side a multiple of `multiple` and at least
+    `smallest` (the network's minimum; a long thin image keeps that much of its short side), area-averaged
     (Pillow's BOX: every pixel counts once in the statistics). An image that fits is the image itself,
     reflect-padded to the multiple as the engine pads a whole image, so its statistics are exactly the whole's."""
     from PIL import Image
@@ -130,7 +146,8 @@ def thumbnail_of(image: np.ndarray, longest: int, multiple: int) -> np.ndarray:
     if max(height, width) <= longest:
         return pad_to_multiple(image, multiple)
     scale = longest / max(height, width)
-    size = [max(multiple, round(side * scale / multiple) * multiple) for side in (width, height)]
+    least = multiple * -(-max(smallest, multiple) // multiple)
+    size = [max(least, round(side * scale / multiple) * multiple) for side in (width, height)]
     return np.asarray(Image.fromarray(image).resize(tuple(size), Image.Resampling.BOX))
 
 

@@ -2,7 +2,8 @@
 
 Worker threads decode ahead and encode behind while the main thread runs the model (Pillow, zlib and ONNX
 Runtime all release the GIL). Decoded images wait in buckets by size and go to the engine as a batch when a
-bucket is full, or when too many pixels are waiting, so memory stays bounded on folders of any size.
+bucket is full (the batch size, or what the memory budget allows), or when too many pixels are waiting, so memory
+stays bounded on folders of any size; an image too large for the budget goes alone, in tiles (the engine's).
 Outputs are written atomically, so an interrupted run leaves only complete files and `skip_existing` resumes it.
 A label-map model's outputs are palette PNGs whose pixel indices are the classes (`colorize`: RGB in the palette's
 colours, for people); a label-map input is read as class indices.
@@ -23,7 +24,6 @@ import numpy as np
 from pipeline.errors import UserError
 from pipeline.files import write_json_atomic
 from pipeline.images import (
-    DEFAULT_MAX_PIXELS,
     BadImage,
     decode_labels,
     decode_rgb,
@@ -39,8 +39,6 @@ FORMATS = ("png", "jpg", "webp")
 _OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 # Decoded pixels allowed to wait in size buckets; past this the fullest bucket runs as a partial batch.
 _WAITING_PIXELS = 64 * 2**20
-# Pixels in one batch, so the default batch size on large photos does not exhaust memory.
-_BATCH_PIXELS = 8 * 512 * 512
 # Rejected files listed on the console one per line; past this many, the rest are counted (all are in --report).
 _SCREENFUL = 20
 
@@ -55,12 +53,8 @@ def translate_path(
     input: Path,
     output: Path,
     engine: Engine,
-    batch_size: int | None = None,
     fmt: str = "png",
     skip_existing: bool = False,
-    tile: int | None = None,
-    thumbnail: int | None = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
     workers: int = 2,
     progress: bool = True,
     report_path: Path | None = None,
@@ -68,21 +62,21 @@ def translate_path(
 ) -> dict:
     """Translate INPUT (an image, or a folder searched recursively) into OUTPUT, keeping relative paths and stems.
 
-    `batch_size` None is default_batch_size(engine.provider). For a single image, OUTPUT is the output file when
+    The batch size, tiles and pixel limit are the engine's options. For a single image, OUTPUT is the output file when
     it has an image suffix (which then sets the format), else a folder. Bad inputs are listed in the report with
     a reason and the rest go on; files that are not images are listed under "ignored", and a folder with no
     images at all is refused. Returns (and writes to `report_path`) {"translated", "skipped", "rejected":
     [{"path", "reason"}], "ignored", "seconds", "provider", "precision", "tiling" (None unless an image was tiled),
     "images_per_second"}.
     """
-    batch_size = check_options(engine, batch_size, fmt, tile, thumbnail, colorize)
+    batch_size = check_options(engine, fmt, colorize)
     start = time.perf_counter()
     todo, report = plan(Path(input), Path(output), fmt, skip_existing)
 
     from rich.console import Console
 
     with Progress(Console(stderr=True, quiet=not progress), "translating", len(todo), unit="img") as bar:
-        translate_jobs(engine, todo, report, batch_size, tile, thumbnail, max_pixels, workers, bar.advance, colorize)
+        translate_jobs(engine, todo, report, batch_size, workers, bar.advance, colorize)
     return finish_report(report, start, engine.provider, engine.precision, report_path)
 
 
@@ -91,9 +85,6 @@ def translate_jobs(
     jobs: list[tuple[Path, Path]],
     report: dict,
     batch_size: int,
-    tile: int | None,
-    thumbnail: int | None,
-    max_pixels: int,
     workers: int,
     advance: Callable[[], None],
     colorize: bool = False,
@@ -134,21 +125,22 @@ def translate_jobs(
             write(list(zip([job for job, _ in batch], outputs, strict=True)))
 
         buckets: dict[tuple[int, int], list] = {}
+        max_pixels = engine.options.max_pixels
         for job, decoded in _decode_ahead(pool, jobs, ahead, max_pixels, input_reader(engine)):
             if isinstance(decoded, BadImage):
                 reject(job[0], str(decoded))
                 continue
             height, width = decoded.shape[:2]
-            if tile is not None and max(height, width) > tile:
+            if engine.tiled(height, width):
                 try:
-                    write([(job, engine.translate(decoded, tile, thumbnail=thumbnail))])
+                    write([(job, engine.translate(decoded))])
                     report["tiling"] = engine.tiling
                 except InferenceError as exc:
                     reject(job[0], str(exc))
                 continue
             bucket = buckets.setdefault((height, width), [])
             bucket.append((job, decoded))
-            if len(bucket) >= min(batch_size, max(1, _BATCH_PIXELS // (height * width))):
+            if len(bucket) >= min(batch_size, max(1, engine.memory_budget // engine.memory_needed(height, width))):
                 run(buckets.pop((height, width)))
             elif sum(h * w * len(b) for (h, w), b in buckets.items()) > _WAITING_PIXELS:
                 run(buckets.pop(max(buckets, key=lambda size: size[0] * size[1] * len(buckets[size]))))
@@ -174,26 +166,15 @@ def output_writer(engine: Engine, colorize: bool) -> Callable[[Path, np.ndarray]
     return lambda target, labels: write_labels_atomic(target, labels, engine.palette)
 
 
-def check_options(
-    engine: Engine, batch_size: int | None, fmt: str, tile: int | None, thumbnail: int | None, colorize: bool = False
-) -> int:
-    """Refuses bad options before any work; the batch size to use."""
+def check_options(engine: Engine, fmt: str, colorize: bool = False) -> int:
+    """Refuses output options that do not fit the model, before any work; the batch size to use."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     if colorize and not engine.labels_out:
         raise UserError("--colorize: the model gives images, not label maps")
     if engine.labels_out and not colorize and fmt != "png":
         raise UserError(f"--format {fmt}: label maps are written as PNG, whose indices are the classes (or --colorize)")
-    if (engine.labels_in or engine.labels_out) and tile is not None:
-        raise UserError("--tile: label-map models translate whole images")
-    batch_size = default_batch_size(engine.provider) if batch_size is None else batch_size
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    if tile is not None and tile < engine.multiple:
-        raise UserError(f"--tile {tile} is smaller than the model's multiple ({engine.multiple})")
-    if thumbnail is not None and (tile is None or thumbnail < tile):
-        raise UserError(f"--thumbnail {thumbnail}: needs --tile, and at least the tile's size ({tile})")
-    return batch_size
+    return engine.options.batch_size or default_batch_size(engine.provider)
 
 
 def plan(input: Path, output: Path, fmt: str, skip_existing: bool) -> tuple[list[tuple[Path, Path]], dict]:
