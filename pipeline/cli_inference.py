@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli_support import ParamsOption, PrecisionOption, SetOption, ThreadsOption, guard, load, use_threads
+from pipeline.cli_support import ParamsOption, PrecisionOption, SetOption, ThreadsOption, guard, load
 from pipeline.cli_support import console as _console
 from pipeline.images import DEFAULT_MAX_PIXELS
 from pipeline.serve.settings import ServeSettings, default_max_batch
@@ -76,6 +76,7 @@ def inference_options(
 ):
     """The engine's options from a command's flags, checked; the thread setting takes effect here."""
     from pipeline.serve.options import InferenceOptions, parse_bytes, parse_providers
+    from pipeline.threads import apply, parse
 
     options = InferenceOptions(
         providers=parse_providers(providers),
@@ -90,7 +91,7 @@ def inference_options(
         threads=threads if threads is not None else "auto",
         batch_size=batch_size,
     ).check()
-    use_threads(options.threads)
+    apply(parse(options.threads, "--threads"), torch=False)
     return options
 
 

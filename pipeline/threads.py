@@ -84,11 +84,13 @@ def resolve(setting: int | str) -> int:
     return max(1, usable // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
-def apply(setting: int | str) -> int:
-    """Sets PyTorch's intra-op threads (ONNX Runtime sessions read `current()`); returns the count."""
+def apply(setting: int | str, torch: bool = True) -> int:
+    """Sets PyTorch's intra-op threads (ONNX Runtime sessions read `current()`); returns the count. `torch`
+    False leaves PyTorch unimported: translate and serve run ONNX Runtime alone, and importing torch costs
+    hundreds of MB of resident memory."""
     global _applied
     _applied = resolve(setting)
-    if importlib.util.find_spec("torch") is not None:  # the serving image has ONNX Runtime only
+    if torch and importlib.util.find_spec("torch") is not None:  # the serving image has ONNX Runtime only
         import torch
 
         torch.set_num_threads(_applied)
