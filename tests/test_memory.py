@@ -1,0 +1,96 @@
+"""Memory bounded by design: the measured cost of a forward pass, the tiles and thumbnail a budget allows, the
+same result as explicit tiles, a real peak that stays within the budget, and the options that set it."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import METADATA, make_engine
+
+from models.generators import build_generator
+from pipeline.errors import UserError
+from pipeline.export.to_onnx import export_image_generator
+from pipeline.serve import memory
+from pipeline.serve.options import InferenceOptions, parse_bytes
+from tests.corpus import gradient
+
+pytestmark = pytest.mark.skipif(not memory.measurable(), reason="needs Linux's peak-memory counters")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """An instance-norm translator with its tiling graphs, and a batch-norm one (blended tiles)."""
+    folder = tmp_path_factory.mktemp("memory")
+    torch.manual_seed(0)
+    export_image_generator(build_generator("resnet_2blocks", ngf=8, norm="instance"), folder / "in.onnx", METADATA)
+    export_image_generator(build_generator("resnet_2blocks", ngf=8, norm="batch"), folder / "bn.onnx", METADATA)
+    return {"instance": folder / "in.onnx", "batch": folder / "bn.onnx"}
+
+
+def test_the_peak_meter_sees_a_known_allocation():
+    held = []
+    grown = memory.peak_growth(lambda: held.append(np.ones(64 * 2**20, np.uint8)))
+    assert 60 * 2**20 < grown < 72 * 2**20, grown / 2**20
+    held.clear()
+    assert memory.peak_growth(lambda: sum(range(1000))) < 4 * 2**20
+
+
+def test_tiles_and_thumbnail_from_a_budget_known_answers():
+    # 100 bytes a pixel, 10 px of context each side: a 400 px core runs as 420x420 = 17.64 MB, the largest that fits.
+    plan = memory.plan_tiles(1000, 1000, 100 * 420 * 420, 100, multiple=4, smallest=8, context=10)
+    assert (plan.tile, plan.tiles_per_run, plan.thumbnail) == (400, 1, 420)
+    assert plan.peak_bytes == 100 * 420 * 420
+    # Room for four crops: four per run; a wide image's thumbnail is longer for the same pixels (sqrt 2 here).
+    plan = memory.plan_tiles(1000, 2000, 4 * 100 * 420 * 420, 100, multiple=4, smallest=8, context=10, tile=400)
+    assert (plan.tile, plan.tiles_per_run, plan.thumbnail) == (400, 4, int((4 * 420 * 420 * 2) ** 0.5))
+    # Never past the cap, nor past the image.
+    assert memory.plan_tiles(9000, 9000, 2**40, 1, 4, 8, 10).thumbnail == memory.THUMBNAIL_CAP
+
+
+@pytest.mark.parametrize("kind", ["instance", "batch"])
+def test_automatic_tiles_equal_explicit_tiles_of_the_same_size(models, kind):
+    image = gradient(300, 200, seed=3)
+    auto = make_engine(models[kind], providers=["cpu"], memory_budget=8 * 2**20)
+    assert auto.tiled(200, 300) and not auto.tiled(64, 64)
+    plan = auto.plan(200, 300)
+    explicit = make_engine(models[kind], providers=["cpu"], tile=plan.tile, thumbnail=plan.thumbnail)
+    assert np.array_equal(auto.translate(image), explicit.translate(image))
+    assert auto.tiling == explicit.tiling and auto.tiling.startswith(
+        "thumbnail statistics" if kind == "instance" else "blended overlaps"
+    )
+    # A budget the whole image fits goes whole.
+    assert not make_engine(models[kind], providers=["cpu"], memory_budget=2**30).tiled(200, 300)
+
+
+def test_a_large_image_holds_no_more_than_its_budget(models):
+    budget = 160 * 2**20
+    engine = make_engine(models["instance"], providers=["cpu"], memory_budget=budget)
+    image = gradient(3000, 2000)
+    whole = engine.bytes_per_pixel * 3000 * 2000
+    assert whole > 5 * budget, "the image must be far past the budget for this test to mean anything"
+    grown = memory.peak_growth(lambda: engine.translate(image))
+    assert engine.memory_needed(2000, 3000) <= budget
+    # The estimate has a margin; allocators and Python objects add a little on top of it.
+    assert grown < 1.5 * budget, f"{grown / 2**20:.0f} MiB for a budget of {budget / 2**20:.0f}"
+
+
+def test_options_are_checked_once_naming_each_flag():
+    assert parse_bytes("1500M") == 1500 * 2**20 and parse_bytes("2GiB") == 2 * 2**30 and parse_bytes("123") == 123
+    with pytest.raises(UserError, match="--memory-budget 'lots': expected bytes"):
+        parse_bytes("lots")
+    with pytest.raises(UserError) as wrong:
+        InferenceOptions(providers=("cuda",), precision="int8", tile=0, memory_budget=1000).check()
+    message = str(wrong.value)
+    for part in ("--precision int8 runs on the CPU", "--tile must be at least 1", "--memory-budget 1000 bytes"):
+        assert part in message
+
+
+def test_label_map_models_refuse_tiles(tmp_path):
+    from pipeline.export.to_onnx import export_label_map_generator
+
+    torch.manual_seed(0)
+    path = tmp_path / "labels.onnx"
+    export_label_map_generator(build_generator("resnet_1blocks", output_nc=4, ngf=4, tanh=False), path, METADATA)
+    with pytest.raises(UserError, match="--tile: label-map models translate whole images"):
+        make_engine(path, tile=64)
+    # Past the budget they still go whole: an argmax cannot be blended.
+    assert not make_engine(path, memory_budget=2**20).tiled(2000, 2000)
