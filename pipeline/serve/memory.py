@@ -73,10 +73,13 @@ def plan_tiles(
     context: int,
     tile: int | None = None,
     thumbnail: int | None = None,
+    thumbnail_bytes_per_pixel: int | None = None,
 ) -> TilePlan:
     """The tiles for an image of `height` x `width`: `tile` when given, else the largest core whose crop (with
     `context` px around it; 0 for blended tiles, which keep a float32 band of one row of tiles) fits
-    `forward_budget`; the thumbnail as given or as large as the budget allows, up to THUMBNAIL_CAP."""
+    `forward_budget`; the thumbnail as given or as large as the budget allows at `thumbnail_bytes_per_pixel`
+    (the statistics pass's; default the tiles'), up to THUMBNAIL_CAP."""
+    thumbnail_bytes_per_pixel = thumbnail_bytes_per_pixel or bytes_per_pixel
 
     def crop_bytes(core: int) -> int:
         side = min(core + 2 * context, max(height, width))
@@ -91,10 +94,10 @@ def plan_tiles(
     tiles_per_run = max(1, min(TILES_PER_RUN, forward_budget // max(1, crop_bytes(tile))))
     if thumbnail is None:
         aspect = max(height, width) / min(height, width)
-        thumbnail = int(math.sqrt(forward_budget / bytes_per_pixel * aspect))
+        thumbnail = int(math.sqrt(forward_budget / thumbnail_bytes_per_pixel * aspect))
         thumbnail = max(smallest, min(THUMBNAIL_CAP, thumbnail, max(height, width)))
     longest = min(thumbnail, max(height, width))
-    thumbnail_bytes = longest * longest * min(height, width) // max(height, width) * bytes_per_pixel
+    thumbnail_bytes = longest * longest * min(height, width) // max(height, width) * thumbnail_bytes_per_pixel
     return TilePlan(tile, tiles_per_run, thumbnail, max(tiles_per_run * crop_bytes(tile), thumbnail_bytes))
 
 

@@ -21,7 +21,6 @@ import numpy as np
 from pipeline.export import model_card as card
 from pipeline.pixels import pad_to_multiple, to_model_range, to_pixels
 
-DEFAULT_THUMBNAIL = 1024
 # (N, H, W, 3) uint8 -> (N, H, W, 3) float32 in [-1, 1]: the engine's padded forward, through some session.
 Forward = Callable[[np.ndarray], np.ndarray]
 # (session, feed, what it computes) -> its first output: the engine's run, which keeps the deadline and words errors.
@@ -85,6 +84,15 @@ class StatisticsTiles:
             if companion.get("kind") != kind or stale:
                 return None, f"{path.name} does not belong to this model ({', '.join(stale) or 'kind'} differ)"
         return cls(*sessions, int(cards[1]["context"])), "thumbnail statistics"
+
+    def probe_statistics(self, side: int) -> np.ndarray:
+        """The statistics of a grey side x side image (side a multiple of the model's): what memory.py measures."""
+        return self.statistics_session.run(None, {card.IMAGE_INPUT: np.zeros((1, 3, side, side), np.float32)})[0]
+
+    def probe_tile(self, side: int, statistics: np.ndarray) -> None:
+        """A grey side x side tile through the tile graph with given statistics: what memory.py measures."""
+        feed = {card.IMAGE_INPUT: np.zeros((1, 3, side, side), np.float32), card.STATISTICS: statistics}
+        self.tile_session.run(None, feed)
 
     def statistics(
         self, image: np.ndarray, thumbnail: int, multiple: int, smallest: int, run_session: RunSession
