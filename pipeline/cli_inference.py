@@ -56,7 +56,7 @@ MemoryBudgetOption = Annotated[
     typer.Option(
         envvar="TRANSFIGURE_MEMORY_BUDGET",
         help="Bytes one translation may hold, e.g. 1G or 800M (default: a quarter of the container's memory "
-        "limit or the machine's memory, at most 1.5G). Larger images go in tiles.",
+        "limit or the machine's memory, at most 1.25G). Larger images go in tiles.",
     ),
 ]
 

@@ -327,7 +327,7 @@ def test_a_36_megapixel_photo_with_default_memory_flags_answers_and_four_at_once
     export_image_generator(build_generator("resnet_1blocks", ngf=2), model_file, METADATA)
     photo = png_bytes(smooth_photo(6000, 6000))
     assert len(photo) < ServeSettings.max_body_bytes
-    # Memory flags at their defaults (budget 1.5 GiB on this machine); the deadline long enough for a loaded CI.
+    # Memory flags at their defaults (budget 1.25 GiB on this machine); the deadline long enough for a loaded CI.
     with Server(model_file, timeout_s="900") as running:
         with PeakRss(running.process.pid) as rss, ThreadPoolExecutor(4) as clients:
             post = lambda _: httpx.post(  # noqa: E731

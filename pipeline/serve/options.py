@@ -19,9 +19,10 @@ from pipeline.serve.precision import PRECISIONS, REDUCED
 PROVIDERS = ("tensorrt", "cuda", "cpu")
 GPU_PROVIDERS = ("tensorrt", "cuda")
 # The default budget: a quarter of what the container (or machine) allows leaves room for the images of the
-# requests waiting beside the one that runs; at most 1.5 GiB, so a server stays under 2 GiB for any image.
+# requests waiting beside the one that runs; at most 1.25 GiB, so that a server, its request bodies and encoded
+# answers beside the translation, stays under 2 GiB for any image (docs/BENCHMARKS.md, "Memory at real sizes").
 BUDGET_SHARE = 4
-BUDGET_CAP = 3 * 2**29
+BUDGET_CAP = 5 * 2**28
 _UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 
@@ -86,7 +87,7 @@ class InferenceOptions:
 
 def default_memory_budget(sharing: int = 1) -> int:
     """A quarter of the container's memory limit (or of the machine's memory), shared by `sharing` engines that
-    run at once (Ray's actors on one machine), at most 1.5 GiB each."""
+    run at once (Ray's actors on one machine), at most 1.25 GiB each."""
     return min(BUDGET_CAP, machine.memory_limit() // BUDGET_SHARE // max(1, sharing))
 
 
