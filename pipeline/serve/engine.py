@@ -35,11 +35,11 @@ from pipeline.pixels import pad_to_multiple, parse_palette, to_model_range, to_p
 from pipeline.serve import memory, openvino_bf16, options, tiling
 from pipeline.serve import precision as cpu_precision
 from pipeline.serve.options import GPU_PROVIDERS, InferenceOptions
+from pipeline.serve.registry import MODEL_URI_PREFIX, download_model
 
 _FULL_NAMES = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 PROVIDERS = dict(zip(options.PROVIDERS, _FULL_NAMES, strict=True))
 _SHORT_NAMES = {full: short for short, full in PROVIDERS.items()}
-MODEL_URI_PREFIX = "models:/"
 # The probe image whose peak memory sets the cost per pixel: large enough that fixed costs are small beside it
 # (per pixel within 8% of 384x384's), small enough that resnet_9blocks probes its three graphs in seconds.
 MEMORY_PROBE_SIDES = (320,)
@@ -357,32 +357,6 @@ def open_engine(model: str | Path, options: InferenceOptions | None = None) -> E
         engine = Engine(download_model(str(model), Path(tmp)), options)
         engine.load_tiling()
         return engine
-
-
-def download_model(uri: str, dst: Path) -> Path:
-    """Download the registered ONNX model `uri` from the MLflow registry into `dst`; return its .onnx file."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from pipeline import tracking
-
-    store = tracking.existing_store()
-    mlflow.set_tracking_uri(store)
-    tracking.disable_progress_bars()
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
-    except MlflowException as exc:
-        raise UserError(f"cannot load {uri} from {store}: {exc.message.splitlines()[0]}") from exc
-    found = sorted(local.rglob("*.onnx")) if local.is_dir() else [local]
-    suffixes = (card.INT8, card.STATISTICS, card.TILE)
-    companions = {path: next((s for s in suffixes if path.name.endswith(f".{s}.onnx")), None) for path in found}
-    models = [path for path, suffix in companions.items() if suffix is None]
-    if len(models) != 1 or models[0].suffix != ".onnx":
-        raise UserError(f"{uri} holds {len(models)} .onnx models; expected one ONNX model")
-    for path, suffix in companions.items():
-        if suffix:  # logged as MLflow extra files; the engine looks for them beside the model
-            path.replace(card.companion_path(models[0], suffix))
-    return models[0]
 
 
 def _available_names() -> list[str]:

@@ -27,8 +27,9 @@ from pipeline import threads
 from pipeline.errors import UserError
 from pipeline.export import model_card as card
 from pipeline.progress import Progress
-from pipeline.serve.engine import MODEL_URI_PREFIX, Engine, download_model
+from pipeline.serve.engine import Engine
 from pipeline.serve.options import GPU_PROVIDERS, InferenceOptions, default_memory_budget
+from pipeline.serve.registry import MODEL_URI_PREFIX, download_model
 from pipeline.serve.translate import check_options, default_batch_size, finish_report, plan, translate_jobs
 
 INSTALL_HINT = "--engine ray needs Ray: pip install 'transfigure[ray]'"

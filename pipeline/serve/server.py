@@ -11,8 +11,9 @@ import warnings
 from PIL import Image
 
 from pipeline.errors import UserError
-from pipeline.serve.engine import MODEL_URI_PREFIX, Engine
+from pipeline.serve.engine import Engine
 from pipeline.serve.http import create_app, current_request_id
+from pipeline.serve.registry import MODEL_URI_PREFIX
 from pipeline.serve.settings import ServeSettings
 
 LOG_CONFIG = {
