@@ -207,9 +207,10 @@ def serve(
     """Serve the model over HTTP: /v1/translate, the Open Inference Protocol v2, a page at /, /metrics."""
 
     def work() -> None:
-        from pipeline.serve import server
+        from pipeline.serve import memory, server
         from pipeline.serve.engine import open_engine
 
+        memory.share_one_heap()  # before ONNX Runtime's and the service's threads exist
         options = inference_options(
             providers, precision, tile, thumbnail, memory_budget, max_pixels, threads, max_batch, require_gpu
         )

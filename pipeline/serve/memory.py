@@ -26,6 +26,7 @@ THUMBNAIL_CAP = 2048
 TILES_PER_RUN = 4
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
+_M_ARENA_MAX = -8  # glibc's malloc.h
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,16 @@ def plan_tiles(
     longest = min(thumbnail, max(height, width))
     thumbnail_bytes = longest * longest * min(height, width) // max(height, width) * thumbnail_bytes_per_pixel
     return TilePlan(tile, tiles_per_run, thumbnail, max(tiles_per_run * crop_bytes(tile), thumbnail_bytes))
+
+
+def share_one_heap() -> None:
+    """Make every thread allocate from glibc's main heap, which malloc_trim gives back: with a heap per thread,
+    the service's inference thread kept about 250 MB more than the same translation on the main thread
+    (docs/BENCHMARKS.md, "Memory at real sizes"). Call before other threads start; a no-op elsewhere."""
+    try:
+        ctypes.CDLL(None).mallopt(_M_ARENA_MAX, 1)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _resident(key: str) -> int:
