@@ -10,6 +10,7 @@ against it, far below any real translation.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -71,15 +72,21 @@ def to_uint8(rgb: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
 
 
-def digit_pairs(seed: int) -> Iterator[DigitPair]:
+@functools.lru_cache(maxsize=1)  # `prepare` builds three datasets from the same pairs (about 11 MB)
+def digit_pairs(seed: int) -> tuple[DigitPair, ...]:
     """Every sklearn digit as a true (A, B) pair, in sklearn's order, deterministic from the seed."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
+    pairs = []
     for index, (pixels, label) in enumerate(zip(digits.images, digits.target, strict=True)):
         rng = np.random.default_rng([seed, index])
         a = render_paper(ink_from_digit(pixels, rng))
-        yield DigitPair(source=index, label=int(label), a=a, b=neon_from_paper(a))
+        a.flags.writeable = False  # shared by every caller of the cache
+        b = neon_from_paper(a)
+        b.flags.writeable = False
+        pairs.append(DigitPair(source=index, label=int(label), a=a, b=b))
+    return tuple(pairs)
 
 
 def digit_label_map(a: np.ndarray, label: int) -> np.ndarray:
