@@ -158,6 +158,7 @@ TINY = {
         "pix2pix_labels.discriminator.n_layers=1",
         "pix2pix_labels.discriminator.kind=n_layers",
         "pix2pix_labels.batch_size=2",
+        "pix2pix_labels.lambda_GAN=1",  # the default is cross-entropy alone; tests exercise the critic's path too
     ],
     "cdcgan": ["cdcgan.ngf=4", "cdcgan.ndf=4", "cdcgan.z_dim=8", "cdcgan.batch_size=4"],
     **{

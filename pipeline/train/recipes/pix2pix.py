@@ -155,17 +155,21 @@ class Pix2Pix(Recipe):
         fake_B = self._as_critic_sees(output)
         condition, real_B_seen = self._condition(real_A), self._target(real_B)
 
-        d_losses = [self._critic_step(condition, real_B_seen, fake_B.detach())]
-        for _ in range(ctx.n_critic - 1):
+        zero = torch.zeros((), device=ctx.device)
+        # At lambda_GAN 0 the critic is left alone: training it, and G's pass through it, would only cost time.
+        adversarial = p.lambda_GAN > 0
+        d_losses = [self._critic_step(condition, real_B_seen, fake_B.detach())] if adversarial else [zero]
+        for _ in range(ctx.n_critic - 1 if adversarial else 0):
             extra = next_batch()
             with torch.no_grad(), ctx.autocast():
                 fresh = self._as_critic_sees(self.G(extra["A"]))
             d_losses.append(self._critic_step(self._condition(extra["A"]), self._target(extra["B"]), fresh))
 
         set_requires_grad([self.nets["D"]], False)
-        zero = torch.zeros((), device=ctx.device)
         with ctx.autocast():
-            adv = p.lambda_GAN * generator_adversarial(obj, self.D(torch.cat([condition, fake_B], 1)))
+            adv = zero
+            if adversarial:
+                adv = p.lambda_GAN * generator_adversarial(obj, self.D(torch.cat([condition, fake_B], 1)))
             if p.output.kind == "categorical":
                 l1, ce = zero, F.cross_entropy(output.float(), real_B) * p.lambda_CE
             else:

@@ -1,13 +1,15 @@
-"""pix2pix for label maps: photo -> labels with a Gumbel-softmax critic input (pix2pix.py has the training).
+"""pix2pix for label maps: photo -> labels, by cross-entropy alone unless lambda_GAN adds a critic on a
+Gumbel-softmax sample (pix2pix.py has the training; params.yaml the defaults that reach the bar).
 
-A preset of the pix2pix recipe with its own params section, so the default pipeline trains, evaluates and
-exports both: the same step, networks and exports, with defaults for the built-in digits_labels (ink digit ->
-its label map, K = 11). For labels -> photo, point it at a dataset whose label maps are in A and set
-`input: {kind: categorical, classes: K}` and `output: {kind: rgb}`.
+A preset of the pix2pix recipe with its own params section, trained, evaluated and exported under its own name
+(labels/dvc.yaml, outside the default pipeline for its time): the same step, networks and exports, with defaults
+for the built-in digits_labels (ink digit -> its label map, K = 11). For labels -> photo, point it at a dataset
+whose label maps are in A and set `input: {kind: categorical, classes: K}` and `output: {kind: rgb}`.
 """
 
 from __future__ import annotations
 
+from pipeline.schema import NonNegativeFloat
 from pipeline.train.recipes.base import register
 from pipeline.train.recipes.pix2pix import OutputParams, Pix2Pix, Pix2PixParams
 
@@ -15,6 +17,7 @@ from pipeline.train.recipes.pix2pix import OutputParams, Pix2Pix, Pix2PixParams
 class Pix2PixLabelsParams(Pix2PixParams):
     dataset: str = "digits_labels"
     output: OutputParams = OutputParams(kind="categorical", classes=11)
+    lambda_GAN: NonNegativeFloat = 0.0  # the adversarial term did not help (docs/BENCHMARKS.md, Label maps)
 
 
 @register
