@@ -1,11 +1,13 @@
 """The GPU check kit's measurements (run it through benchmarks/gpu_check.sh; benchmarks/README.md, "GPU check").
 
 One process runs, each against its baseline: `bench train` (pipeline/bench/train.py, with --set overrides) for the
-reference-sized cyclegan and pix2pix in fp32, bf16 + channels-last and compiled; every recipe of the default
-pipeline in fp32, auto, fp16 and auto with the wgan-gp objective (autocast, the fp16 scaler, the float32 gradient
-penalty), with its losses; and the exported generator's PyTorch inference, eager against half precision,
-CUDA graphs and compiled. Compiled measurements go last, and none starts after the time budget: what does not fit
-is marked skipped. The JSON is rewritten after every measurement, so a killed run still leaves what it measured.
+reference-sized cyclegan and pix2pix in fp32, bf16 + channels-last and compiled, cut and fastcut on cyclegan's
+networks; every recipe of the default pipeline in fp32, auto, fp16 and auto with the wgan-gp objective (autocast,
+the fp16 scaler, the float32 gradient penalty), with its losses; fp32 training steps again on one batch that stays
+on the device (the gap to the data pipeline's rows is data stall); and the exported generator's PyTorch inference,
+eager against half precision, CUDA graphs and compiled. Compiled measurements go last, and none starts after the
+time budget: what does not fit is marked skipped. The JSON is rewritten after every measurement, so a killed run
+still leaves what it measured.
 """
 
 from __future__ import annotations
@@ -33,11 +35,16 @@ TRAIN_VARIANTS = {
     "bf16 channels-last": ["precision=bf16", "channels_last=true"],
     "bf16 channels-last compiled": ["precision=bf16", "channels_last=true", "compile=true"],
 }
+# The steps again on one batch that stays on the device: the gap to the same steps with the data pipeline is the
+# time the device waited for data.
+RESIDENT = "one resident batch"
 RECIPE_VARIANTS = {
     "fp32": ["precision=fp32"],
+    f"fp32 {RESIDENT}": ["precision=fp32"],
     "auto": ["precision=auto"],
     "fp16": ["precision=fp16"],
-    "wgan-gp auto": ["precision=auto", "objective=wgan-gp"],
+    # A gradient penalty refuses a batch-norm critic (pix2pix's default): instance norm where a recipe has the knob.
+    "wgan-gp auto": ["precision=auto", "objective=wgan-gp", "discriminator.norm=instance"],
 }
 # name: (dtype, channels_last, CUDA graphs, compiled)
 INFERENCE_VARIANTS = {
@@ -51,17 +58,21 @@ INFERENCE_VARIANTS = {
 TRAIN_BATCHES = (1, 4)
 INFERENCE_BATCHES = (1, 8, 32)
 
-# The reference networks (Zhu et al.): resnet_9blocks / unet_256, the 70x70 PatchGAN, 64 filters, 256x256 images.
+# The reference networks (Zhu et al.): resnet_9blocks / unet_256, the 70x70 PatchGAN, 64 filters, 256x256 images;
+# CUT and FastCUT on cyclegan's networks (the CUT paper: about 2x CycleGAN's speed), without the compiled rows.
+_REFERENCE_RESNET = ["generator.arch=resnet_9blocks", "generator.ngf=64", "discriminator.kind=basic"]
+_REFERENCE_RESNET += ["discriminator.ndf=64"]
 FULL = {
     "size": 256,
     "train_steps": 30,
     "recipe_steps": 30,
     "warmup": 3,
     "nets": {
-        "cyclegan": ["generator.arch=resnet_9blocks", "generator.ngf=64", "discriminator.kind=basic"]
-        + ["discriminator.ndf=64"],
+        "cyclegan": _REFERENCE_RESNET,
         "pix2pix": ["generator.arch=unet_256", "generator.ngf=64", "generator.dropout=true"]
         + ["discriminator.kind=basic", "discriminator.ndf=64"],
+        "cut": _REFERENCE_RESNET,
+        "fastcut": [*_REFERENCE_RESNET, "variant=fastcut"],
     },
     "recipe_overrides": [],
     "inference": {"arch": "resnet_9blocks", "ngf": 64, "images": 256},
@@ -77,6 +88,9 @@ DRY = {
         + ["discriminator.ndf=8"],
         "pix2pix": ["generator.arch=unet_5down", "generator.ngf=8", "generator.dropout=true"]
         + ["discriminator.kind=basic", "discriminator.ndf=8"],
+        "cut": ["generator.arch=resnet_1blocks", "generator.ngf=8", "discriminator.ndf=8", "num_patches=16"],
+        "fastcut": ["generator.arch=resnet_1blocks", "generator.ngf=8", "discriminator.ndf=8", "num_patches=16"]
+        + ["variant=fastcut"],
     },
     "recipe_overrides": ["batch_size=2"],
     "inference": {"arch": "resnet_1blocks", "ngf": 8, "images": 8},
@@ -86,22 +100,29 @@ DRY = {
 def plan(kit: dict, recipe_names: tuple[str, ...]) -> list[dict]:
     """Every measurement in reporting order; `baseline` names the row each is compared with."""
     rows = []
-    for recipe, nets in kit["nets"].items():
+    for label, nets in kit["nets"].items():
+        recipe = "cut" if label == "fastcut" else label
+        variants = {**TRAIN_VARIANTS, f"fp32 {RESIDENT}": TRAIN_VARIANTS["fp32"]}
         for batch in TRAIN_BATCHES:
-            for variant, settings in TRAIN_VARIANTS.items():
+            for variant, settings in variants.items():
+                if recipe == "cut" and "compile=true" in settings:
+                    continue
                 rows.append(
                     {
                         "group": "train",
-                        "name": f"{recipe} b{batch} {variant}",
-                        "baseline": f"{recipe} b{batch} fp32",
+                        "name": f"{label} b{batch} {variant}",
+                        "baseline": f"{label} b{batch} fp32",
                         "recipe": recipe,
                         "size": kit["size"],
                         "steps": kit["train_steps"],
                         "settings": [*nets, f"batch_size={batch}", *settings],
+                        "resident": variant.endswith(RESIDENT),
                     }
                 )
     for recipe in recipe_names:
+        fields = recipes.get(recipe).Params.model_fields
         for variant, settings in RECIPE_VARIANTS.items():
+            settings = [one for one in settings if one.partition(".")[0].partition("=")[0] in fields]
             rows.append(
                 {
                     "group": "recipes",
@@ -111,6 +132,7 @@ def plan(kit: dict, recipe_names: tuple[str, ...]) -> list[dict]:
                     "size": None,  # the size of the recipe's own dataset in params
                     "steps": kit["recipe_steps"],
                     "settings": [*kit["recipe_overrides"], *settings],
+                    "resident": variant.endswith(RESIDENT),
                 }
             )
     for batch in INFERENCE_BATCHES:
@@ -143,7 +165,7 @@ def measure_training(row: dict, params_path: Path, dry_run: bool, warmup: int) -
         settings += [f"{recipe}.device=cpu", f"{recipe}.precision=fp32"]
     params = load(params_path, settings)
     size = row["size"] or params.data.datasets[params.recipe(recipe).dataset].size
-    return bench_train.run(recipe, params, size, row["steps"], warmup)
+    return bench_train.run(recipe, params, size, row["steps"], warmup, resident=row["resident"])
 
 
 def measure_inference(row: dict, warmup: int) -> dict:

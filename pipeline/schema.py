@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pipeline import fidelity
 
 OBJECTIVES = ("minimax", "nsgan", "lsgan", "wgan", "wgan-gp", "wgan-lp", "hinge")
+GRADIENT_PENALTIES = ("wgan-gp", "wgan-lp")
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
@@ -121,7 +122,8 @@ class RecipeParams(Strict):
     # Fine-tuning: network name -> a reference .pth (latest_net_G_A.pth ...) or one of our checkpoints; a fresh
     # run starts from these weights, a resumed one from its own checkpoint.
     init_from: dict[str, str] = {}
-    num_workers: Annotated[int, Field(ge=0)] = 0
+    # Processes that decode and augment batches ahead of training; auto: by the cores this process may use.
+    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False
@@ -130,6 +132,23 @@ class RecipeParams(Strict):
     keep_checkpoints: Annotated[int, Field(ge=0)] = 3  # step_NNNNNN.pt copies besides last.pt
     sample_every: PositiveInt = 500
     log_every: PositiveInt = 50
+
+    @model_validator(mode="after")
+    def _penalty_needs_a_critic_without_batch_norm(self) -> RecipeParams:
+        for name, value in self:
+            if isinstance(value, DiscriminatorParams) and value.norm == "batch":
+                refuse_batch_norm_with_penalty(self.objective, f"{name}.norm", "instance or none")
+        return self
+
+
+def refuse_batch_norm_with_penalty(objective: str, key: str, fixes: str) -> None:
+    """A gradient penalty assumes a critic without batch norm (a per-sample gradient norm means nothing when
+    each score depends on the whole batch), and its pass would also move the critic's running statistics."""
+    if objective in GRADIENT_PENALTIES:
+        raise ValueError(
+            f"{key}: a batch-norm critic cannot take {objective}'s gradient penalty (it assumes per-sample scores, "
+            f"and its pass would move the running statistics); set {key} to {fixes}"
+        )
 
 
 class FlowParams(Strict):

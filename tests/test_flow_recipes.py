@@ -31,9 +31,10 @@ def recipe(name: str, *overrides: str):
     params = load_params("params.yaml", sections)
     p = params.recipe(name)
     torch.manual_seed(params.seed)
-    model = recipes.get(name)(p, Context.create(p), Path(params.data.root) / p.dataset)
+    ctx = Context.create(p)
+    model = recipes.get(name)(p, ctx, Path(params.data.root) / p.dataset)
     stream = iter(model.batches(params.seed, 0))
-    return model, lambda: next(stream)
+    return model, lambda: ctx.to_device(next(stream))
 
 
 def test_alignflow_trains_and_translates_through_exact_inverses(workdir):

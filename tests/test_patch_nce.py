@@ -160,9 +160,10 @@ def one_cut_step(keys_from_forward: bool, overrides: list[str]) -> tuple[dict, d
     params = load_params("params.yaml", [*TINY["cut"], *overrides])
     p = params.recipe("cut")
     torch.manual_seed(0)
-    model = recipes.get("cut")(p, Context.create(p), Path(params.data.root) / p.dataset)
+    ctx = Context.create(p)
+    model = recipes.get("cut")(p, ctx, Path(params.data.root) / p.dataset)
     model.keys_from_forward = keys_from_forward
-    batch = next(iter(model.batches(params.seed, 0)))
+    batch = ctx.to_device(next(iter(model.batches(params.seed, 0))))
     torch.manual_seed(1)  # the same patch locations in both runs
     losses = model.step(lambda: batch)
     grads = {f"{net}.{name}": w.grad for net in "GFD" for name, w in model.nets[net].named_parameters()}

@@ -113,8 +113,9 @@ def ours(name: str, objective: str, *extra: str):
     params = load_params("params.yaml", [*TINY[name], f"{name}.objective={objective}", *extra])
     p = params.recipe(name)
     torch.manual_seed(0)
-    model = recipes.get(name)(p, Context.create(p), Path(params.data.root) / p.dataset)
-    batch = next(iter(model.batches(params.seed, 0)))
+    ctx = Context.create(p)
+    model = recipes.get(name)(p, ctx, Path(params.data.root) / p.dataset)
+    batch = ctx.to_device(next(iter(model.batches(params.seed, 0))))  # uint8 pixels -> model input, as the loop does
     return model, batch
 
 

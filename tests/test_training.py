@@ -15,7 +15,7 @@ from rich.console import Console
 
 from models import objectives
 from pipeline.errors import TrainingDiverged, UserError
-from pipeline.params import load_params
+from pipeline.params import ParamsError, load_params
 from pipeline.train import recipes
 from pipeline.train.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.train.context import Context
@@ -35,7 +35,9 @@ CASES += [(recipe, "minimax") for recipe in recipes.names() if recipe != "cycleg
 
 @pytest.mark.parametrize("recipe, objective", CASES)
 def test_every_recipe_trains_with_the_objectives_that_change_its_step(workdir, recipe, objective):
-    params = load_params("params.yaml", [*tiny(recipe), f"{recipe}.objective={objective}"])
+    # pix2pix's critic has batch norm, which a gradient penalty refuses (test_a_penalty_refuses_a_batch_norm_critic).
+    norm = [f"{recipe}.discriminator.norm=instance"] if recipe.startswith("pix2pix") and "-" in objective else []
+    params = load_params("params.yaml", [*tiny(recipe), f"{recipe}.objective={objective}", *norm])
     p = params.recipe(recipe)
     ctx = Context.create(p)
     model = recipes.get(recipe)(p, ctx, Path(params.data.root) / p.dataset)
@@ -80,6 +82,7 @@ def test_train_writes_checkpoint_metrics_and_resumes(workdir):
     metrics = json.loads((workdir / "metrics/pix2pix.train.json").read_text())
     assert set(metrics["losses"]) == {"G", "G_adv", "L1", "CE", "D"} and metrics["steps_per_second"] > 0
     assert metrics["losses"]["CE"] == 0 and metrics["losses"]["L1"] > 0  # an RGB output has no cross-entropy
+    assert 0 < metrics["data_wait"] < 1 and state["batches_drawn"] == 4
     # The CSV's columns are the recipe's declared losses, in its order.
     assert (workdir / "runs/pix2pix/losses.csv").read_text().splitlines()[0] == "step,G,G_adv,L1,CE,D"
 
@@ -367,3 +370,62 @@ def test_a_resumed_run_continues_the_learning_rate_schedule_not_a_decayed_copy(w
 def test_unpaired_recipes_flip_by_default_as_the_reference_does():
     assert recipes.get("cyclegan").Params().augment.flip and recipes.get("alignflow").Params().augment.flip
     assert not recipes.get("pix2pix").Params().augment.flip
+
+
+def test_a_penalty_refuses_a_batch_norm_critic_before_training(workdir):
+    with pytest.raises(
+        ParamsError, match=r"pix2pix: discriminator.norm: .*wgan-gp.*set discriminator.norm to instance"
+    ):
+        load_params("params.yaml", ["pix2pix.objective=wgan-gp"])  # pix2pix's default critic has batch norm
+    with pytest.raises(ParamsError, match=r"d_norm: .*wgan-lp.*set d_norm to spectral or none"):
+        load_params("params.yaml", ["cdcgan.objective=wgan-lp", "cdcgan.d_norm=batch"])
+    load_params("params.yaml", ["pix2pix.objective=wgan-gp", "pix2pix.discriminator.norm=instance"])
+    load_params("params.yaml", ["pix2pix.objective=hinge"])  # no penalty: batch norm is fine
+
+
+def test_a_resumed_run_trains_on_the_same_batches_as_one_that_went_through(workdir, monkeypatch):
+    """Steps 3 and 4 of a run resumed from its step-2 checkpoint (with 2 loader processes) see the images of an
+    uninterrupted run's steps 3 and 4 (with none), and end with the same weights."""
+    import hashlib
+
+    from pipeline.train import feed
+
+    seen: list[str] = []
+    handed_out = feed.Feed.__call__
+
+    def recording(self):
+        batch = handed_out(self)
+        seen.append(hashlib.sha256(b"".join(v.cpu().numpy().tobytes() for v in batch.values())).hexdigest())
+        return batch
+
+    monkeypatch.setattr(feed.Feed, "__call__", recording)
+    settings = [*tiny("cyclegan", steps=4, every=2), "cyclegan.augment.flip=true"]
+    train("cyclegan", load_params("params.yaml", [*settings, "cyclegan.num_workers=0"]), QUIET)
+    through, seen[:] = list(seen), []
+    checkpoints = workdir / "runs/cyclegan/checkpoints"
+    finished = load_checkpoint(checkpoints / "last.pt")
+    (checkpoints / "step_000002.pt").replace(checkpoints / "last.pt")
+    train("cyclegan", load_params("params.yaml", [*settings, "cyclegan.num_workers=2"]), QUIET)
+    assert len(through) == 4 and seen == through[2:]
+    resumed = load_checkpoint(checkpoints / "last.pt")
+    for name, weights in finished["networks"].items():
+        assert all(torch.equal(weights[k], v) for k, v in resumed["networks"][name].items()), name
+
+
+def test_precision_auto_keeps_fp32_for_networks_too_small_for_autocast_to_pay(workdir):
+    from models.generators import build_generator
+    from pipeline.train.context import AUTOCAST_MIN_GFLOP_PER_IMAGE, generator_gflop_per_image
+
+    params = load_params("params.yaml", tiny("cdcgan"))
+    ctx = Context.create(params.cdcgan)
+    model = recipes.get("cdcgan")(params.cdcgan, ctx, Path(params.data.root) / params.cdcgan.dataset)
+    ctx.precision = "bf16"  # what auto gives on a GPU before the networks are known
+    ctx.settle_precision(model.nets, model.example_inputs)
+    assert ctx.precision == "fp32"
+    # The reference CycleGAN generator at 256x256 (counted on the meta device: shapes only) passes the threshold.
+    reference = {"G": build_generator("resnet_9blocks", ngf=64).to("meta")}
+    example = {"G": {"image": torch.zeros(2, 3, 256, 256, device="meta")}}
+    assert generator_gflop_per_image(reference, example) > AUTOCAST_MIN_GFLOP_PER_IMAGE
+    ctx.precision = "bf16"
+    ctx.settle_precision(reference, example)
+    assert ctx.precision == "bf16"

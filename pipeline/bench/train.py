@@ -13,11 +13,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.data.datasets import loader_workers
 from pipeline.data.prepare import prepare_folder
 from pipeline.params import Params
 from pipeline.schema import DatasetParams, LabelMapParams
 from pipeline.train import recipes
 from pipeline.train.context import Context
+from pipeline.train.feed import Feed
 
 
 def _synthetic_dataset(root: Path, size: int, layout: str, labels: LabelMapParams | None = None) -> Path:
@@ -41,9 +43,11 @@ def _synthetic_dataset(root: Path, size: int, layout: str, labels: LabelMapParam
     return root / "prepared"
 
 
-def run(recipe: str, params: Params, size: int, steps: int = 20, warmup: int = 3) -> dict:
-    """Times `steps` training steps after `warmup` untimed ones (compilation, allocator, cuDNN autotuning); also
-    says whether every step's losses were finite, the last step's, and the GPU's peak memory over the run."""
+def run(recipe: str, params: Params, size: int, steps: int = 20, warmup: int = 3, resident: bool = False) -> dict:
+    """Times `steps` training steps after `warmup` untimed ones (compilation, allocator, cuDNN autotuning, the
+    loader's workers starting) and the share of them spent waiting for data; also says whether every step's
+    losses were finite, the last step's, and the GPU's peak memory over the run. `resident`: every step takes
+    the same first batch, already on the device (no data pipeline: the device's own speed)."""
     recipe_class = recipes.get(recipe)
     p = params.recipe(recipe)
     if "domain" in type(p).model_fields:
@@ -59,19 +63,20 @@ def run(recipe: str, params: Params, size: int, steps: int = 20, warmup: int = 3
         if cuda:
             torch.cuda.reset_peak_memory_stats(ctx.device)
         model = recipe_class(p, ctx, data_dir)
-        stream = iter(model.batches(params.seed, 0))
-
-        def next_batch():
-            return ctx.to_device(next(stream))
-
-        losses = [model.step(next_batch) for _ in range(warmup)]
+        ctx.settle_precision(model.nets, model.example_inputs)
+        feed = Feed(iter(model.batches(params.seed, 0)), ctx)
+        if resident:
+            first = feed()
+            feed = _Resident(first)
+        losses = [model.step(feed) for _ in range(warmup)]
         if cuda:
             torch.cuda.synchronize()
-        started = time.perf_counter()
-        losses += [model.step(next_batch) for _ in range(steps)]
+        started, waited_before = time.perf_counter(), feed.waited
+        losses += [model.step(feed) for _ in range(steps)]
         if cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started
+        waited = feed.waited - waited_before
     # One step trains on n_critic critic batches and one generator batch; images/s counts generator images.
     return {
         "recipe": recipe,
@@ -85,9 +90,25 @@ def run(recipe: str, params: Params, size: int, steps: int = 20, warmup: int = 3
         "seconds": round(seconds, 3),
         "steps_per_second": round(steps / seconds, 3),
         "images_per_second": round(steps * p.batch_size / seconds, 3),
+        # The share of the timed steps spent waiting for the data pipeline (decoding, augmenting, collating).
+        "data_wait_fraction": round(waited / seconds, 4),
+        "resident_batch": resident,
+        "num_workers": loader_workers(p.num_workers, cuda),
         "losses_finite": all(math.isfinite(value) for step in losses for value in step.values()),
         "losses": losses[-1],
         "peak_memory_mib": round(torch.cuda.max_memory_allocated(ctx.device) / 2**20, 1) if cuda else None,
         "machine": platform.machine(),
         "date": date.today().isoformat(),
     }
+
+
+class _Resident:
+    """A feed that hands out one device batch again and again, waiting for nothing."""
+
+    waited = 0.0
+
+    def __init__(self, batch: dict[str, torch.Tensor]):
+        self.batch = batch
+
+    def __call__(self) -> dict[str, torch.Tensor]:
+        return self.batch

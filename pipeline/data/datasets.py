@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,8 +13,9 @@ import cv2
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
+from pipeline import machine, threads
 from pipeline.errors import UserError
 from pipeline.pixels import to_model_range, to_pixels
 from pipeline.schema import AugmentParams
@@ -31,9 +34,19 @@ def entries(manifest: dict, split: str, domain: str) -> list[dict]:
     return [e for e in manifest["images"] if e["split"] == split and e["domain"] == domain]
 
 
+def pixels_tensor(rgb: np.ndarray) -> torch.Tensor:
+    """uint8 HWC RGB -> uint8 CHW: what the training stream carries (a quarter of float32's bytes to copy)."""
+    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
+
+
 def to_tensor(rgb: np.ndarray) -> torch.Tensor:
     """uint8 HWC RGB -> float32 CHW in [-1, 1], the contract of every network here."""
-    return to_model_range(torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1))
+    return to_model_range(pixels_tensor(rgb))
+
+
+def as_model_input(item: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """uint8 images (any layout, batched or not) -> float32 in [-1, 1]; class indices (int64) pass unchanged."""
+    return {key: to_model_range(value) if value.dtype == torch.uint8 else value for key, value in item.items()}
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -83,7 +96,8 @@ def build_augment(params: AugmentParams, paired: bool, b_is_label_map: bool = Fa
 
 
 class PreparedImages(Dataset):
-    """Shared behaviour: a manifest, a seeded random state, and augmentation applied the same to paired images."""
+    """Shared behaviour: a manifest, seeded random draws, and augmentation applied the same to paired images.
+    Subclasses say in `load` how item `index` is made from a random generator, as uint8 pixels."""
 
     def __init__(self, dataset_dir: Path, augment: AugmentParams, paired: bool, seed: int, labels_in: str = ""):
         self.root = Path(dataset_dir)
@@ -94,6 +108,18 @@ class PreparedImages(Dataset):
     def reseed(self, seed: int) -> None:
         self.rng = np.random.default_rng(seed)
         self.augment.set_random_seed(seed)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        """Item `index` as model input, drawn from the dataset's running random state (sample grids, the classifier)."""
+        return as_model_input(self.load(index, self.rng))
+
+    def seeded(self, index: int, seed: int) -> dict[str, torch.Tensor]:
+        """Item `index` as uint8 pixels with every random draw from `seed` alone: the same in any worker process."""
+        self.augment.set_random_seed(seed)
+        return self.load(index, np.random.default_rng([seed, 1]))  # a stream apart from the augmentation's
+
+    def load(self, index: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
 
     def _apply(self, image: np.ndarray, image_b: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         if not self.augment.transforms:
@@ -120,10 +146,10 @@ class UnpairedDataset(PreparedImages):
     def __len__(self) -> int:
         return max(len(self.a), len(self.b))
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def load(self, index: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         a = read_rgb(self.root / self.a[index % len(self.a)]["path"])
-        b = read_rgb(self.root / self.b[int(self.rng.integers(len(self.b)))]["path"])
-        return {"A": to_tensor(self._apply(a)[0]), "B": to_tensor(self._apply(b)[0])}
+        b = read_rgb(self.root / self.b[int(rng.integers(len(self.b)))]["path"])
+        return {"A": pixels_tensor(self._apply(a)[0]), "B": pixels_tensor(self._apply(b)[0])}
 
 
 class PairedDataset(PreparedImages):
@@ -141,7 +167,7 @@ class PairedDataset(PreparedImages):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def load(self, index: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         pair = dict(zip("AB", self.pairs[index], strict=True))
         read = {d: read_labels if d == self.labels_in else read_rgb for d in "AB"}
         arrays = {d: read[d](self.root / pair[d]["path"]) for d in "AB"}
@@ -152,7 +178,7 @@ class PairedDataset(PreparedImages):
 
 
 def _as_tensor(array: np.ndarray, is_label_map: bool) -> torch.Tensor:
-    return torch.from_numpy(array.astype(np.int64)) if is_label_map else to_tensor(array)
+    return torch.from_numpy(array.astype(np.int64)) if is_label_map else pixels_tensor(array)
 
 
 class LabeledDataset(PreparedImages):
@@ -169,10 +195,10 @@ class LabeledDataset(PreparedImages):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def load(self, index: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         entry = self.items[index]
         image = self._apply(read_rgb(self.root / entry["path"]))[0]
-        return {"image": to_tensor(image), "label": torch.tensor(entry["label"], dtype=torch.long)}
+        return {"image": pixels_tensor(image), "label": torch.tensor(entry["label"], dtype=torch.long)}
 
 
 def first_items(dataset: Dataset, n: int, keys: tuple[str, ...] = ("A", "B")) -> dict[str, torch.Tensor]:
@@ -181,45 +207,87 @@ def first_items(dataset: Dataset, n: int, keys: tuple[str, ...] = ("A", "B")) ->
     return {key: torch.stack([item[key] for item in items]) for key in keys}
 
 
-def _reseed_worker(worker_id: int) -> None:
-    info = torch.utils.data.get_worker_info()
-    info.dataset.reseed(info.seed % 2**32)
+class SeededBatches(Sampler[list[tuple[int, int]]]):
+    """An endless stream of batches of (index, item seed) keys in which batch k depends on (seed, rank, world size,
+    k) alone: a resumed run that skips the batches it drew, and any number of worker processes, load the same
+    images with the same random draws. Each epoch is one shuffle that the ranks share, each rank taking its own
+    slice (DistributedSampler's drop_last share); whole batches only, unless a share is smaller than one."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, skip: int = 0, rank: int = 0, world_size: int = 1):
+        self.share = size // world_size
+        if self.share == 0:
+            raise UserError(f"{size} training images cannot be shared among {world_size} processes")
+        self.size, self.batch_size, self.seed, self.skip = size, batch_size, seed % 2**62, skip
+        self.rank, self.world_size = rank, world_size
+        self.per_epoch = max(1, self.share // batch_size)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, first = divmod(self.skip, self.per_epoch)
+        while True:
+            shuffle = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(self.size, generator=shuffle)[: self.share * self.world_size]
+            mine = order[self.rank :: self.world_size].tolist()
+            for batch in range(first, self.per_epoch):
+                positions = range(batch * self.batch_size, min((batch + 1) * self.batch_size, self.share))
+                yield [(mine[i], self._item_seed(epoch, i)) for i in positions]
+            epoch, first = epoch + 1, 0
+
+    def _item_seed(self, epoch: int, position: int) -> int:
+        return int(np.random.SeedSequence([self.seed, self.rank, epoch, position]).generate_state(1)[0])
+
+
+class _SeededItems(Dataset):
+    """A training dataset keyed by SeededBatches' (index, item seed)."""
+
+    def __init__(self, dataset: PreparedImages):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+        return self.dataset.seeded(*key)
+
+
+def loader_workers(setting: int | str, on_cuda: bool) -> int:
+    """`num_workers: auto`. On a CUDA device: the cores this process may use (its affinity, the cgroup's CPU quota,
+    shared among torchrun's processes on the machine) less one for the training process, at least 1 and at most
+    8, since decoding in workers overlaps the device's work. On the CPU: none, since the step's own threads use
+    every core and a loader process only takes one from them (1 worker: 4-5% slower on 2 cores, BENCHMARKS #34).
+    A number is used as given."""
+    if setting != "auto":
+        return int(setting)
+    if not on_cuda:
+        return 0
+    cores = len(threads.available_cpus())
+    quota = machine.cpu_quota()
+    if quota is not None:
+        cores = min(cores, math.ceil(quota))
+    cores //= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return min(8, max(1, cores - 1))
 
 
 def batches(
     dataset: PreparedImages,
     batch_size: int,
     seed: int,
-    start_step: int = 0,
+    skip: int = 0,
     num_workers: int = 0,
     rank: int = 0,
     world_size: int = 1,
+    pin_memory: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """An endless stream of shuffled batches, determined by (seed, start_step) so a resumed run is reproducible.
-    Under data parallelism each of `world_size` ranks gets its own share of every epoch's shuffle."""
-    epoch = 0
-    while True:
-        stream_seed = seed * 1_000_003 + start_step * 1_009 + epoch
-        # Ranks share the shuffle (the sampler) but not the augmentation's or the random B pick's draws.
-        rank_seed = stream_seed + rank * 7_919
-        generator = torch.Generator().manual_seed(rank_seed)
-        dataset.reseed(rank_seed)
-        sampler = None
-        if world_size > 1:
-            sampler = DistributedSampler(dataset, world_size, rank, shuffle=True, seed=stream_seed, drop_last=True)
-        shard = len(sampler) if sampler is not None else len(dataset)
-        if shard == 0:
-            raise UserError(f"{len(dataset)} training images cannot be shared among {world_size} processes")
-        loader = DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=sampler is None,
-            sampler=sampler,
-            drop_last=shard >= batch_size,
-            num_workers=num_workers,
-            generator=generator,
-            worker_init_fn=_reseed_worker,
-            persistent_workers=False,
-        )
-        yield from loader
-        epoch += 1
+    """The endless stream of seeded training batches (uint8 images, int64 labels), `skip` batches in; under data
+    parallelism this rank's share of every epoch. `num_workers` processes decode and augment ahead of the training
+    process (two batches each); `pin_memory` stages batches for asynchronous copies to a CUDA device."""
+    sampler = SeededBatches(len(dataset), batch_size, seed, skip, rank, world_size)
+    # One iterator for the whole run, so its workers are started once and live as long as it. Its own generator:
+    # the workers' base seed must not be drawn from the global one, which a resumed run restores from its checkpoint.
+    loader = DataLoader(
+        _SeededItems(dataset),
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return iter(loader)

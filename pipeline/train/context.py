@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from models import objectives
+from pipeline.data.datasets import as_model_input
 from pipeline.errors import UserError
 from pipeline.schema import RecipeParams
 from pipeline.train.distributed import BothDirections, TwoWay, World
@@ -21,6 +23,28 @@ def resolve_device(choice: str) -> torch.device:
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(choice)
+
+
+# `precision: auto` takes reduced precision only for a generator of at least this many FLOPs per image (a forward
+# pass, FLOPs = 2 x multiply-adds). Measured on an H200 (docs/BENCHMARKS.md, #34): bf16 + channels-last paid for
+# cyclegan's resnet_9blocks at 256x256 (99 GFLOP: 1.12-1.20x) and cost pix2pix's unet_256 (12 GFLOP: 0.91-0.97x)
+# and the digits recipes below 0.2 GFLOP (cdcgan 0.83x, flowgan 0.86x, pix2pix_labels 0.88x): autocast's casts and
+# layout changes outweigh the faster convolutions until the convolutions dominate the step.
+AUTOCAST_MIN_GFLOP_PER_IMAGE = 32.0
+
+
+def generator_gflop_per_image(nets: dict[str, nn.Module], example_inputs: dict[str, dict]) -> float:
+    """The largest forward pass among the networks that `example_inputs` feeds, in GFLOP per image; counted on a
+    copy, so data-dependent initialisation (a flow's actnorm) stays for the first training batch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    largest = 0.0
+    for name, inputs in example_inputs.items():
+        images = next(iter(inputs.values())).shape[0]
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            copy.deepcopy(nets[name]).eval()(*inputs.values())
+        largest = max(largest, counter.get_total_flops() / images / 1e9)
+    return largest
 
 
 def resolve_precision(choice: str, device: torch.device) -> str:
@@ -58,6 +82,13 @@ class Context:
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
         scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
         return cls(p, device, precision, objective, n_critic, world, scaler)
+
+    def settle_precision(self, nets: dict[str, nn.Module], example_inputs: dict[str, dict]) -> None:
+        """`precision: auto` on a GPU keeps fp32 for networks too small for autocast to pay (the rule above)."""
+        if self.params.precision != "auto" or self.precision == "fp32":
+            return
+        if generator_gflop_per_image(nets, example_inputs) < AUTOCAST_MIN_GFLOP_PER_IMAGE:
+            self.precision, self.scaler = "fp32", None
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "fp32":
@@ -111,10 +142,8 @@ class Context:
             self.objective.after_critic_step(critic)
 
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        moved = {}
-        for key, value in batch.items():
-            value = value.to(self.device, non_blocking=True)
-            if value.dim() == 4 and self.device.type == "cuda" and self.params.channels_last:
-                value = value.contiguous(memory_format=torch.channels_last)
-            moved[key] = value
-        return moved
+        """A batch on the device as model input: uint8 images travel as bytes and become float there."""
+        moved = as_model_input({key: value.to(self.device, non_blocking=True) for key, value in batch.items()})
+        if self.device.type != "cuda" or not self.params.channels_last:
+            return moved
+        return {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for k, v in moved.items()}

@@ -9,7 +9,6 @@ import csv
 import io
 import math
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ from rich.console import Console
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from pipeline.charts import loss_curves
+from pipeline.data.datasets import loader_workers
 from pipeline.errors import TrainingDiverged, UserError
 from pipeline.files import write_bytes_atomic, write_json_atomic
 from pipeline.images import write_image_atomic
@@ -38,6 +38,7 @@ from pipeline.train.checkpoint import (
 )
 from pipeline.train.context import Context
 from pipeline.train.distributed import World
+from pipeline.train.feed import Feed, data_wait_warning
 from pipeline.train.fingerprint import changed_files, code_fingerprint
 
 
@@ -94,6 +95,7 @@ def train(
             f"{p.batch_size} is per process, {p.batch_size * world.size} images per step in all"
         )
     recipe = recipe_class(p, ctx, Path(params.data.root) / p.dataset)
+    ctx.settle_precision(recipe.nets, recipe.example_inputs)
     images_per_step = p.batch_size * world.size
     init_record = _initialize(recipe, p.init_from, state, console)
     generator_names = recipe_class.generator_names(p)
@@ -104,11 +106,14 @@ def train(
 
     # Captured before a restore: saved optimizers carry the decayed rate of their step, not the base rate.
     base_lrs = {name: [g["lr"] for g in opt.param_groups] for name, opt in recipe.optimizers.items()}
-    start_step, history, run_id, seconds_before = 0, [], None, 0.0
+    start_step, history, run_id, seconds_before, drawn_before, waited_before = 0, [], None, 0.0, 0, 0.0
     if state is not None:
         start_step, history, run_id = state["step"], state["history"], state.get("mlflow_run_id")
         # Checkpoints from before the total was recorded know only their last segment's speed.
         seconds_before = state.get("seconds", start_step / max(state["steps_per_second"], 1e-9))
+        # Older checkpoints did not count their batches: their stream goes on from one batch per step.
+        drawn_before = state.get("batches_drawn", start_step)
+        waited_before = state.get("data_wait_seconds", 0.0)
         _restore(state, recipe, ema, ctx)
         console.print(f"resumed from step {start_step}")
     world.agree({"step": start_step, "params_hash": wanted_hash}, "where to resume")
@@ -128,14 +133,19 @@ def train(
     if state is None and main:  # a fresh start: the folder DVC keeps between runs must not mix in an older run's sheets
         for old in (*samples.glob("step_*.png"), samples / "losses.png"):
             old.unlink(missing_ok=True)
-    stream = iter(recipe.batches(params.seed, start_step))
-    next_batch: Callable[[], dict] = lambda: ctx.to_device(next(stream))  # noqa: E731
+    feed = Feed(iter(recipe.batches(params.seed, drawn_before)), ctx, drawn_before)
 
     segment_started = time.perf_counter()
-    seconds = {"at_last_checkpoint": seconds_before}  # training time of the whole run, every segment
+    # Training time of the whole run, every segment, and how much of it waited for data.
+    seconds = {"at_last_checkpoint": seconds_before, "waited": waited_before}
+
+    def data_wait() -> float:
+        """The share of this segment's time that the steps waited for their batches."""
+        return feed.waited / max(time.perf_counter() - segment_started, 1e-9)
 
     def checkpoint(step: int, steps_per_second: float, digests: dict[str, list[str]]) -> None:
         seconds["at_last_checkpoint"] = seconds_before + time.perf_counter() - segment_started
+        seconds["waited"] = waited_before + feed.waited
         state: Checkpoint = {
             "recipe": recipe_name,
             "step": step,
@@ -157,6 +167,8 @@ def train(
             "init_from": init_record,
             "world_size": world.size,
             "parameter_sha256": digests,
+            "batches_drawn": feed.drawn,
+            "data_wait_seconds": seconds["waited"],
         }
         save_checkpoint(state, ckpt_path)
         keep_step_copy(ckpt_path, step, p.keep_checkpoints)
@@ -173,7 +185,7 @@ def train(
                     for group, base in zip(opt.param_groups, base_lrs[name], strict=True):
                         group["lr"] = base * factor
                 ctx.step = step
-                losses = world.mean(recipe.step(next_batch))
+                losses = world.mean(recipe.step(feed))
                 check_finite(losses, step, last_good)
                 for net_name, averaged in ema.items():
                     averaged.update_parameters(recipe.nets[net_name])
@@ -181,11 +193,13 @@ def train(
                     window.setdefault(key, []).append(value)
                 # The same means over the current log window that the CSV and MLflow record.
                 means = {k: sum(v) / len(v) for k, v in window.items()}
-                progress.update(step, " ".join(f"{k}={v:.3f}" for k, v in means.items()))
+                shown = " ".join(f"{k}={v:.3f}" for k, v in means.items())
+                progress.update(step, f"{shown} data_wait={data_wait():.0%}")
                 if step % p.log_every == 0 or step == p.steps:
                     history.append({"step": step, **means})
                     lrs = {f"lr_{k}": o.param_groups[0]["lr"] for k, o in recipe.optimizers.items()}
                     speed = {"steps_per_second": progress.rate, "images_per_second": progress.rate * images_per_step}
+                    speed["data_wait"] = data_wait()
                     if main:
                         run.log_metrics({**means, **lrs, **speed}, step)
                     window = {}
@@ -203,10 +217,14 @@ def train(
         steps_done = p.steps - start_step
         # The whole run's speed, over every resumed segment; a run with nothing left to do keeps its checkpoint's.
         rate = p.steps / max(seconds["at_last_checkpoint"], 1e-9)
+        waited = seconds["waited"] / max(seconds["at_last_checkpoint"], 1e-9)
         losses_csv = checkpoint_dir(recipe_name, runs_root).parent / "losses.csv"
         summary = _write_outputs(
-            recipe_name, recipe_class.losses, metrics_root, losses_csv, history, rate, images_per_step
+            recipe_name, recipe_class.losses, metrics_root, losses_csv, history, (rate, images_per_step, waited)
         )
+        warning = data_wait_warning(recipe_name, waited, loader_workers(p.num_workers, ctx.device.type == "cuda"))
+        if steps_done and warning:
+            console.print(warning)
         if steps_done:
             run.log_artifact(samples / "losses.png")
             for net_name in generator_names:
@@ -297,14 +315,16 @@ def _write_outputs(
     root: Path,
     losses_csv: Path,
     history: list[dict],
-    steps_per_second: float,
-    images_per_step: int,
+    speed: tuple[float, int, float],
 ) -> dict:
+    """metrics/RECIPE.train.json and the CSV; `speed` is (steps/s, images per step, the share that waited for data)."""
+    steps_per_second, images_per_step, data_wait = speed
     last = history[-1] if history else {}
     summary = {
         "steps": last.get("step", 0),
         "steps_per_second": round(steps_per_second, 4),
         "images_per_second": round(steps_per_second * images_per_step, 4),
+        "data_wait": round(data_wait, 4),
         "losses": {k: round(v, 6) for k, v in last.items() if k != "step"},
     }
     write_json_atomic(root / f"{recipe}.train.json", summary)

@@ -7,7 +7,7 @@ owns everything particular to it, so nothing else in the pipeline names it:
 - `exports(p)`: direction -> `Export` (which network, which kind of ONNX model, from which domain to which);
 - `__init__(p, ctx, data_dir)`: sets `p`, `ctx`, `dataset`, `nets`, `optimizers`, `pools`, `network_args` and
   `example_inputs`; `step(next_batch)`, `sample_columns()` (label -> images, one column of the sample sheet
-  each) and `batches(seed, start_step)` (seeded batches of `dataset` unless a recipe says otherwise) are the
+  each) and `batches(seed, skip)` (seeded uint8 batches of `dataset`, `skip` in, unless a recipe says otherwise) are the
   training loop's calls;
 - `evaluate(generators, p, inputs)`: the metrics dict; it writes its sample sheets to `inputs.reports`.
 """
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from pipeline.data.datasets import batches
+from pipeline.data.datasets import batches, loader_workers
 from pipeline.evaluate import measures
 from pipeline.schema import RecipeParams
 from pipeline.train.context import Context
@@ -87,10 +87,12 @@ class Recipe:
             out[direction] = net.eval()
         return out
 
-    def batches(self, seed: int, start_step: int):
-        """The endless, seeded stream of training batches from `self.dataset`, this rank's share under torchrun."""
-        world = self.ctx.world
-        return batches(self.dataset, self.p.batch_size, seed, start_step, self.p.num_workers, world.rank, world.size)
+    def batches(self, seed: int, skip: int):
+        """The endless, seeded stream of training batches from `self.dataset` after the `skip` a resumed run drew
+        already, this rank's share under torchrun, loaded by `num_workers` processes."""
+        world, cuda = self.ctx.world, self.ctx.device.type == "cuda"
+        workers = loader_workers(self.p.num_workers, cuda)
+        return batches(self.dataset, self.p.batch_size, seed, skip, workers, world.rank, world.size, pin_memory=cuda)
 
     def step(self, next_batch) -> dict[str, float]:
         raise NotImplementedError

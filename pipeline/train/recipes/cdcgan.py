@@ -9,13 +9,14 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from pydantic import model_validator
 from torch import nn
 
 from models.dcgan import ConditionalDiscriminator, ConditionalGenerator
 from models.init import init_weights
 from pipeline.data.datasets import LabeledDataset
 from pipeline.evaluate import measures
-from pipeline.schema import PositiveInt, RecipeParams
+from pipeline.schema import PositiveInt, RecipeParams, refuse_batch_norm_with_penalty
 from pipeline.train.context import Context
 from pipeline.train.parts import set_requires_grad
 from pipeline.train.recipes.base import Export, Recipe, register
@@ -28,6 +29,12 @@ class CDCGANParams(RecipeParams):
     ndf: PositiveInt = 64
     conditioning: Literal["projection", "concat"] = "projection"
     d_norm: Literal["none", "batch", "spectral"] = "spectral"
+
+    @model_validator(mode="after")
+    def _penalty_needs_a_critic_without_batch_norm(self) -> CDCGANParams:
+        if self.d_norm == "batch":
+            refuse_batch_norm_with_penalty(self.objective, "d_norm", "spectral or none")
+        return self
 
 
 @register
