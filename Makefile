@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: setup
-	$(BIN)/dvc repro
+	$(BIN)/transfigure repro
 	@echo
 	@echo "Done. Results:"
 	@echo "  metrics/*.json        quality of each recipe (dvc metrics show)"

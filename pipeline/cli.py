@@ -253,3 +253,15 @@ def doctor() -> None:
         report(_console())
 
     guard(work)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def repro(ctx: typer.Context) -> None:
+    """`dvc repro` of the whole pipeline, with "stage k of n" and the time left before each stage; DVC's options
+    (--force, --keep-going ...) pass through."""
+    import shutil
+
+    from pipeline.repro import reproduce
+
+    dvc = shutil.which("dvc") or "dvc"
+    raise typer.Exit(reproduce(ctx.args, dvc))

@@ -30,12 +30,16 @@ class Params(Strict):
 
     seed: int = 0
     threads: PositiveInt | Literal["auto"] = "auto"  # CPU threads (pipeline/threads.py); --threads overrides
+    recipes: list[str] = []  # what `dvc repro` runs: dvc.yaml's stages iterate over it
     data: DataParams
     evaluate: EvaluateParams = EvaluateParams()
     export: ExportParams = ExportParams()
 
     @model_validator(mode="after")
     def _datasets_exist(self) -> Params:
+        for name in self.recipes:
+            if name not in recipes.names():
+                raise ValueError(f"recipes: no recipe {name!r} (there are {', '.join(recipes.names())})")
         for name in recipes.names():
             dataset = getattr(self, name).dataset
             if dataset not in self.data.datasets:

@@ -112,6 +112,7 @@ ALLOWED = {
     "pipeline.threads": TOP,
     "pipeline.machine": TOP,
     "pipeline.charts": TOP,
+    "pipeline.repro": TOP,
     "pipeline.params": (*TOP, "pipeline.train.recipes"),  # the schema is assembled from the recipes' sections
     "pipeline.cli": ("pipeline", "models"),
     "pipeline.cli_support": ("pipeline", "models"),

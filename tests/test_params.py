@@ -40,6 +40,7 @@ def test_the_repository_params_are_valid_and_name_every_recipe():
         (lambda p: p["data"]["datasets"]["digits"].update(size=30), "data.datasets.digits.size", "multiple of 4"),
         (lambda p: p["cdcgan"].update(dataset="nope"), "cdcgan.dataset", "no dataset 'nope'"),
         (lambda p: p.update(extra={}), "extra", "unknown key"),
+        (lambda p: p.update(recipes=["cyclegan", "cyclegam"]), "recipes", "no recipe 'cyclegam'"),
     ],
 )
 def test_a_bad_param_stops_with_one_line_naming_the_key(tmp_path, edit, key, words):
@@ -60,6 +61,8 @@ def test_overrides_are_typed_and_checked_like_the_file(tmp_path):
     )
     assert (params.cyclegan.steps, params.cyclegan.lr, params.cyclegan.betas) == (7, 1e-3, (0.0, 0.9))
     assert params.cyclegan.generator.ngf == 8
+    # What `dvc exp run -S 'recipes=[cyclegan,cut]'` writes into params.yaml.
+    assert load_params(path, ["recipes=[cyclegan,cut]"]).recipes == ["cyclegan", "cut"]
     with pytest.raises(ParamsError, match="cyclegan.steps"):
         load_params(path, ["cyclegan.steps=-1"])
     with pytest.raises(ParamsError, match="expected section.key=value"):
