@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 from corpus import write_good
 
@@ -131,3 +132,19 @@ def test_auto_loader_workers_follow_the_cores_this_process_may_use(monkeypatch):
     assert loader_workers("auto", on_cuda=True) == 3
     monkeypatch.setattr(threads, "available_cpus", lambda: [0])
     assert loader_workers("auto", on_cuda=True) == 1  # on a GPU, at least one
+
+
+def test_small_datasets_are_decoded_once_and_large_ones_read_from_disk(tmp_path, monkeypatch):
+    from pipeline.data import datasets
+
+    root = digits(tmp_path, layout="aligned")
+    dataset = PairedDataset(root, "train")
+    first = dataset.seeded(0, seed=1)
+    for png in root.rglob("*.png"):  # from memory now: the files are no longer needed, nor read
+        png.write_bytes(b"")
+    again = dataset.seeded(0, seed=1)
+    assert all(torch.equal(first[key], again[key]) for key in "AB")
+    assert dataset.decoded_bytes == 2 * first["A"].numel()
+    monkeypatch.setattr(datasets, "DECODED_CACHE_BYTES", 0)  # nothing fits: every item is read from disk
+    with pytest.raises(OSError):
+        PairedDataset(root, "train").seeded(0, seed=1)

@@ -236,5 +236,9 @@ def test_dvc_repro_runs_every_stage_and_then_has_nothing_to_do(tmp_path):
     assert "up to date" in dvc("status")
     second = dvc("repro")
     assert "Running stage" not in second
+    # The list of recipes is a param: an experiment with one of them has its stages only, all done already.
+    assert set(dvc("stage", "list", "--name-only").split()) >= {f"train@{recipe}" for recipe in DVC_RECIPES}
+    narrower = dvc("exp", "run", "-S", "recipes=[cyclegan]")
+    assert "Running stage" not in narrower and "pix2pix" not in narrower, narrower[-2000:]
     shown = dvc("metrics", "show")
     assert all(f"metrics/{recipe}.json" in shown for recipe in DVC_RECIPES), shown

@@ -7,8 +7,8 @@ import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import albumentations as A
 import cv2
 import numpy as np
 import torch
@@ -19,6 +19,9 @@ from pipeline import machine, threads
 from pipeline.errors import UserError
 from pipeline.pixels import to_model_range, to_pixels
 from pipeline.schema import AugmentParams
+
+if TYPE_CHECKING:
+    import albumentations as A
 
 MANIFEST = "manifest.json"
 
@@ -71,7 +74,13 @@ def label_side(manifest: dict) -> dict | None:
     return manifest.get("labels")
 
 
-def build_augment(params: AugmentParams, paired: bool, b_is_label_map: bool = False) -> A.Compose:
+def build_augment(params: AugmentParams, paired: bool, b_is_label_map: bool = False) -> A.Compose | None:
+    """The augmentation pipeline; None when there is nothing to augment (then albumentations, about a second of
+    every stage's start-up, is not imported at all)."""
+    if not (params.crop or params.shift or params.rotate or params.flip or params.color_jitter):
+        return None
+    import albumentations as A
+
     transforms: list = []
     if params.crop:
         # Training on random crops: the generators are fully convolutional, so they still run on whole images.
@@ -95,6 +104,11 @@ def build_augment(params: AugmentParams, paired: bool, b_is_label_map: bool = Fa
     return A.Compose(transforms, additional_targets=targets)
 
 
+# Decoded images a dataset keeps in memory: the built-in digits (5 MB) are decoded once instead of every epoch
+# (the decode was 70% of loading a 32x32 item); a larger dataset fills this and reads the rest from disk.
+DECODED_CACHE_BYTES = 512 * 2**20
+
+
 class PreparedImages(Dataset):
     """Shared behaviour: a manifest, seeded random draws, and augmentation applied the same to paired images.
     Subclasses say in `load` how item `index` is made from a random generator, as uint8 pixels."""
@@ -103,11 +117,14 @@ class PreparedImages(Dataset):
         self.root = Path(dataset_dir)
         self.manifest = load_manifest(self.root)
         self.augment = build_augment(augment, paired, b_is_label_map=bool(labels_in))
+        self.decoded: dict[str, np.ndarray] = {}
+        self.decoded_bytes = 0
         self.reseed(seed)
 
     def reseed(self, seed: int) -> None:
         self.rng = np.random.default_rng(seed)
-        self.augment.set_random_seed(seed)
+        if self.augment is not None:
+            self.augment.set_random_seed(seed)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         """Item `index` as model input, drawn from the dataset's running random state (sample grids, the classifier)."""
@@ -115,14 +132,25 @@ class PreparedImages(Dataset):
 
     def seeded(self, index: int, seed: int) -> dict[str, torch.Tensor]:
         """Item `index` as uint8 pixels with every random draw from `seed` alone: the same in any worker process."""
-        self.augment.set_random_seed(seed)
+        if self.augment is not None:
+            self.augment.set_random_seed(seed)
         return self.load(index, np.random.default_rng([seed, 1]))  # a stream apart from the augmentation's
 
     def load(self, index: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def read(self, entry: dict, labels: bool = False) -> np.ndarray:
+        """A manifest entry's pixels (a label map's class indices with `labels`), from memory after the first read.
+        Callers never write into the array: augmentations and the tensors made from it copy."""
+        pixels = self.decoded.get(entry["path"])
+        if pixels is None:
+            pixels = (read_labels if labels else read_rgb)(self.root / entry["path"])
+            if self.decoded_bytes + pixels.nbytes <= DECODED_CACHE_BYTES:
+                self.decoded[entry["path"]], self.decoded_bytes = pixels, self.decoded_bytes + pixels.nbytes
+        return pixels
+
     def _apply(self, image: np.ndarray, image_b: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-        if not self.augment.transforms:
+        if self.augment is None:
             return image, image_b
         if image_b is None:
             return self.augment(image=image)["image"], None
@@ -147,8 +175,8 @@ class UnpairedDataset(PreparedImages):
         return max(len(self.a), len(self.b))
 
     def load(self, index: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        a = read_rgb(self.root / self.a[index % len(self.a)]["path"])
-        b = read_rgb(self.root / self.b[int(rng.integers(len(self.b)))]["path"])
+        a = self.read(self.a[index % len(self.a)])
+        b = self.read(self.b[int(rng.integers(len(self.b)))])
         return {"A": pixels_tensor(self._apply(a)[0]), "B": pixels_tensor(self._apply(b)[0])}
 
 
@@ -169,8 +197,7 @@ class PairedDataset(PreparedImages):
 
     def load(self, index: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         pair = dict(zip("AB", self.pairs[index], strict=True))
-        read = {d: read_labels if d == self.labels_in else read_rgb for d in "AB"}
-        arrays = {d: read[d](self.root / pair[d]["path"]) for d in "AB"}
+        arrays = {d: self.read(pair[d], labels=d == self.labels_in) for d in "AB"}
         # The label map, if any, goes second (albumentations' mask target); its image first.
         first, second = ("B", "A") if self.labels_in == "A" else ("A", "B")
         arrays[first], arrays[second] = self._apply(arrays[first], arrays[second])
@@ -197,7 +224,7 @@ class LabeledDataset(PreparedImages):
 
     def load(self, index: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         entry = self.items[index]
-        image = self._apply(read_rgb(self.root / entry["path"]))[0]
+        image = self._apply(self.read(entry))[0]
         return {"image": pixels_tensor(image), "label": torch.tensor(entry["label"], dtype=torch.long)}
 
 
