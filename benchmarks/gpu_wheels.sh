@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # The wheels that benchmarks/gpu_check.sh installs on the lent GPU machine, fetched here into .whl/ (git-ignored) for
 # the `device` tool to carry: that machine reaches no network, and its python3 (3.12) lacks what `bench train`
-# imports through params and data: pydantic and albumentations, with their needs that it lacks too. The versions
-# are those the project's .venv runs; typing-extensions because pydantic needs a newer one than the image may hold.
+# imports through params: pydantic, with its needs that it lacks too (albumentations is imported only where a run
+# augments, and no measurement of the kit does). The versions are those the project's .venv runs; typing-extensions
+# because pydantic needs a newer one than the image may hold.
 # `gpu_wheels.sh --list` prints the list; tests/test_gpu_check.py checks it and, where .whl/ holds it, the total.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 wheels=(
   pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0
-  albumentations==2.0.8 albucore==0.0.24 simsimd==6.5.16 stringzilla==5.3.2
 )
-documented_mib=7.7 # their total once fetched, well under the 64 MiB that one device call carries
+documented_mib=2.7 # their total once fetched, well under the 64 MiB that one device call carries
 
 if [[ "${1:-}" == --list ]]; then
   printf '%s\n' "${wheels[@]}"

@@ -85,7 +85,9 @@ def image_venv(tmp_path_factory) -> Path:
     return venv / "bin"
 
 
+# One worker runs both tests of the image's environment, so it is built once (about a minute).
 @pytest.mark.slow
+@pytest.mark.xdist_group("image_venv")
 def test_a_venv_built_like_the_image_serves_with_the_containers_command(image_venv, tmp_path):
     model = export_tiny_translator(tmp_path / "model.onnx")
     with Server(model, bin_dir=image_venv) as server:
@@ -103,6 +105,7 @@ def test_a_venv_built_like_the_image_serves_with_the_containers_command(image_ve
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("image_venv")
 def test_a_baked_model_keeps_its_name_its_int8_model_and_its_tiling_graphs(image_venv, tmp_path):
     # The build context as `make run` leaves it: AtoB with its companions, and another model beside it.
     exported = tmp_path / "context/artifacts/cyclegan"
