@@ -18,14 +18,14 @@ from pipeline.files import write_json_atomic
 # Seconds per stage on the reference machine (2-core AMD EPYC, idle, docs/BENCHMARKS.md "make run"), used until
 # this machine has run a stage once; other stages count their kind's figure (the part before "@").
 REFERENCE_SECONDS = {
-    "prepare": 30,
-    "classifier": 40,
-    "train": 120,
-    "train@cyclegan": 150,
-    "train@pix2pix": 45,
-    "train@cdcgan": 90,
-    "evaluate": 20,
-    "export": 25,
+    "prepare": 22,
+    "classifier": 75,
+    "train": 150,
+    "train@cyclegan": 113,
+    "train@pix2pix": 69,
+    "train@cdcgan": 180,
+    "evaluate": 12,
+    "export": 20,
 }
 STARTED = re.compile(r"^Running stage '(?P<stage>[^']+)':")
 SKIPPED = re.compile(r"^Stage '(?P<stage>[^']+)' didn't change, skipping")
@@ -96,5 +96,5 @@ def reproduce(dvc_args: list[str], dvc: str = "dvc", say: Callable[[str], None] 
     if seconds:
         write_json_atomic(HISTORY, {**history, **{stage: round(s, 1) for stage, s in seconds.items()}})
         ran = ", ".join(f"{stage} {s:.0f}" for stage, s in seconds.items())
-        say(f"[pipeline: {minutes(time.perf_counter() - begun)}; seconds per stage: {ran}]")
+        say(f"[pipeline: {time.perf_counter() - begun:.0f} s; seconds per stage: {ran}]")
     return code

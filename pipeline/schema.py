@@ -162,7 +162,7 @@ class FlowParams(Strict):
 
 class ClassifierParams(Strict):
     dataset: str = "digits"
-    steps: PositiveInt = 300
+    steps: PositiveInt = 500
     batch_size: PositiveInt = 64
     lr: Annotated[float, Field(gt=0)] = 1e-3
     augment: AugmentParams = AugmentParams(shift=0.1, rotate=10)
