@@ -33,10 +33,11 @@ SKIPPED = re.compile(r"^Stage '(?P<stage>[^']+)' didn't change, skipping")
 HISTORY = Path(".dvc/tmp/transfigure-stage-seconds.json")
 
 
-def stage_names(dvc: str) -> list[str]:
-    """Every stage of the project's dvc.yaml, with params.yaml's recipe list expanded."""
-    listed = subprocess.run([dvc, "stage", "list", "--name-only"], capture_output=True, text=True, check=True)
-    return listed.stdout.split()
+def stage_names(dvc: str) -> list[str] | str:
+    """Every stage of the project's dvc.yaml, with params.yaml's recipe list expanded; DVC's error when it cannot
+    read them (a broken dvc.yaml or params.yaml)."""
+    listed = subprocess.run([dvc, "stage", "list", "--name-only"], capture_output=True, text=True)
+    return listed.stdout.split() if listed.returncode == 0 else (listed.stderr or listed.stdout).strip()
 
 
 class Estimate:
@@ -65,6 +66,9 @@ def reproduce(dvc_args: list[str], dvc: str = "dvc", say: Callable[[str], None] 
     """Runs `dvc repro ARGS`, passing its output through with a progress line before each stage; returns its exit
     code. Each stage's seconds are kept for the next run's estimate and printed at the end."""
     stages = stage_names(dvc)
+    if isinstance(stages, str):
+        say(stages)
+        return 1
     history = json.loads(HISTORY.read_text()) if HISTORY.exists() else {}
     estimate = Estimate(stages, history)
     seconds: dict[str, float] = {}

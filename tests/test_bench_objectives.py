@@ -91,6 +91,7 @@ def test_optimizers_are_the_recommended_ones_at_the_scaled_rate():
             assert opt.param_groups[0]["betas"] == rec["betas"]
 
 
+@pytest.mark.slow
 def test_the_scaled_learning_rate_is_what_lets_a_short_run_reach_the_ring(tmp_path, monkeypatch):
     # The benchmark is only informative if training reaches the modes within its budget, which is what LR_SCALE
     # is for. Adversarial training amplifies rounding, so a seed's outcome depends on the CPU's kernels: seeds 0-5
@@ -118,6 +119,7 @@ def test_every_registered_objective_has_a_trainer():
     assert set(objectives.names()) <= bench.TRAINERS.keys()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["flow-mle", "flow-hybrid"])
 def test_flow_generators_learn_to_split_two_modes(name):
     # Two modes 4 apart: a Gaussian fitted by moments (the flow before training, after actnorm's initialisation)

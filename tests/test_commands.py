@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import onnx
+import pytest
 from conftest import METADATA, tiny
 from corpus import write_good
 from PIL import Image
@@ -12,6 +13,7 @@ from pipeline.params import load_params
 from pipeline.train.loop import train
 
 
+@pytest.mark.slow
 def test_exported_cdcgan_samples_the_asked_class_and_walks(workdir, run_cli):
     from rich.console import Console
 
@@ -40,6 +42,7 @@ def test_exported_cdcgan_samples_the_asked_class_and_walks(workdir, run_cli):
     assert bad.returncode == 2 and "0..9" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow
 def test_exported_flowgan_sampler_draws_images_and_takes_no_label(workdir, run_cli):
     from rich.console import Console
 
@@ -76,6 +79,7 @@ def test_export_of_a_missing_checkpoint_is_a_clear_error(run_cli, tmp_path):
     assert result.returncode == 2 and "nope.pt" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_evaluate_compares_two_folders_and_pairs_by_name(tmp_path, run_cli):
     write_good(tmp_path / "real", 6, size=(32, 32))
     write_good(tmp_path / "fake", 6, size=(32, 32))

@@ -19,6 +19,8 @@ from pipeline.params import load_params
 from pipeline.train import recipes
 from pipeline.train.checkpoint import load_checkpoint
 
+pytestmark = pytest.mark.slow  # servers, clusters or processes: minutes
+
 
 def torchrun(*args: str) -> list[str]:
     return [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(BIN / "transfigure"), *args]

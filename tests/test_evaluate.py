@@ -24,6 +24,7 @@ def quiet() -> Console:
     return Console(record=True, width=400)
 
 
+@pytest.mark.slow
 def test_the_checkpoints_data_and_features_are_used_and_contradicting_params_are_refused(workdir, tmp_path):
     settings = [*tiny("cyclegan", steps=2, every=2), *CLASSIFIER]
     params = load_params("params.yaml", settings)
@@ -72,6 +73,7 @@ def test_the_checkpoints_data_and_features_are_used_and_contradicting_params_are
     assert by_classifier["features"] == "digits-classifier"
 
 
+@pytest.mark.slow
 def test_own_photos_are_scored_with_pixel_features_and_a_small_sample_warning(workdir, tmp_path):
     fit_classifier(load_params("params.yaml", CLASSIFIER), quiet())  # the digit classifier exists, and stays out
     photos = tmp_path / "photos"

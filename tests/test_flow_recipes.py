@@ -66,6 +66,7 @@ def test_alignflow_trains_and_translates_through_exact_inverses(workdir):
     assert bpd[0] == mean_bits_per_dim(f_A, real_A), "seeded noise"
 
 
+@pytest.mark.slow
 def test_alignflow_exports_each_direction_as_one_onnx_graph(workdir, tmp_path):
     model, next_batch = recipe("alignflow")
     model.step(next_batch)

@@ -212,6 +212,7 @@ def test_one_hot_map_is_the_one_hot_of_each_class():
     assert torch.equal(one_hot_map(labels, 3).argmax(1), labels) and one_hot_map(labels, 3).sum() == 4
 
 
+@pytest.mark.slow
 def test_brief_training_reads_the_digits_better_than_any_constant_map(workdir, digits_root):
     # The default recipe (cross-entropy alone), narrower and briefer, at a constant rate: it learns, far from the bar.
     brief = ["steps=100", "generator.ngf=16", "lr_decay=false", "checkpoint_every=100"]

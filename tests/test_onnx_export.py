@@ -220,6 +220,7 @@ def resnet6_checkpoint(tmp_path_factory):
     return net, path
 
 
+@pytest.mark.slow
 def test_import_reference_checkpoint(resnet6_checkpoint, tmp_path):
     net, pth = resnet6_checkpoint
     out = tmp_path / "horse2zebra.onnx"

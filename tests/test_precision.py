@@ -137,6 +137,7 @@ def test_int8_without_a_companion_or_on_a_gpu_provider_and_unknown_precisions_ar
         make_engine(bare, precision="fp8")
 
 
+@pytest.mark.slow
 def test_quantize_command_skips_bad_files_and_translate_then_runs_int8(tmp_path):
     model = export_tiny_translator(tmp_path / "model.onnx")
     folder = tmp_path / "photos"

@@ -14,6 +14,8 @@ from pipeline.serve.options import InferenceOptions
 from pipeline.serve.ray_translate import INSTALL_HINT, external_data_files, translate_on_ray
 from tests.corpus import gradient, write_bad_corpus, write_good
 
+pytestmark = pytest.mark.slow  # servers, clusters or processes: minutes
+
 
 def pixels(path) -> np.ndarray:
     with Image.open(path) as image:

@@ -193,6 +193,7 @@ def test_the_penalty_enters_the_critic_loss_with_the_configured_weight(name, wei
     assert (2 * loss - wasserstein).item() == pytest.approx(penalty, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_fine_tuning_starts_from_a_reference_generator_and_a_resumed_run_ignores_it(workdir):
     torch.manual_seed(3)
     reference = build_generator("resnet_2blocks", 3, 3, 8, "instance").eval()

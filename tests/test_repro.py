@@ -7,8 +7,12 @@ import os
 import re
 import subprocess
 
+import pytest
+
 from pipeline import repro
 from tests.conftest import BIN
+
+pytestmark = pytest.mark.slow  # servers, clusters or processes: minutes
 
 DVC_YAML = """
 stages:
@@ -51,6 +55,12 @@ def test_repro_says_which_stage_of_how_many_and_how_long_is_left(tmp_path, monke
     assert repro.reproduce(["--force"], str(BIN / "dvc"), said.append) == 0  # DVC's options pass through
     left = round(kept["first"] + kept["second@a"] + kept["second@b"])
     assert said[0] == f"[stage 1 of 3: first, about {left} s left in the pipeline]", (said, kept)
+
+    # A broken dvc.yaml: DVC's own words, no traceback.
+    said.clear()
+    (tmp_path / "dvc.yaml").write_text(DVC_YAML.replace("${parts}", "${nothing}"))
+    assert repro.reproduce([], str(BIN / "dvc"), said.append) == 1
+    assert len(said) == 1 and "nothing" in said[0] and "Traceback" not in said[0], said
 
     # A failing stage: dvc's exit code comes back.
     (tmp_path / "dvc.yaml").write_text(DVC_YAML.replace("open('one.txt', 'w')", "open('missing/one.txt', 'w')"))

@@ -35,7 +35,7 @@ from tests.corpus import gradient, png_declaring
 from tests.serving import Server, container_command, container_env, free_port
 
 # One worker runs the whole module, so its module-scoped fixtures are made once (tests/README.md).
-pytestmark = pytest.mark.xdist_group("test_serve")
+pytestmark = [pytest.mark.xdist_group("test_serve"), pytest.mark.slow]  # servers or processes: minutes
 
 LIMITS = {"max_body_bytes": 300_000, "max_pixels": 200_000}
 

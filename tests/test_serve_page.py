@@ -13,6 +13,8 @@ from PIL import Image
 from tests.corpus import gradient
 from tests.serving import Server
 
+pytestmark = pytest.mark.slow  # servers, clusters or processes: minutes
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ROWS = "rows => rows.map(row => Array.from(row.cells, cell => cell.textContent))"
 # What the machine's closed network needs: no background connections, no sandbox as root, no GPU.

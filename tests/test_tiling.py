@@ -121,6 +121,7 @@ def test_companions_from_another_export_are_not_used(instance_model, tmp_path):
     assert "AtoB.statistics.onnx does not belong to this model (params_hash differ)" in engine.tiling
 
 
+@pytest.mark.slow
 def test_a_field_wider_than_can_be_measured_keeps_blended_tiles(tmp_path):
     torch.manual_seed(0)
     # unet_256's eight 4x4 stride-2 levels see about 700 px each way: no tile of a practical size is exact.

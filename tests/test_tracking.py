@@ -4,6 +4,7 @@ clear line, never a traceback."""
 
 import shutil
 
+import pytest
 from conftest import tiny
 from mlflow.tracking import MlflowClient
 from rich.console import Console
@@ -13,6 +14,8 @@ from pipeline.params import load_params
 from pipeline.train.checkpoint import load_checkpoint
 from pipeline.train.loop import train
 from tests.serving import free_port
+
+pytestmark = pytest.mark.slow  # servers, clusters or processes: minutes
 
 TINY = tiny("cyclegan", steps=2, every=2)
 SETS = [arg for override in TINY for arg in ("--set", override)]

@@ -94,6 +94,7 @@ def test_train_writes_checkpoint_metrics_and_resumes(workdir):
         train("pix2pix", other, QUIET)
 
 
+@pytest.mark.slow
 def test_a_finished_run_extends_when_only_steps_grow_and_keeps_periodic_checkpoints(workdir):
     from rich.console import Console
 
@@ -215,6 +216,7 @@ def test_ema_weights_are_saved_and_used_for_export(workdir):
     assert not torch.equal(ema_generator.state_dict()[key], raw_generator.state_dict()[key])
 
 
+@pytest.mark.slow
 def test_a_run_killed_with_sigkill_resumes_and_finishes_its_steps(workdir):
     steps = 20
     args = [str(BIN / "transfigure"), "train", "cyclegan", *sum((["--set", o] for o in tiny("cyclegan", steps, 5)), [])]
@@ -286,6 +288,7 @@ def test_cpu_refuses_mixed_precision(workdir):
             Context.create(params.cdcgan)
 
 
+@pytest.mark.slow
 def test_mlflow_server_receives_params_metric_histories_and_images(workdir, tmp_path):
     import socket
 
@@ -383,6 +386,7 @@ def test_a_penalty_refuses_a_batch_norm_critic_before_training(workdir):
     load_params("params.yaml", ["pix2pix.objective=hinge"])  # no penalty: batch norm is fine
 
 
+@pytest.mark.slow
 def test_a_resumed_run_trains_on_the_same_batches_as_one_that_went_through(workdir, monkeypatch):
     """Steps 3 and 4 of a run resumed from its step-2 checkpoint (with 2 loader processes) see the images of an
     uninterrupted run's steps 3 and 4 (with none), and end with the same weights."""
