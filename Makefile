@@ -18,9 +18,9 @@ $(RUN_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[serve]'
 	touch $(RUN_STAMP)
 
-$(STAMP): pyproject.toml $(RUN_STAMP)
+$(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[serve,dev,openvino,ray]'
-	touch $(STAMP)
+	touch $(RUN_STAMP) $(STAMP)
 
 setup: $(STAMP)
 
