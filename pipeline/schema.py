@@ -122,7 +122,7 @@ class RecipeParams(Strict):
     # Fine-tuning: network name -> a reference .pth (latest_net_G_A.pth ...) or one of our checkpoints; a fresh
     # run starts from these weights, a resumed one from its own checkpoint.
     init_from: dict[str, str] = {}
-    # Processes that decode and augment batches ahead of training; auto: by the cores this process may use.
+    # Processes that decode and augment batches ahead of training; auto: on CUDA by the usable cores, 0 on the CPU.
     num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"

@@ -119,9 +119,6 @@ class PreparedImages(Dataset):
         self.augment = build_augment(augment, paired, b_is_label_map=bool(labels_in))
         self.decoded: dict[str, np.ndarray] = {}
         self.decoded_bytes = 0
-        self.reseed(seed)
-
-    def reseed(self, seed: int) -> None:
         self.rng = np.random.default_rng(seed)
         if self.augment is not None:
             self.augment.set_random_seed(seed)
@@ -280,7 +277,8 @@ def loader_workers(setting: int | str, on_cuda: bool) -> int:
     """`num_workers: auto`. On a CUDA device: the cores this process may use (its affinity, the cgroup's CPU quota,
     shared among torchrun's processes on the machine) less one for the training process, at least 1 and at most
     8, since decoding in workers overlaps the device's work. On the CPU: none, since the step's own threads use
-    every core and a loader process only takes one from them (1 worker: 4-5% slower on 2 cores, BENCHMARKS #34).
+    every core and a loader process only takes one from them (1 worker on 2 cores: 5% slower on the digits, 13% at
+    256x256; docs/BENCHMARKS.md, #34).
     A number is used as given."""
     if setting != "auto":
         return int(setting)
