@@ -156,10 +156,10 @@ class InvConv1x1(nn.Module):
 class ResBlock(nn.Module):
     """Pre-activation residual block (He et al. 2016) inside the coupling networks."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, kernel_size: int = 3):
         super().__init__()
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv1 = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2)
+        self.conv2 = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2)
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.conv2(F.relu(self.conv1(F.relu(x))))
@@ -169,11 +169,14 @@ class CouplingNet(nn.Module):
     """The scale-and-shift network of an affine coupling (Dinh et al. 2017): a small ResNet whose last convolution
     starts at zero, so every coupling starts as the identity."""
 
-    def __init__(self, in_channels: int, out_channels: int, hidden_channels: int, n_res_blocks: int):
+    def __init__(
+        self, in_channels: int, out_channels: int, hidden_channels: int, n_res_blocks: int, kernel_size: int = 3
+    ):
         super().__init__()
-        self.head = nn.Conv2d(in_channels, hidden_channels, 3, padding=1)
-        self.blocks = nn.Sequential(*[ResBlock(hidden_channels) for _ in range(n_res_blocks)])
-        self.tail = nn.Conv2d(hidden_channels, out_channels, 3, padding=1)
+        padding = kernel_size // 2
+        self.head = nn.Conv2d(in_channels, hidden_channels, kernel_size, padding=padding)
+        self.blocks = nn.Sequential(*[ResBlock(hidden_channels, kernel_size) for _ in range(n_res_blocks)])
+        self.tail = nn.Conv2d(hidden_channels, out_channels, kernel_size, padding=padding)
         nn.init.zeros_(self.tail.weight)
         nn.init.zeros_(self.tail.bias)
 
@@ -186,17 +189,19 @@ class AffineCoupling(nn.Module):
     computed from the kept half and s = scale * tanh(raw) bounded by a learned per-channel scale.
 
     `mask` is "checkerboard" (alternate pixels) or "channel" (first half of the channels, which must be even);
-    `flip` swaps the kept and the changed halves.
+    `flip` swaps the kept and the changed halves; `kernel_size` is the coupling network's (1 for points).
     """
 
-    def __init__(self, channels: int, mask: str, flip: bool, hidden_channels: int, n_res_blocks: int):
+    def __init__(
+        self, channels: int, mask: str, flip: bool, hidden_channels: int, n_res_blocks: int, kernel_size: int = 3
+    ):
         super().__init__()
         if mask not in MASKS:
             raise ValueError(f"unknown mask {mask!r}; expected one of {', '.join(MASKS)}")
         if mask == "channel" and channels % 2:
             raise ValueError(f"a channel mask needs an even number of channels, got {channels}")
         self.mask_kind, self.flip = mask, flip
-        self.net = CouplingNet(channels, 2 * channels, hidden_channels, n_res_blocks)
+        self.net = CouplingNet(channels, 2 * channels, hidden_channels, n_res_blocks, kernel_size)
         self.scale = nn.Parameter(torch.ones(1, channels, 1, 1))
 
     def mask(self, x: Tensor) -> Tensor:
@@ -251,6 +256,7 @@ def flow_steps(
     actnorm: bool,
     invconv: bool,
     orient: bool = False,
+    kernel_size: int = 3,
 ) -> FlowSequence:
     """n_couplings steps of [actnorm] [1x1 conv] coupling (Glow's step), the couplings alternating their halves;
     `orient` orients the first actnorm."""
@@ -260,7 +266,7 @@ def flow_steps(
             layers.append(ActNorm(channels, orient=orient and i == 0))
         if invconv:
             layers.append(InvConv1x1(channels))
-        layers.append(AffineCoupling(channels, mask, i % 2 == 1, hidden_channels, n_res_blocks))
+        layers.append(AffineCoupling(channels, mask, i % 2 == 1, hidden_channels, n_res_blocks, kernel_size))
     return FlowSequence(layers)
 
 

@@ -1,8 +1,8 @@
 """The pipeline end to end, with tiny params. Every recipe of dvc.yaml trains, evaluates and exports in one
-process; dvc.yaml names each one's real files. Then `dvc repro` on fresh copies of the repository. One copy: a
-change to one recipe's loss makes only that recipe's training stale and retrains it from scratch, then a
-`dvc exp run -S` experiment keeps its metrics. Another: one recipe first (metrics and plots show only it), then
-every stage's outputs, a clean `dvc status` and a second `dvc repro` that does nothing."""
+process; dvc.yaml names each one's real files. Then `dvc repro` on a fresh copy of the repository: one recipe
+first (metrics and plots show only it), then every stage's outputs, a clean `dvc status` and a second `dvc repro`
+that does nothing; a change to one recipe's loss makes only that recipe's training stale and retrains it from
+scratch; a `dvc exp run -S` experiment keeps its metrics."""
 
 import json
 import os
@@ -168,44 +168,11 @@ def copy_with_dvc(tmp_path):
     return repo, dvc
 
 
-# Two tests, so that `make test`'s workers run them side by side: each is minutes of stages in sequence.
+# One test on one copy: its stages run in sequence, and a second copy would prepare and train everything again.
 @pytest.mark.slow
-def test_a_code_change_retrains_only_its_recipe_and_an_experiment_keeps_its_metrics(tmp_path):
-    repo, dvc = copy_with_dvc(tmp_path)
-    dvc("repro", "train@cyclegan", "train@pix2pix")
-    # A fix to pix2pix's loss (here: the same L1 written the other way round) must not leave old weights in place.
-    module = repo / "pipeline/train/recipes/pix2pix.py"
-    source = module.read_text()
-    assert "F.l1_loss(fake_B, real_B)" in source
-    module.write_text(source.replace("F.l1_loss(fake_B, real_B)", "F.l1_loss(real_B, fake_B)"))
-    trained = ["cyclegan", "pix2pix"]
-    before = {recipe: load_checkpoint(repo / f"runs/{recipe}/checkpoints/last.pt")["code"] for recipe in trained}
-    stale = {name for name in json.loads(dvc("status", "--json")) if name.startswith("train@")}
-    assert "train@pix2pix" in stale and "train@cyclegan" not in stale, "cyclegan's code did not change"
-    # Training is what the fingerprint guards (`--fresh-if-changed`); evaluate and export simply rerun after it.
-    third = dvc("repro", "train@pix2pix")
-    assert "training code changed" in third and "pipeline/train/recipes/pix2pix.py" in third, third[-3000:]
-    after = {recipe: load_checkpoint(repo / f"runs/{recipe}/checkpoints/last.pt")["code"] for recipe in trained}
-    assert [recipe for recipe in trained if after[recipe] != before[recipe]] == ["pix2pix"]
-
-    # Experiments: each keeps its own metrics (metrics/ is in git), and a higher `steps` extends the run.
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
-    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)  # metrics/ and dvc.lock, as a user commits them
-    subprocess.run([*git, "commit", "-qm", "after repro"], cwd=repo, check=True)
-    # The list of recipes is a param like any other: this experiment narrows it to cyclegan.
-    out = dvc("exp", "run", "-S", "cyclegan.steps=6", "-S", "recipes=[cyclegan]", "train@cyclegan")
-    assert "steps changed from 4 to 6: continuing" in out, out[-2000:]
-    assert yaml.safe_load((repo / "params.yaml").read_text())["recipes"] == ["cyclegan"]
-    assert "train@pix2pix" not in dvc("stage", "list", "--name-only").split()
-    table = json.loads(dvc("exp", "show", "--json"))
-    experiments = [e["revs"][0]["data"] for row in table for e in (row.get("experiments") or [])]
-    assert [e["metrics"]["metrics/cyclegan.train.json"]["data"]["steps"] for e in experiments] == [6], table
-    diff = json.loads(dvc("metrics", "diff", "--json"))
-    assert diff["metrics/cyclegan.train.json"]["steps"] == {"old": 4, "new": 6, "diff": 2}
-
-
-@pytest.mark.slow
-def test_dvc_repro_runs_every_stage_and_then_has_nothing_to_do(tmp_path):
+def test_dvc_repro_runs_every_stage_then_only_what_a_code_change_makes_stale_and_experiments_keep_metrics(
+    tmp_path,
+):
     repo, dvc = copy_with_dvc(tmp_path)
     dvc("repro", "evaluate@cyclegan")
     shown = next(iter(json.loads(dvc("metrics", "show", "--json")).values()))["data"]  # the workspace's
@@ -244,3 +211,33 @@ def test_dvc_repro_runs_every_stage_and_then_has_nothing_to_do(tmp_path):
     assert listed == {f"train@{recipe}" for recipe in DVC_RECIPES}
     shown = dvc("metrics", "show")
     assert all(f"metrics/{recipe}.json" in shown for recipe in DVC_RECIPES), shown
+
+    # A fix to pix2pix's loss (here: the same L1 written the other way round) must not leave old weights in place.
+    module = repo / "pipeline/train/recipes/pix2pix.py"
+    source = module.read_text()
+    assert "F.l1_loss(fake_B, real_B)" in source
+    module.write_text(source.replace("F.l1_loss(fake_B, real_B)", "F.l1_loss(real_B, fake_B)"))
+    trained = ["cyclegan", "pix2pix"]
+    before = {recipe: load_checkpoint(repo / f"runs/{recipe}/checkpoints/last.pt")["code"] for recipe in trained}
+    stale = {name for name in json.loads(dvc("status", "--json")) if name.startswith("train@")}
+    assert "train@pix2pix" in stale and "train@cyclegan" not in stale, "cyclegan's code did not change"
+    # Training is what the fingerprint guards (`--fresh-if-changed`); evaluate and export simply rerun after it.
+    third = dvc("repro", "train@pix2pix")
+    assert "training code changed" in third and "pipeline/train/recipes/pix2pix.py" in third, third[-3000:]
+    after = {recipe: load_checkpoint(repo / f"runs/{recipe}/checkpoints/last.pt")["code"] for recipe in trained}
+    assert [recipe for recipe in trained if after[recipe] != before[recipe]] == ["pix2pix"]
+
+    # Experiments: each keeps its own metrics (metrics/ is in git), and a higher `steps` extends the run.
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)  # metrics/ and dvc.lock, as a user commits them
+    subprocess.run([*git, "commit", "-qm", "after repro"], cwd=repo, check=True)
+    # The list of recipes is a param like any other: this experiment narrows it to cyclegan.
+    out = dvc("exp", "run", "-S", "cyclegan.steps=6", "-S", "recipes=[cyclegan]", "train@cyclegan")
+    assert "steps changed from 4 to 6: continuing" in out, out[-2000:]
+    assert yaml.safe_load((repo / "params.yaml").read_text())["recipes"] == ["cyclegan"]
+    assert "train@pix2pix" not in dvc("stage", "list", "--name-only").split()
+    table = json.loads(dvc("exp", "show", "--json"))
+    experiments = [e["revs"][0]["data"] for row in table for e in (row.get("experiments") or [])]
+    assert [e["metrics"]["metrics/cyclegan.train.json"]["data"]["steps"] for e in experiments] == [6], table
+    diff = json.loads(dvc("metrics", "diff", "--json"))
+    assert diff["metrics/cyclegan.train.json"]["steps"] == {"old": 4, "new": 6, "diff": 2}
