@@ -22,15 +22,15 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from models.generators import build_generator
-from pipeline import fidelity, threads
-from pipeline.bench.inference import METADATA
-from pipeline.export.quantize import quantize_qdq, write_int8_companion
-from pipeline.export.to_onnx import export_image_generator
-from pipeline.pixels import to_model_range, to_pixels
-from pipeline.schema import Int8Params
-from pipeline.serve import openvino_bf16
-from pipeline.serve.precision import cpu_flags
+from transfigure.models.generators import build_generator
+from transfigure.pipeline import fidelity, threads
+from transfigure.pipeline.bench.inference import METADATA
+from transfigure.pipeline.export.quantize import quantize_qdq, write_int8_companion
+from transfigure.pipeline.export.to_onnx import export_image_generator
+from transfigure.pipeline.pixels import to_model_range, to_pixels
+from transfigure.pipeline.schema import Int8Params
+from transfigure.pipeline.serve import openvino_bf16
+from transfigure.pipeline.serve.precision import cpu_flags
 
 
 def best_seconds(run, x, repeats: int) -> float:

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from models.generators import build_generator
-from pipeline.bench import train as bench_train
-from pipeline.cli_support import load
-from pipeline.train import recipes
+from transfigure.models.generators import build_generator
+from transfigure.pipeline.bench import train as bench_train
+from transfigure.pipeline.cli_support import load
+from transfigure.pipeline.train import recipes
 
 TRAIN_VARIANTS = {
     "fp32": ["precision=fp32", "channels_last=false"],

@@ -15,6 +15,8 @@ if ! "$python" -c "$has"; then
   "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-# The repository root instead of an installed project.
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# This checkout instead of an installed project, under the names the installed package maps its folders to.
+site="$(mktemp -d)"
+mkdir "$site/transfigure" && ln -s "$PWD/models" "$PWD/pipeline" "$site/transfigure/"
+export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 exec "$python" benchmarks/gpu_check.py --out "$out" "$@"

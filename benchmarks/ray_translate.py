@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.generators import build_generator
-from pipeline.export.to_onnx import export_image_generator
+from transfigure.models.generators import build_generator
+from transfigure.pipeline.export.to_onnx import export_image_generator
 
 METADATA = {
     "recipe": "cyclegan",

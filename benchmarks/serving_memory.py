@@ -32,6 +32,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -47,13 +48,13 @@ SAMPLE_S = 0.02
 SERVE_FLAGS = ["--timeout-s", "600", "--max-body-bytes", str(2**30)]
 # `transfigure` itself is the editable install of this repository; pipeline/cli.py has no __main__, so another
 # checkout's CLI is started like the console script would, with that checkout first on sys.path.
-CLI = "import sys; from pipeline.cli import app; sys.argv[0] = 'transfigure'; app()"
-WHICH_CODE = "import models, pipeline; print(pipeline.__file__); print(models.__file__)"
+CLI = "import sys; from transfigure.pipeline.cli import app; sys.argv[0] = 'transfigure'; app()"
+WHICH_CODE = "import transfigure.models as m, transfigure.pipeline as p; print(p.__file__); print(m.__file__)"
 
 MAKE_DIGITS = """
 import sys, torch, yaml
-from models.generators import build_generator
-from pipeline.export.to_onnx import export_image_generator
+from transfigure.models.generators import build_generator
+from transfigure.pipeline.export.to_onnx import export_image_generator
 g = yaml.safe_load(open("params.yaml"))["cyclegan"]["generator"]
 torch.manual_seed(0)
 net = build_generator(g["arch"], 3, 3, g["ngf"], g["norm"])
@@ -64,15 +65,22 @@ print(f"{g['arch']} ngf {g['ngf']} {g['norm']}")
 """
 SAVE_RESNET9 = """
 import sys, torch
-from models.generators import build_generator
+from transfigure.models.generators import build_generator
 torch.manual_seed(0)
 torch.save(build_generator("resnet_9blocks", 3, 3, 64, "instance").state_dict(), sys.argv[1])
 """
 
 
 def code_env(code: Path) -> dict:
-    """The environment that makes a child Python import `pipeline` and `models` from `code`."""
-    return {**os.environ, "PYTHONPATH": str(code), "PYTHONUNBUFFERED": "1"}
+    """The environment that makes a child Python import `transfigure.pipeline` and `transfigure.models` from
+    `code`: a folder whose `transfigure/` links to the checkout's folders, as the installed package maps them."""
+    site = Path(tempfile.gettempdir()) / "serving_memory_site" / code.as_posix().strip("/").replace("/", "_")
+    for name in ("models", "pipeline"):
+        link = site / "transfigure" / name
+        if not link.is_symlink():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(code / name, target_is_directory=True)
+    return {**os.environ, "PYTHONPATH": str(site), "PYTHONUNBUFFERED": "1"}
 
 
 def python(code: Path, *args: str, timeout: float = 600) -> str:
@@ -341,7 +349,7 @@ def main() -> None:
 
     code = args.code.resolve()
     which = python(code, WHICH_CODE).split()
-    if not all(Path(path).is_relative_to(code) for path in which):
+    if not all(Path(path).resolve().is_relative_to(code) for path in which):
         raise SystemExit(f"--code {code}: the children import {which}, not that checkout")
     cap, cap_text = int(args.cap_gib * 2**30), f"{args.cap_gib:g} GiB"
     work = args.work / code.as_posix().strip("/").replace("/", "_")

@@ -39,8 +39,8 @@ def photograph(width: int, height: int) -> np.ndarray:
 
 def one(model: Path, image_path: Path, out: Path, kind: str, tile: int | None, thumbnail: int | None) -> None:
     """Child process: translate one way, save the output as .npy, print seconds and peak RSS as JSON."""
-    from pipeline.serve.engine import Engine
-    from pipeline.serve.options import InferenceOptions
+    from transfigure.pipeline.serve.engine import Engine
+    from transfigure.pipeline.serve.options import InferenceOptions
 
     # Untiled: a budget no image here reaches, so the whole image goes through at once (the reference).
     options = InferenceOptions(providers=("cpu",), precision="fp32", tile=tile, thumbnail=thumbnail)
@@ -78,9 +78,9 @@ def run_config(model: Path, image_path: Path, out: Path, config) -> dict:
 def export_random_resnet(path: Path) -> Path:
     import torch
 
-    from models.generators import build_generator
-    from pipeline.bench.inference import METADATA
-    from pipeline.export.to_onnx import export_image_generator
+    from transfigure.models.generators import build_generator
+    from transfigure.pipeline.bench.inference import METADATA
+    from transfigure.pipeline.export.to_onnx import export_image_generator
 
     torch.manual_seed(0)
     export_image_generator(build_generator("resnet_9blocks"), path, dict(METADATA))
@@ -108,9 +108,9 @@ def memory(tile: int = 512) -> list[dict]:
     """Peak RSS of whole `transfigure translate --tile` processes on 2000x2000 and 12000x8000 photographs."""
     import torch
 
-    from models.generators import build_generator
-    from pipeline.bench.inference import METADATA
-    from pipeline.export.to_onnx import export_image_generator
+    from transfigure.models.generators import build_generator
+    from transfigure.pipeline.bench.inference import METADATA
+    from transfigure.pipeline.export.to_onnx import export_image_generator
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

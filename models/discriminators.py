@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm as apply_spectral_norm
 
-from models.norms import norm_layer, uses_bias
+from transfigure.models.norms import norm_layer, uses_bias
 
 
 def _conv(*args, spectral_norm: bool, **kwargs) -> nn.Module:

@@ -9,7 +9,7 @@ import re
 import torch
 from torch import nn
 
-from models.norms import norm_layer, uses_bias
+from transfigure.models.norms import norm_layer, uses_bias
 
 PADDINGS = ("reflect", "replicate", "zero")
 UPSAMPLES = ("transpose", "resize")

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.generators import ResnetBlock, ResnetGenerator
+from transfigure.models.generators import ResnetBlock, ResnetGenerator
 
 # The reference fills a query's own location among the negatives with -10 before the temperature: at the default
 # 0.07 that is e^-143, so the location never counts as a negative.

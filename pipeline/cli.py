@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli_support import (
+from transfigure.pipeline.cli_support import (
     ParamsOption,
     SetOption,
     ThreadsOption,
@@ -16,7 +16,7 @@ from pipeline.cli_support import (
     recipe_names,
     use_threads,
 )
-from pipeline.cli_support import console as _console
+from transfigure.pipeline.cli_support import console as _console
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -46,10 +46,10 @@ def prepare(
     def work() -> None:
         from pydantic import ValidationError
 
-        from pipeline.data.prepare import prepare_dataset, prepare_folder
-        from pipeline.errors import UserError
-        from pipeline.params import ParamsError, describe
-        from pipeline.schema import DatasetParams
+        from transfigure.pipeline.data.prepare import prepare_dataset, prepare_folder
+        from transfigure.pipeline.errors import UserError
+        from transfigure.pipeline.params import ParamsError, describe
+        from transfigure.pipeline.schema import DatasetParams
 
         console = _console()
         if source is not None:
@@ -91,16 +91,16 @@ def train(
     def work() -> None:
         p = load(params, overrides, threads)
         if recipe == "classifier":
-            from pipeline.errors import UserError
-            from pipeline.evaluate.classifier import fit_classifier
-            from pipeline.train.distributed import World
+            from transfigure.pipeline.errors import UserError
+            from transfigure.pipeline.evaluate.classifier import fit_classifier
+            from transfigure.pipeline.train.distributed import World
 
             if World.from_environment().parallel:
                 raise UserError("the digit classifier trains in one process: run it without torchrun")
 
             fit_classifier(p, _console())
             return
-        from pipeline.train.loop import train as run_training
+        from transfigure.pipeline.train.loop import train as run_training
 
         p.recipe(recipe)
         run_training(recipe, p, _console(), fresh=fresh, fresh_if_changed=fresh_if_changed)
@@ -141,8 +141,8 @@ def evaluate(
     def work() -> None:
         import json
 
-        from pipeline.errors import UserError
-        from pipeline.evaluate import stage
+        from transfigure.pipeline.errors import UserError
+        from transfigure.pipeline.evaluate import stage
 
         console = _console()
         if real is not None or fake is not None:
@@ -163,9 +163,9 @@ def evaluate(
             raise UserError("name a recipe, or pass --real DIR --fake DIR")
         p = load(params, overrides, threads)
         if recipe == "classifier":
-            from pipeline.errors import UserError
-            from pipeline.evaluate.classifier import fit_classifier
-            from pipeline.train.distributed import World
+            from transfigure.pipeline.errors import UserError
+            from transfigure.pipeline.evaluate.classifier import fit_classifier
+            from transfigure.pipeline.train.distributed import World
 
             if World.from_environment().parallel:
                 raise UserError("the digit classifier trains in one process: run it without torchrun")
@@ -195,8 +195,8 @@ def export(
     """Write artifacts/RECIPE/*.onnx (checked and parity-tested), or one checkpoint with --checkpoint --out."""
 
     def work() -> None:
-        from pipeline.errors import UserError
-        from pipeline.export import stage
+        from transfigure.pipeline.errors import UserError
+        from transfigure.pipeline.export import stage
 
         console = _console()
         if checkpoint is not None:
@@ -226,7 +226,7 @@ def import_checkpoint(
     """Convert a reference CycleGAN/pix2pix generator checkpoint into our ONNX contract (eval mode)."""
 
     def work() -> None:
-        from pipeline.export.reference import import_reference_checkpoint
+        from transfigure.pipeline.export.reference import import_reference_checkpoint
 
         result = import_reference_checkpoint(checkpoint, arch, norm, dropout, out)
         _console().print(f"wrote {out} (max abs error vs PyTorch {result['max_abs_error']:.2e})")
@@ -234,8 +234,8 @@ def import_checkpoint(
     guard(work)
 
 
-from pipeline import cli_inference  # noqa: E402 - after the helpers it uses
-from pipeline.bench.cli import bench_app  # noqa: E402
+from transfigure.pipeline import cli_inference  # noqa: E402 - after the helpers it uses
+from transfigure.pipeline.bench.cli import bench_app  # noqa: E402
 
 for command in (cli_inference.translate, cli_inference.serve, cli_inference.quantize, cli_inference.sample):
     app.command()(command)
@@ -248,7 +248,7 @@ def doctor() -> None:
     """Print versions, devices, and which ONNX Runtime providers really load."""
 
     def work() -> None:
-        from pipeline.doctor import report
+        from transfigure.pipeline.doctor import report
 
         report(_console())
 
@@ -261,7 +261,7 @@ def repro(ctx: typer.Context) -> None:
     (--force, --keep-going ...) pass through."""
     import shutil
 
-    from pipeline.repro import reproduce
+    from transfigure.pipeline.repro import reproduce
 
     dvc = shutil.which("dvc") or "dvc"
     raise typer.Exit(reproduce(ctx.args, dvc))

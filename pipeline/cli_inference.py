@@ -8,10 +8,10 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli_support import ParamsOption, PrecisionOption, SetOption, ThreadsOption, guard, load
-from pipeline.cli_support import console as _console
-from pipeline.images import DEFAULT_MAX_PIXELS
-from pipeline.serve.settings import ServeSettings, default_max_batch
+from transfigure.pipeline.cli_support import ParamsOption, PrecisionOption, SetOption, ThreadsOption, guard, load
+from transfigure.pipeline.cli_support import console as _console
+from transfigure.pipeline.images import DEFAULT_MAX_PIXELS
+from transfigure.pipeline.serve.settings import ServeSettings, default_max_batch
 
 # The engine's options (pipeline/serve/options.py), the same flag and environment variable on translate and serve.
 ProvidersOption = Annotated[
@@ -75,8 +75,8 @@ def inference_options(
     tensorrt_cache: Path | None = None,
 ):
     """The engine's options from a command's flags, checked; the thread setting takes effect here."""
-    from pipeline.serve.options import InferenceOptions, parse_bytes, parse_providers
-    from pipeline.threads import apply, parse
+    from transfigure.pipeline.serve.options import InferenceOptions, parse_bytes, parse_providers
+    from transfigure.pipeline.threads import apply, parse
 
     options = InferenceOptions(
         providers=parse_providers(providers),
@@ -134,9 +134,9 @@ def translate(
     """Translate an image or a folder with an ONNX model; exit 1 if some inputs were rejected."""
 
     def work() -> int:
-        from pipeline.errors import UserError
-        from pipeline.serve.engine import open_engine
-        from pipeline.serve.translate import check_writable, exit_code, rejections_text, translate_path
+        from transfigure.pipeline.errors import UserError
+        from transfigure.pipeline.serve.engine import open_engine
+        from transfigure.pipeline.serve.translate import check_writable, exit_code, rejections_text, translate_path
 
         if engine_name not in ("local", "ray"):
             raise UserError(f"--engine {engine_name!r}: expected local or ray")
@@ -150,7 +150,7 @@ def translate(
         common = {"fmt": fmt, "skip_existing": skip_existing, "workers": workers, "report_path": report}
         common["colorize"] = colorize
         if engine_name == "ray":
-            from pipeline.serve.ray_translate import translate_on_ray
+            from transfigure.pipeline.serve.ray_translate import translate_on_ray
 
             result = translate_on_ray(input_path, output, model, options, address=ray_address, **common)
         else:
@@ -207,8 +207,8 @@ def serve(
     """Serve the model over HTTP: /v1/translate, the Open Inference Protocol v2, a page at /, /metrics."""
 
     def work() -> None:
-        from pipeline.serve import memory, server
-        from pipeline.serve.engine import open_engine
+        from transfigure.pipeline.serve import memory, server
+        from transfigure.pipeline.serve.engine import open_engine
 
         memory.share_one_heap()  # before ONNX Runtime's and the service's threads exist
         options = inference_options(
@@ -246,8 +246,8 @@ def quantize(
     """Write MODEL.int8.onnx beside MODEL, checked against it (limits: params' export.int8); `export` does it itself."""
 
     def work() -> None:
-        from pipeline.export.quantize import quantize_with_folder, summary
-        from pipeline.schema import Int8Params
+        from transfigure.pipeline.export.quantize import quantize_with_folder, summary
+        from transfigure.pipeline.schema import Int8Params
 
         limits = load(params, overrides, None).export.int8 if params.exists() or overrides else Int8Params()
         for line in summary(quantize_with_folder(model, images, limits)):
@@ -268,7 +268,7 @@ def sample(
     """Samples, or a latent walk, from an exported generator: of one class (cdcgan) or of a flow (flowgan)."""
 
     def work() -> None:
-        from pipeline.serve.sample import sample as draw
+        from transfigure.pipeline.serve.sample import sample as draw
 
         paths = draw(model, label, n, out, walk=walk, seed=seed, temperature=temperature)
         _console().print(f"wrote {len(paths)} images to {out}")

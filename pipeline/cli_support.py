@@ -44,8 +44,8 @@ def fail(message: str, code: int) -> None:
 
 def guard(work: Callable[[], object]) -> object:
     """A user's mistake ends with one line and exit 2; a diverged run with exit 1; bugs keep their traceback."""
-    from pipeline.errors import TrainingDiverged, UserError
-    from pipeline.images import BadImage
+    from transfigure.pipeline.errors import TrainingDiverged, UserError
+    from transfigure.pipeline.images import BadImage
 
     try:
         return work()
@@ -62,13 +62,13 @@ def recipe_names() -> str:
     import importlib.util
     import pkgutil
 
-    folder = importlib.util.find_spec("pipeline.train.recipes").submodule_search_locations
+    folder = importlib.util.find_spec("transfigure.pipeline.train.recipes").submodule_search_locations
     return " | ".join(m.name for m in pkgutil.iter_modules(folder) if m.name != "base")
 
 
 def load(path: Path, overrides: list[str] | None, threads: str | None = None):
     """Params from the file with --set applied; the thread setting (--threads, else params) takes effect here."""
-    from pipeline.params import load_params
+    from transfigure.pipeline.params import load_params
 
     params = load_params(path, overrides or [])
     use_threads(threads if threads is not None else params.threads)
@@ -77,6 +77,6 @@ def load(path: Path, overrides: list[str] | None, threads: str | None = None):
 
 def use_threads(setting: str | int | None) -> int:
     """Applies `auto` or a thread count (also for commands without params); returns the count."""
-    from pipeline import threads
+    from transfigure.pipeline import threads
 
     return threads.apply(threads.parse(setting if setting is not None else "auto", "--threads"))

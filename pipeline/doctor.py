@@ -6,8 +6,8 @@ import platform
 import re
 from importlib import metadata
 
-from pipeline import threads
-from pipeline.serve import openvino_bf16, precision
+from transfigure.pipeline import threads
+from transfigure.pipeline.serve import openvino_bf16, precision
 
 # ONNX Runtime's own error texts carry terminal colour codes; a report that is piped or pasted must not.
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")

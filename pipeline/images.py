@@ -21,7 +21,7 @@ from typing import IO
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from pipeline.files import write_atomic
+from transfigure.pipeline.files import write_atomic
 
 DEFAULT_MAX_PIXELS = 8192 * 8192
 

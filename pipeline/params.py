@@ -15,10 +15,10 @@ from typing import Literal
 import yaml
 from pydantic import ValidationError, create_model, model_validator
 
-from pipeline.errors import UserError
-from pipeline.files import json_hash
-from pipeline.schema import DataParams, EvaluateParams, ExportParams, PositiveInt, RecipeParams, Strict
-from pipeline.train import recipes
+from transfigure.pipeline.errors import UserError
+from transfigure.pipeline.files import json_hash
+from transfigure.pipeline.schema import DataParams, EvaluateParams, ExportParams, PositiveInt, RecipeParams, Strict
+from transfigure.pipeline.train import recipes
 
 
 class ParamsError(UserError):

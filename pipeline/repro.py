@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.files import write_json_atomic
+from transfigure.pipeline.files import write_json_atomic
 
 # Seconds per stage on the reference machine (2-core AMD EPYC, idle, docs/BENCHMARKS.md "make run"), used until
 # this machine has run a stage once; other stages count their kind's figure (the part before "@").

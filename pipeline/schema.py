@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pipeline import fidelity
+from transfigure.pipeline import fidelity
 
 OBJECTIVES = ("minimax", "nsgan", "lsgan", "wgan", "wgan-gp", "wgan-lp", "hinge")
 GRADIENT_PENALTIES = ("wgan-gp", "wgan-lp")

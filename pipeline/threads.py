@@ -16,8 +16,8 @@ import math
 import os
 import time
 
-from pipeline import machine
-from pipeline.errors import UserError
+from transfigure.pipeline import machine
+from transfigure.pipeline.errors import UserError
 
 _applied: int | None = None
 

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 from urllib.parse import urlparse
 
-from pipeline.errors import UserError
+from transfigure.pipeline.errors import UserError
 
 EXPERIMENT = "transfigure"
 STORE = "mlflow.db"
@@ -173,7 +173,7 @@ def _exists(mlflow, run_id: str) -> bool:
 
 def lineage(state, checkpoint: Path) -> dict[str, str]:
     """The tags that tie a new run to the checkpoint's original one: its run id, file hash and commit."""
-    from pipeline.files import sha256_of_file
+    from transfigure.pipeline.files import sha256_of_file
 
     values = (state.get("mlflow_run_id") or "none", sha256_of_file(checkpoint), state.get("git_commit", "unknown"))
     return dict(zip(LINEAGE_TAGS, values, strict=True))

@@ -47,10 +47,19 @@ METADATA = {
 BIN = Path(sys.executable).parent
 
 
+def importable_checkout(checkout: Path, folder: Path) -> Path:
+    """`folder`, made so that with it on PYTHONPATH `transfigure.models` and `transfigure.pipeline` are
+    `checkout`'s folders (as the installed package maps them), ahead of the editable install."""
+    (folder / "transfigure").mkdir(parents=True, exist_ok=True)
+    for name in ("models", "pipeline"):
+        (folder / "transfigure" / name).symlink_to(checkout / name, target_is_directory=True)
+    return folder
+
+
 def export_tiny_translator(path: Path) -> Path:
     """A small seeded ResNet generator as an ONNX translation model at `path` (the same weights every call)."""
-    from models.generators import build_generator
-    from pipeline.export.to_onnx import export_image_generator
+    from transfigure.models.generators import build_generator
+    from transfigure.pipeline.export.to_onnx import export_image_generator
 
     torch.manual_seed(0)
     export_image_generator(build_generator("resnet_2blocks", ngf=8), path, METADATA)
@@ -59,8 +68,8 @@ def export_tiny_translator(path: Path) -> Path:
 
 def make_engine(path: Path, **fields):
     """An Engine with these InferenceOptions fields (`providers` as a list, as a command line gives them)."""
-    from pipeline.serve.engine import Engine
-    from pipeline.serve.options import InferenceOptions
+    from transfigure.pipeline.serve.engine import Engine
+    from transfigure.pipeline.serve.options import InferenceOptions
 
     if "providers" in fields:
         fields["providers"] = tuple(fields["providers"])
@@ -189,8 +198,8 @@ def tiny(recipe: str, steps: int = 4, every: int = 2) -> list[str]:
 @pytest.fixture(scope="session")
 def digits_root(tmp_path_factory) -> Path:
     """The built-in datasets, prepared once per test run (tests only read them)."""
-    from pipeline.data.prepare import prepare_dataset
-    from pipeline.params import load_params
+    from transfigure.pipeline.data.prepare import prepare_dataset
+    from transfigure.pipeline.params import load_params
 
     def make(root: Path) -> None:
         params = load_params(REPO / "params.yaml")

@@ -2,15 +2,22 @@
 imports pipeline/, and no module of pipeline/ grows past what a reader takes in at once."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
+import tomllib
 from conftest import REPO
 
 PACKAGES = ("models", "pipeline")
+PRODUCT = "transfigure"  # the import name the installed package puts both folders under (pyproject.toml)
+DYNAMIC = {"import_module", "__import__"}
 MAX_LINES = 420
 
 
 def modules() -> dict[str, Path]:
+    """Every module by its name inside the package (`pipeline.train.loop`; installed, `transfigure.` comes first)."""
     found = {}
     for package in PACKAGES:
         for path in sorted((REPO / package).rglob("*.py")):
@@ -20,17 +27,38 @@ def modules() -> dict[str, Path]:
 
 
 def imports(path: Path, known: dict[str, Path]) -> set[str]:
-    """The project modules a file imports, at any depth in the file (function-level imports count too)."""
+    """The project modules a file imports, at any depth in the file (function-level imports count too): absolute,
+    relative, and dynamic (`importlib.import_module`) ones; an import this check cannot follow fails it."""
+    name = next(module for module, file in known.items() if file == path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     out = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             out |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            out |= {
-                f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in known else node.module
-                for alias in node.names
-            }
-    return {name for name in out if name in known}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # `from . import x`, `from ..data import y`: relative to this module's package
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, *([node.module] if node.module else [])])
+            base = base.removeprefix(f"{PRODUCT}.")
+            out |= {f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names}
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in DYNAMIC:
+            out |= dynamic_import(node, name, package, known)
+    out = {module.removeprefix(f"{PRODUCT}.") if module.startswith(f"{PRODUCT}.") else module for module in out}
+    return {module for module in out if module in known}
+
+
+def dynamic_import(call: ast.Call, name: str, package: str, known: dict[str, Path]) -> set[str]:
+    """What `importlib.import_module(...)` or `__import__(...)` imports: a literal name, or `f"{__name__}.{...}"`
+    in a package's `__init__` (its own modules); anything else is an arrow this check cannot see."""
+    argument = call.args[0] if call.args else None
+    if isinstance(argument, ast.Constant) and isinstance(argument.value, str):
+        return {argument.value}
+    own = isinstance(argument, ast.JoinedStr) and ast.unparse(argument).startswith("f'{__name__}.")
+    assert own and name == package, f"{name}: a dynamic import this check cannot follow: {ast.unparse(call)}"
+    return {
+        module for module in known if module.startswith(f"{package}.") and module.count(".") == package.count(".") + 1
+    }
 
 
 def graph() -> dict[str, set[str]]:
@@ -63,6 +91,54 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
 def test_the_cycle_finder_finds_a_cycle_and_accepts_a_tree():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_relative_dynamic_and_product_prefixed_imports_are_all_seen(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    known = {
+        name: tmp_path / file
+        for name, file in [
+            ("pipeline.a", "a.py"),
+            ("pipeline.b", "b.py"),
+            ("pipeline.pkg", "pkg/__init__.py"),
+            ("pipeline.pkg.c", "pkg/c.py"),
+        ]
+    }
+    known["pipeline.a"].write_text(
+        "import importlib\nfrom . import b\n\ndef f():\n    from .pkg import c\n"
+        "    return importlib.import_module('transfigure.pipeline.pkg')\n"
+    )
+    known["pipeline.pkg"].write_text(
+        "import importlib\nfor m in ('c',):\n    importlib.import_module(f'{__name__}.{m}')\n"
+    )
+    known["pipeline.pkg.c"].write_text("from ..b import x\nfrom transfigure.pipeline import a\n")
+    assert imports(known["pipeline.a"], known) == {"pipeline.b", "pipeline.pkg.c", "pipeline.pkg"}
+    assert imports(known["pipeline.pkg"], known) == {"pipeline.pkg.c"}
+    assert imports(known["pipeline.pkg.c"], known) == {"pipeline.b", "pipeline.a"}
+    known["pipeline.b"].write_text("import importlib\nname = 'a'\nimportlib.import_module(name)\n")
+    with pytest.raises(AssertionError, match="cannot follow"):
+        imports(known["pipeline.b"], known)
+
+
+def test_installed_the_code_imports_as_transfigure_and_never_as_models_or_pipeline(tmp_path):
+    # pyproject.toml lists every package folder (setuptools maps them under `transfigure.`; a folder left out
+    # would be missing from the wheel).
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {
+        f"{PRODUCT}." + ".".join(init.parent.relative_to(REPO).parts)
+        for package in PACKAGES
+        for init in (REPO / package).rglob("__init__.py")
+    }
+    assert listed == folders
+    # From any other folder (the repository root itself is on sys.path only when Python starts there).
+    python = [sys.executable, "-c"]
+    assert (
+        subprocess.run([*python, "import transfigure.pipeline.cli, transfigure.models.flows"], cwd=tmp_path).returncode
+        == 0
+    )
+    for name in ("models", "pipeline"):
+        found = subprocess.run([*python, f"import {name}"], cwd=tmp_path, capture_output=True, text=True)
+        assert found.returncode == 1 and f"No module named '{name}'" in found.stderr
 
 
 def test_no_module_imports_itself_through_others():

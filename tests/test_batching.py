@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from pipeline.serve.batching import DeadlineExceeded, MemoryAdmission, MicroBatcher, NotAdmitted, QueueFull
-from pipeline.serve.engine import Cancelled
+from transfigure.pipeline.serve.batching import DeadlineExceeded, MemoryAdmission, MicroBatcher, NotAdmitted, QueueFull
+from transfigure.pipeline.serve.engine import Cancelled
 
 
 class Recorder:

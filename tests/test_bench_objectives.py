@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from pipeline.bench import objectives as bench
-from pipeline.errors import UserError
+from transfigure.pipeline.bench import objectives as bench
+from transfigure.pipeline.errors import UserError
 
 
 @pytest.mark.parametrize("make, modes, std", [(bench.ring8, 8, 0.02), (bench.grid25, 25, 0.05)])
@@ -79,7 +79,7 @@ def test_a_tiny_run_writes_the_report_and_the_plot(tmp_path):
 
 
 def test_optimizers_are_the_recommended_ones_at_the_scaled_rate():
-    from models import objectives
+    from transfigure.models import objectives
 
     net = torch.nn.Linear(2, 1)
     for name in objectives.names():
@@ -114,7 +114,7 @@ def test_unknown_names_are_a_user_error(tmp_path):
 
 
 def test_every_registered_objective_has_a_trainer():
-    from models import objectives
+    from transfigure.models import objectives
 
     assert set(objectives.names()) <= bench.TRAINERS.keys()
 

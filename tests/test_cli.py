@@ -20,7 +20,7 @@ COMMANDS = [
 
 def test_help_does_not_import_the_heavy_libraries():
     code = (
-        "import sys; from typer.testing import CliRunner; from pipeline.cli import app; "
+        "import sys; from typer.testing import CliRunner; from transfigure.pipeline.cli import app; "
         "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
         "heavy = [m for m in ('torch', 'mlflow', 'onnxruntime', 'dvc') if m in sys.modules]; "
         "assert not heavy, heavy"
@@ -58,7 +58,7 @@ def _installed(metadata, distribution: str) -> bool:
 def test_translate_and_export_fp16_flags_have_distinct_names():
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from transfigure.pipeline.cli import app
 
     translate_help = CliRunner().invoke(app, ["translate", "--help"], env={"COLUMNS": "200"}).output
     export_help = CliRunner().invoke(app, ["export", "--help"], env={"COLUMNS": "200"}).output

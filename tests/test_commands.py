@@ -9,8 +9,8 @@ from conftest import METADATA, tiny
 from corpus import write_good
 from PIL import Image
 
-from pipeline.params import load_params
-from pipeline.train.loop import train
+from transfigure.pipeline.params import load_params
+from transfigure.pipeline.train.loop import train
 
 
 @pytest.mark.slow
@@ -126,8 +126,8 @@ def test_bench_train_refuses_half_precision_without_a_gpu(workdir, run_cli):
 def test_translate_cli_exit_codes_and_report(tmp_path, run_cli):
     from corpus import write_bad_corpus
 
-    from models.generators import build_generator
-    from pipeline.export.to_onnx import export_image_generator
+    from transfigure.models.generators import build_generator
+    from transfigure.pipeline.export.to_onnx import export_image_generator
 
     export_image_generator(build_generator("resnet_1blocks", ngf=4), tmp_path / "m.onnx", METADATA)
     write_good(tmp_path / "good", 3, size=(36, 20))

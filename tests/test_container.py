@@ -16,9 +16,9 @@ import pytest
 from conftest import REPO, export_tiny_translator
 from PIL import Image
 
-from pipeline.pixels import to_model_range, to_pixels
 from tests.corpus import gradient
 from tests.serving import Server, bake_model, container_command
+from transfigure.pipeline.pixels import to_model_range, to_pixels
 
 BIN = Path(sys.executable).parent
 

@@ -3,9 +3,9 @@ import pytest
 import torch
 from corpus import write_good
 
-from pipeline.data.datasets import LabeledDataset, PairedDataset, UnpairedDataset, batches
-from pipeline.data.prepare import prepare_dataset, prepare_folder
-from pipeline.schema import AugmentParams, DatasetParams
+from transfigure.pipeline.data.datasets import LabeledDataset, PairedDataset, UnpairedDataset, batches
+from transfigure.pipeline.data.prepare import prepare_dataset, prepare_folder
+from transfigure.pipeline.schema import AugmentParams, DatasetParams
 
 
 def digits(tmp_path, layout="unaligned"):
@@ -61,8 +61,8 @@ def test_builtin_photos_split_by_photograph_and_pair_each_test_crop_with_its_pai
 
     from PIL import Image
 
-    from pipeline.data import builtin
-    from pipeline.evaluate.metrics import psnr
+    from transfigure.pipeline.data import builtin
+    from transfigure.pipeline.evaluate.metrics import psnr
 
     manifest = json.loads((digits_root / "photos" / "manifest.json").read_text())
     photo_of = lambda entry: entry["source"].split(" at ")[0]  # noqa: E731
@@ -104,7 +104,7 @@ def test_the_stream_is_the_same_for_any_number_of_workers_and_after_a_skip(digit
 
 
 def test_training_batches_carry_uint8_pixels_that_the_device_makes_model_input(digits_root):
-    from pipeline.data.datasets import as_model_input
+    from transfigure.pipeline.data.datasets import as_model_input
 
     dataset = PairedDataset(digits_root / "digits_labels", "train")
     batch = next(batches(dataset, 4, seed=0))
@@ -116,8 +116,8 @@ def test_training_batches_carry_uint8_pixels_that_the_device_makes_model_input(d
 
 
 def test_auto_loader_workers_follow_the_cores_this_process_may_use(monkeypatch):
-    from pipeline import machine, threads
-    from pipeline.data.datasets import loader_workers
+    from transfigure.pipeline import machine, threads
+    from transfigure.pipeline.data.datasets import loader_workers
 
     monkeypatch.setattr(threads, "available_cpus", lambda: list(range(16)))
     monkeypatch.setattr(machine, "cpu_quota", lambda: None)
@@ -135,7 +135,7 @@ def test_auto_loader_workers_follow_the_cores_this_process_may_use(monkeypatch):
 
 
 def test_small_datasets_are_decoded_once_and_large_ones_read_from_disk(tmp_path, monkeypatch):
-    from pipeline.data import datasets
+    from transfigure.pipeline.data import datasets
 
     root = digits(tmp_path, layout="aligned")
     dataset = PairedDataset(root, "train")

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from models.dcgan import ConditionalDiscriminator, ConditionalGenerator
-from models.init import init_weights
+from transfigure.models.dcgan import ConditionalDiscriminator, ConditionalGenerator
+from transfigure.models.init import init_weights
 
 
 def fixed_input(*shape: int) -> torch.Tensor:

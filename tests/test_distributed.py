@@ -12,12 +12,12 @@ import pytest
 import torch
 from conftest import BIN, tiny
 
-from models.flows import channel_moments
-from pipeline import threads, tracking
-from pipeline.data.datasets import UnpairedDataset, batches
-from pipeline.params import load_params
-from pipeline.train import recipes
-from pipeline.train.checkpoint import load_checkpoint
+from transfigure.models.flows import channel_moments
+from transfigure.pipeline import threads, tracking
+from transfigure.pipeline.data.datasets import UnpairedDataset, batches
+from transfigure.pipeline.params import load_params
+from transfigure.pipeline.train import recipes
+from transfigure.pipeline.train.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow  # servers, clusters or processes: minutes
 

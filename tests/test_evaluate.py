@@ -9,13 +9,13 @@ from conftest import tiny
 from corpus import write_good
 from rich.console import Console
 
-from pipeline.data.prepare import prepare_dataset
-from pipeline.errors import UserError
-from pipeline.evaluate import stage
-from pipeline.evaluate.classifier import fit_classifier
-from pipeline.params import load_params, training_params
-from pipeline.train.checkpoint import load_checkpoint
-from pipeline.train.loop import train
+from transfigure.pipeline.data.prepare import prepare_dataset
+from transfigure.pipeline.errors import UserError
+from transfigure.pipeline.evaluate import stage
+from transfigure.pipeline.evaluate.classifier import fit_classifier
+from transfigure.pipeline.params import load_params, training_params
+from transfigure.pipeline.train.checkpoint import load_checkpoint
+from transfigure.pipeline.train.loop import train
 
 CLASSIFIER = ["evaluate.classifier.steps=5", "evaluate.n_samples_per_class=2"]
 

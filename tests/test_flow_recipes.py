@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.export.to_onnx import export_image_generator
-from pipeline.params import load_params
-from pipeline.train import recipes
-from pipeline.train.context import Context
-from pipeline.train.parts import mean_bits_per_dim
+from transfigure.pipeline.export.to_onnx import export_image_generator
+from transfigure.pipeline.params import load_params
+from transfigure.pipeline.train import recipes
+from transfigure.pipeline.train.context import Context
+from transfigure.pipeline.train.parts import mean_bits_per_dim
 
 TINY_FLOW = ["flow.n_scales=2", "flow.n_couplings=1", "flow.hidden_channels=4", "flow.n_res_blocks=1"]
 TINY_CRITIC = ["discriminator.kind=n_layers", "discriminator.n_layers=1", "discriminator.ndf=4"]

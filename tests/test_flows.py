@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from models.flows import (
+from transfigure.models.flows import (
     ActNorm,
     AffineCoupling,
     AlignedTranslator,

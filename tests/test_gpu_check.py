@@ -13,7 +13,7 @@ from conftest import BIN, REPO
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from pipeline.train import recipes
+from transfigure.pipeline.train import recipes
 
 # The module's tests share one dry run (about a minute and a half on two cores): one worker runs them all.
 pytestmark = pytest.mark.xdist_group("test_gpu_check")

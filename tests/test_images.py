@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from pipeline.files import sha256_of_file, write_bytes_atomic, write_json_atomic
-from pipeline.images import (
+from transfigure.pipeline.files import sha256_of_file, write_bytes_atomic, write_json_atomic
+from transfigure.pipeline.images import (
     IMAGE_SUFFIXES,
     BadImage,
     decode_rgb,

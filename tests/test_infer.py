@@ -7,15 +7,15 @@ import pytest
 import torch
 from conftest import METADATA, make_engine
 
-from models.generators import build_generator
-from pipeline.errors import UserError
-from pipeline.export import model_card as card
-from pipeline.export.quantize import write_int8_companion
-from pipeline.export.to_onnx import export_image_generator
-from pipeline.schema import Int8Params
-from pipeline.serve.engine import InferenceError, open_engine
-from pipeline.serve.options import InferenceOptions
 from tests.corpus import gradient
+from transfigure.models.generators import build_generator
+from transfigure.pipeline.errors import UserError
+from transfigure.pipeline.export import model_card as card
+from transfigure.pipeline.export.quantize import write_int8_companion
+from transfigure.pipeline.export.to_onnx import export_image_generator
+from transfigure.pipeline.schema import Int8Params
+from transfigure.pipeline.serve.engine import InferenceError, open_engine
+from transfigure.pipeline.serve.options import InferenceOptions
 
 # One worker runs the whole module, so its module-scoped fixtures are made once (tests/README.md).
 pytestmark = pytest.mark.xdist_group("test_infer")
@@ -129,7 +129,7 @@ def test_missing_or_broken_model_is_a_user_error(tmp_path):
 
 
 def test_registered_model_uri_resolves_through_mlflow(instance_model, local_model, tmp_path, monkeypatch, capfd):
-    from pipeline import tracking
+    from transfigure.pipeline import tracking
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.chdir(tmp_path)  # artifacts of the sqlite store land in ./mlruns

@@ -16,20 +16,20 @@ from rich.console import Console
 from scipy.stats import chisquare
 from serving import Server
 
-from models.categorical import OneHotInput, annealed_temperature, one_hot_map, relaxed_one_hot
-from models.generators import build_generator
-from pipeline.data.prepare import prepare_folder
-from pipeline.evaluate.metrics import label_map_scores
-from pipeline.evaluate.stage import evaluate_recipe
-from pipeline.export import model_card as card
-from pipeline.export.to_onnx import export_image_generator, export_label_map_generator
-from pipeline.images import resize_image, write_labels_atomic
-from pipeline.params import load_params
-from pipeline.pixels import colorize, palette
-from pipeline.schema import DatasetParams
-from pipeline.train import recipes
-from pipeline.train.context import Context
-from pipeline.train.loop import train
+from transfigure.models.categorical import OneHotInput, annealed_temperature, one_hot_map, relaxed_one_hot
+from transfigure.models.generators import build_generator
+from transfigure.pipeline.data.prepare import prepare_folder
+from transfigure.pipeline.evaluate.metrics import label_map_scores
+from transfigure.pipeline.evaluate.stage import evaluate_recipe
+from transfigure.pipeline.export import model_card as card
+from transfigure.pipeline.export.to_onnx import export_image_generator, export_label_map_generator
+from transfigure.pipeline.images import resize_image, write_labels_atomic
+from transfigure.pipeline.params import load_params
+from transfigure.pipeline.pixels import colorize, palette
+from transfigure.pipeline.schema import DatasetParams
+from transfigure.pipeline.train import recipes
+from transfigure.pipeline.train.context import Context
+from transfigure.pipeline.train.loop import train
 
 K = 11
 

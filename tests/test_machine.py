@@ -8,7 +8,7 @@ import os
 import pytest
 from conftest import REPO
 
-from pipeline import machine
+from transfigure.pipeline import machine
 
 CGROUPS = REPO / "tests/fixtures/cgroup"
 MEMINFO = CGROUPS / "meminfo"  # MemTotal: 16318784 kB

@@ -11,12 +11,12 @@ import pytest
 import torch
 from conftest import METADATA, make_engine
 
-from models.generators import build_generator
-from pipeline.errors import UserError
-from pipeline.export.to_onnx import export_image_generator
-from pipeline.serve import memory
-from pipeline.serve.options import InferenceOptions, parse_bytes
 from tests.corpus import gradient
+from transfigure.models.generators import build_generator
+from transfigure.pipeline.errors import UserError
+from transfigure.pipeline.export.to_onnx import export_image_generator
+from transfigure.pipeline.serve import memory
+from transfigure.pipeline.serve.options import InferenceOptions, parse_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,9 +72,9 @@ def test_automatic_tiles_equal_explicit_tiles_of_the_same_size(models, kind):
 # this worker (a server, a thread pool) would move while the image runs.
 MEASURE_IN_A_FRESH_PROCESS = """
 import json, sys
-from pipeline.serve import memory
-from pipeline.serve.engine import Engine
-from pipeline.serve.options import InferenceOptions
+from transfigure.pipeline.serve import memory
+from transfigure.pipeline.serve.engine import Engine
+from transfigure.pipeline.serve.options import InferenceOptions
 from tests.corpus import gradient
 
 budget = 160 * 2**20
@@ -115,7 +115,7 @@ def test_options_are_checked_once_naming_each_flag():
 
 
 def test_label_map_models_refuse_tiles(tmp_path):
-    from pipeline.export.to_onnx import export_label_map_generator
+    from transfigure.pipeline.export.to_onnx import export_label_map_generator
 
     torch.manual_seed(0)
     path = tmp_path / "labels.onnx"

@@ -15,8 +15,8 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from pipeline.errors import UserError
-from pipeline.evaluate.metrics import (
+from transfigure.pipeline.errors import UserError
+from transfigure.pipeline.evaluate.metrics import (
     ClassifierFeatures,
     InceptionFeatures,
     PixelFeatures,

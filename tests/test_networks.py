@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from models.classifier import DigitClassifier
-from models.discriminators import NLayerDiscriminator, PixelDiscriminator, build_discriminator
-from models.generators import (
+from transfigure.models.classifier import DigitClassifier
+from transfigure.models.discriminators import NLayerDiscriminator, PixelDiscriminator, build_discriminator
+from transfigure.models.generators import (
     ReferenceLoadError,
     ResnetGenerator,
     UnetGenerator,
@@ -16,8 +16,8 @@ from models.generators import (
     guess_reference_arch,
     load_reference_state_dict,
 )
-from models.init import init_weights
-from models.norms import norm_layer, uses_bias
+from transfigure.models.init import init_weights
+from transfigure.models.norms import norm_layer, uses_bias
 
 
 def fixed_input(*shape: int) -> torch.Tensor:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from models import objectives
+from transfigure.models import objectives
 
 ALL = ["minimax", "nsgan", "lsgan", "wgan", "wgan-gp", "wgan-lp", "hinge"]
 PENALISED = ["wgan-gp", "wgan-lp"]

@@ -10,12 +10,17 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from models.dcgan import ConditionalGenerator
-from models.generators import build_generator
-from pipeline.errors import UserError
-from pipeline.export.model_card import IMAGE_INPUT, IMAGE_OUTPUT, read_metadata
-from pipeline.export.reference import import_reference_checkpoint
-from pipeline.export.to_onnx import FP16_ATOL, ExportParityError, export_conditional_generator, export_image_generator
+from transfigure.models.dcgan import ConditionalGenerator
+from transfigure.models.generators import build_generator
+from transfigure.pipeline.errors import UserError
+from transfigure.pipeline.export.model_card import IMAGE_INPUT, IMAGE_OUTPUT, read_metadata
+from transfigure.pipeline.export.reference import import_reference_checkpoint
+from transfigure.pipeline.export.to_onnx import (
+    FP16_ATOL,
+    ExportParityError,
+    export_conditional_generator,
+    export_image_generator,
+)
 
 # One worker runs the whole module, so its module-scoped fixtures are made once (tests/README.md).
 pytestmark = pytest.mark.xdist_group("test_onnx_export")

@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.params import ParamsError, load_params, params_hash, training_params
-from pipeline.train import recipes
+from transfigure.pipeline.params import ParamsError, load_params, params_hash, training_params
+from transfigure.pipeline.train import recipes
 
 REPO = Path(__file__).resolve().parents[1]
 

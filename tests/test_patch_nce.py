@@ -10,18 +10,18 @@ import torch.nn.functional as F
 from conftest import REPO, TINY, tiny
 from torch import nn
 
-from models.generators import ResnetBlock, build_generator
-from models.patch_nce import (
+from transfigure.models.generators import ResnetBlock, build_generator
+from transfigure.models.patch_nce import (
     PatchProjector,
     default_feature_layers,
     encoder_features,
     patch_nce_loss,
     translation_and_features,
 )
-from pipeline.errors import UserError
-from pipeline.params import load_params
-from pipeline.train import recipes
-from pipeline.train.context import Context
+from transfigure.pipeline.errors import UserError
+from transfigure.pipeline.params import load_params
+from transfigure.pipeline.train import recipes
+from transfigure.pipeline.train.context import Context
 
 
 def by_definition(query, key, batch_size, temperature, negatives_from_batch):
@@ -144,7 +144,7 @@ def test_cut_params_refuse_a_unet_and_layers_outside_the_encoder(tmp_path):
 def test_fastcut_trains_without_the_identity_term_and_cut_with_it(workdir):
     from rich.console import Console
 
-    from pipeline.train.loop import train
+    from transfigure.pipeline.train.loop import train
 
     quiet = Console(quiet=True)
     for variant, identity in (("fastcut", False), ("cut", True)):

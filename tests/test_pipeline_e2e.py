@@ -12,17 +12,17 @@ import subprocess
 import onnx
 import pytest
 import yaml
-from conftest import BIN, REPO, made_once, tiny
+from conftest import BIN, REPO, importable_checkout, made_once, tiny
 from rich.console import Console
 
-from pipeline.evaluate.classifier import fit_classifier
-from pipeline.evaluate.stage import evaluate_recipe
-from pipeline.export import model_card as card
-from pipeline.export.stage import export_recipe
-from pipeline.params import apply_overrides, load_params
-from pipeline.train import recipes
-from pipeline.train.checkpoint import load_checkpoint
-from pipeline.train.loop import train
+from transfigure.pipeline.evaluate.classifier import fit_classifier
+from transfigure.pipeline.evaluate.stage import evaluate_recipe
+from transfigure.pipeline.export import model_card as card
+from transfigure.pipeline.export.stage import export_recipe
+from transfigure.pipeline.params import apply_overrides, load_params
+from transfigure.pipeline.train import recipes
+from transfigure.pipeline.train.checkpoint import load_checkpoint
+from transfigure.pipeline.train.loop import train
 
 # What `dvc repro` runs by default (params.yaml's `recipes`); every recipe has its stages once it is listed.
 DEFAULT_RECIPES = yaml.safe_load((REPO / "params.yaml").read_text())["recipes"]
@@ -156,7 +156,7 @@ def copy_with_dvc(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
     # The stages run the copy's code (not the installed checkout's), so an edit in the copy is what they see.
-    env["PYTHONPATH"] = str(repo)
+    env["PYTHONPATH"] = str(importable_checkout(repo, tmp_path / "site"))
 
     def dvc(*args):
         result = subprocess.run(

@@ -11,13 +11,13 @@ import onnx
 import pytest
 from conftest import BIN, export_tiny_translator, make_engine
 
-from pipeline import fidelity
-from pipeline.errors import UserError
-from pipeline.export import model_card as card
-from pipeline.export.quantize import write_int8_companion
-from pipeline.schema import Int8Params
-from pipeline.serve import openvino_bf16, precision
 from tests.corpus import gradient, write_bad_corpus, write_good
+from transfigure.pipeline import fidelity
+from transfigure.pipeline.errors import UserError
+from transfigure.pipeline.export import model_card as card
+from transfigure.pipeline.export.quantize import write_int8_companion
+from transfigure.pipeline.schema import Int8Params
+from transfigure.pipeline.serve import openvino_bf16, precision
 
 VNNI = frozenset({"fpu", "avx2", "avx512_vnni"})
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,9 +4,9 @@ import numpy as np
 from corpus import gradient, write_bad_corpus, write_good
 from PIL import Image
 
-from pipeline.data import builtin
-from pipeline.data.prepare import prepare_dataset, prepare_folder
-from pipeline.schema import DatasetParams
+from transfigure.pipeline.data import builtin
+from transfigure.pipeline.data.prepare import prepare_dataset, prepare_folder
+from transfigure.pipeline.schema import DatasetParams
 
 
 def test_prepare_from_folder_skips_every_bad_file_and_keeps_every_good_one(tmp_path, run_cli):

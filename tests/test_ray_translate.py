@@ -9,10 +9,10 @@ import pytest
 from conftest import export_tiny_translator
 from PIL import Image
 
-from pipeline.errors import UserError
-from pipeline.serve.options import InferenceOptions
-from pipeline.serve.ray_translate import INSTALL_HINT, external_data_files, translate_on_ray
 from tests.corpus import gradient, write_bad_corpus, write_good
+from transfigure.pipeline.errors import UserError
+from transfigure.pipeline.serve.options import InferenceOptions
+from transfigure.pipeline.serve.ray_translate import INSTALL_HINT, external_data_files, translate_on_ray
 
 pytestmark = pytest.mark.slow  # servers, clusters or processes: minutes
 
@@ -67,7 +67,7 @@ def test_the_ray_engine_matches_the_local_engine_and_resumes(run_cli, tmp_path):
 
 @pytest.mark.slow
 def test_a_registered_model_reaches_the_actors_with_its_external_data(run_cli, tmp_path, monkeypatch):
-    from pipeline import tracking
+    from transfigure.pipeline import tracking
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.chdir(tmp_path)  # the sqlite store's artifacts land in ./mlruns, where run_cli runs too

@@ -11,19 +11,19 @@ import torch.nn.functional as F
 from conftest import make_engine
 from torch import nn
 
-from models.discriminators import build_discriminator
-from models.generators import build_generator
-from pipeline.data.datasets import PairedDataset, first_items
-from pipeline.evaluate import measures
-from pipeline.evaluate.stage import evaluate_recipe
-from pipeline.export.stage import export_recipe
-from pipeline.params import load_params
-from pipeline.schema import NonNegativeFloat, RecipeParams
-from pipeline.train import recipes
-from pipeline.train.loop import train
-from pipeline.train.parts import set_requires_grad
-from pipeline.train.recipes.base import Export, Recipe, registered
 from tests.corpus import gradient
+from transfigure.models.discriminators import build_discriminator
+from transfigure.models.generators import build_generator
+from transfigure.pipeline.data.datasets import PairedDataset, first_items
+from transfigure.pipeline.evaluate import measures
+from transfigure.pipeline.evaluate.stage import evaluate_recipe
+from transfigure.pipeline.export.stage import export_recipe
+from transfigure.pipeline.params import load_params
+from transfigure.pipeline.schema import NonNegativeFloat, RecipeParams
+from transfigure.pipeline.train import recipes
+from transfigure.pipeline.train.loop import train
+from transfigure.pipeline.train.parts import set_requires_grad
+from transfigure.pipeline.train.recipes.base import Export, Recipe, registered
 
 
 class TinyParams(RecipeParams):
@@ -114,7 +114,7 @@ def test_a_new_recipe_trains_evaluates_and_exports_through_the_ordinary_paths(wo
 
 
 def test_an_unknown_section_is_still_refused_once_a_recipe_is_registered(workdir, tiny_recipe):
-    from pipeline.params import ParamsError
+    from transfigure.pipeline.params import ParamsError
 
     with pytest.raises(ParamsError, match="tinypaired.stepz: unknown key"):
         load_params("params.yaml", ["tinypaired.stepz=3"])

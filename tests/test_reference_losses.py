@@ -15,17 +15,17 @@ from conftest import TINY, tiny
 from rich.console import Console
 from torch import nn
 
-from models import objectives
-from models.generators import build_generator
-from pipeline.errors import UserError
-from pipeline.export.stage import export_checkpoint
-from pipeline.files import sha256_of_file
-from pipeline.params import load_params
-from pipeline.train import recipes
-from pipeline.train.checkpoint import load_checkpoint
-from pipeline.train.context import Context
-from pipeline.train.loop import train
-from pipeline.train.parts import critic_loss
+from transfigure.models import objectives
+from transfigure.models.generators import build_generator
+from transfigure.pipeline.errors import UserError
+from transfigure.pipeline.export.stage import export_checkpoint
+from transfigure.pipeline.files import sha256_of_file
+from transfigure.pipeline.params import load_params
+from transfigure.pipeline.train import recipes
+from transfigure.pipeline.train.checkpoint import load_checkpoint
+from transfigure.pipeline.train.context import Context
+from transfigure.pipeline.train.loop import train
+from transfigure.pipeline.train.parts import critic_loss
 
 
 class GANLoss(nn.Module):

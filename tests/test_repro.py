@@ -9,8 +9,8 @@ import subprocess
 
 import pytest
 
-from pipeline import repro
 from tests.conftest import BIN
+from transfigure.pipeline import repro
 
 pytestmark = pytest.mark.slow  # servers, clusters or processes: minutes
 

@@ -26,13 +26,13 @@ from conftest import METADATA, export_tiny_translator
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from pipeline.serve.engine import Engine
-from pipeline.serve.http import create_app
-from pipeline.serve.options import InferenceOptions
-from pipeline.serve.settings import ServeSettings
-from pipeline.serve.translate import translate_path
 from tests.corpus import gradient, png_declaring
 from tests.serving import Server, container_command, container_env, free_port
+from transfigure.pipeline.serve.engine import Engine
+from transfigure.pipeline.serve.http import create_app
+from transfigure.pipeline.serve.options import InferenceOptions
+from transfigure.pipeline.serve.settings import ServeSettings
+from transfigure.pipeline.serve.translate import translate_path
 
 # One worker runs the whole module, so its module-scoped fixtures are made once (tests/README.md).
 pytestmark = [pytest.mark.xdist_group("test_serve"), pytest.mark.slow]  # servers or processes: minutes
@@ -318,8 +318,8 @@ class PeakRss:
 
 @pytest.mark.slow
 def test_a_36_megapixel_photo_with_default_memory_flags_answers_and_four_at_once_stay_under_2_5_gib(tmp_path):
-    from models.generators import build_generator
-    from pipeline.export.to_onnx import export_image_generator
+    from transfigure.models.generators import build_generator
+    from transfigure.pipeline.export.to_onnx import export_image_generator
 
     # The cheapest instance-norm translator, so four 36 MP photos take a minute on two cores, not five; the
     # engine sizes its tiles by what this model measures, as it does for any other (docs/BENCHMARKS.md has both).

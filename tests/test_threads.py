@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import BIN, REPO
 
-from pipeline import machine, threads
-from pipeline.cli_support import load
-from pipeline.errors import UserError
+from transfigure.pipeline import machine, threads
+from transfigure.pipeline.cli_support import load
+from transfigure.pipeline.errors import UserError
 
 CGROUPS = REPO / "tests/fixtures/cgroup"  # laid out as the kernel writes them; tests/test_machine.py reads them all
 QUOTA_2_5 = CGROUPS / "v2-limited"  # cpu.max "250000 100000"

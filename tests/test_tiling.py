@@ -8,12 +8,12 @@ from conftest import METADATA, make_engine
 from PIL import Image
 from torch import nn
 
-from models.generators import build_generator
-from models.thumbnail_norm import StatisticsGraph, TileGraph, context_radius, statistics_width
-from pipeline.export import model_card as card
-from pipeline.export.to_onnx import export_image_generator
-from pipeline.fidelity import photo_like
 from tests.corpus import gradient
+from transfigure.models.generators import build_generator
+from transfigure.models.thumbnail_norm import StatisticsGraph, TileGraph, context_radius, statistics_width
+from transfigure.pipeline.export import model_card as card
+from transfigure.pipeline.export.to_onnx import export_image_generator
+from transfigure.pipeline.fidelity import photo_like
 
 pytestmark = pytest.mark.xdist_group("test_tiling")
 
@@ -133,7 +133,7 @@ def test_a_field_wider_than_can_be_measured_keeps_blended_tiles(tmp_path):
 
 
 def test_a_long_thin_image_keeps_enough_of_its_short_side_in_the_thumbnail(instance_model):
-    from pipeline.errors import UserError
+    from transfigure.pipeline.errors import UserError
 
     # 300x8 at a 64 px thumbnail would be 64x4, below the 8 px this network needs: the thumbnail keeps 8.
     engine = make_engine(instance_model[0], providers=["cpu"], tile=64, thumbnail=64)

@@ -9,11 +9,11 @@ from conftest import tiny
 from mlflow.tracking import MlflowClient
 from rich.console import Console
 
-from pipeline.files import sha256_of_file
-from pipeline.params import load_params
-from pipeline.train.checkpoint import load_checkpoint
-from pipeline.train.loop import train
 from tests.serving import free_port
+from transfigure.pipeline.files import sha256_of_file
+from transfigure.pipeline.params import load_params
+from transfigure.pipeline.train.checkpoint import load_checkpoint
+from transfigure.pipeline.train.loop import train
 
 pytestmark = pytest.mark.slow  # servers, clusters or processes: minutes
 

@@ -13,14 +13,14 @@ import torch
 from conftest import BIN, tiny
 from rich.console import Console
 
-from models import objectives
-from pipeline.errors import TrainingDiverged, UserError
-from pipeline.params import ParamsError, load_params
-from pipeline.train import recipes
-from pipeline.train.checkpoint import load_checkpoint, save_checkpoint
-from pipeline.train.context import Context
-from pipeline.train.loop import lr_factor, train
-from pipeline.train.parts import ImagePool
+from transfigure.models import objectives
+from transfigure.pipeline.errors import TrainingDiverged, UserError
+from transfigure.pipeline.params import ParamsError, load_params
+from transfigure.pipeline.train import recipes
+from transfigure.pipeline.train.checkpoint import load_checkpoint, save_checkpoint
+from transfigure.pipeline.train.context import Context
+from transfigure.pipeline.train.loop import lr_factor, train
+from transfigure.pipeline.train.parts import ImagePool
 
 QUIET = Console(file=open(os.devnull, "w"))  # noqa: SIM115 - lives for the whole test session
 
@@ -115,8 +115,8 @@ def test_a_finished_run_extends_when_only_steps_grow_and_keeps_periodic_checkpoi
     assert kept == ["step_000004.pt", "step_000006.pt"]
     assert load_checkpoint(workdir / "runs/pix2pix/checkpoints/step_000004.pt")["step"] == 4
 
-    from pipeline.evaluate.stage import evaluate_recipe
-    from pipeline.export.stage import export_recipe
+    from transfigure.pipeline.evaluate.stage import evaluate_recipe
+    from transfigure.pipeline.export.stage import export_recipe
 
     assert evaluate_recipe("pix2pix", longer, QUIET, step=4, features="pixels-16")["step"] == 4
     assert json.loads((workdir / "metrics/pix2pix.step_000004.json").read_text())["step"] == 4
@@ -132,7 +132,7 @@ def test_a_finished_run_extends_when_only_steps_grow_and_keeps_periodic_checkpoi
 def test_an_experiments_export_gets_its_own_alias_next_to_latest(workdir, monkeypatch):
     from mlflow import MlflowClient
 
-    from pipeline.export.stage import export_recipe
+    from transfigure.pipeline.export.stage import export_recipe
 
     params = load_params("params.yaml", tiny("pix2pix", steps=2, every=2))
     train("pix2pix", params, QUIET)
@@ -161,7 +161,7 @@ def test_training_writes_labelled_sample_sheets_and_loss_curves_and_shows_the_cs
 
 
 def test_changed_training_code_resumes_with_a_note_or_starts_over_when_asked(workdir, monkeypatch):
-    from pipeline.train import loop
+    from transfigure.pipeline.train import loop
 
     lines = []
     console = Console(file=open(os.devnull, "w"))  # noqa: SIM115
@@ -392,7 +392,7 @@ def test_a_resumed_run_trains_on_the_same_batches_as_one_that_went_through(workd
     uninterrupted run's steps 3 and 4 (with none), and end with the same weights."""
     import hashlib
 
-    from pipeline.train import feed
+    from transfigure.pipeline.train import feed
 
     seen: list[str] = []
     handed_out = feed.Feed.__call__
@@ -417,8 +417,8 @@ def test_a_resumed_run_trains_on_the_same_batches_as_one_that_went_through(workd
 
 
 def test_precision_auto_keeps_fp32_for_networks_too_small_for_autocast_to_pay(workdir):
-    from models.generators import build_generator
-    from pipeline.train.context import AUTOCAST_MIN_GFLOP_PER_IMAGE, generator_gflop_per_image
+    from transfigure.models.generators import build_generator
+    from transfigure.pipeline.train.context import AUTOCAST_MIN_GFLOP_PER_IMAGE, generator_gflop_per_image
 
     params = load_params("params.yaml", tiny("cdcgan"))
     ctx = Context.create(params.cdcgan)

@@ -8,9 +8,9 @@ import pytest
 from conftest import export_tiny_translator, make_engine
 from PIL import Image
 
-from pipeline.errors import UserError
-from pipeline.serve.translate import check_writable, exit_code, translate_path
 from tests.corpus import gradient, write_bad_corpus, write_good
+from transfigure.pipeline.errors import UserError
+from transfigure.pipeline.serve.translate import check_writable, exit_code, translate_path
 
 # One worker runs the whole module, so its module-scoped fixtures are made once (tests/README.md).
 pytestmark = pytest.mark.xdist_group("test_translate")
@@ -163,7 +163,7 @@ def test_exit_code():
 
 
 def test_default_batch_is_one_image_on_the_cpu_and_eight_on_a_gpu(engine, tmp_path):
-    from pipeline.serve.translate import default_batch_size
+    from transfigure.pipeline.serve.translate import default_batch_size
 
     assert [default_batch_size(p) for p in ("cpu", "cuda", "tensorrt")] == [1, 8, 8]
     write_good(tmp_path / "in", 3, size=(40, 36))

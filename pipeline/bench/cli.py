@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli_support import ParamsOption, SetOption, ThreadsOption, guard, load, recipe_names
-from pipeline.cli_support import console as _console
+from transfigure.pipeline.cli_support import ParamsOption, SetOption, ThreadsOption, guard, load, recipe_names
+from transfigure.pipeline.cli_support import console as _console
 
 bench_app = typer.Typer(no_args_is_help=True, help="The built-in benchmarks.")
 
@@ -31,7 +31,7 @@ def bench_train(
     def work() -> None:
         import json
 
-        from pipeline.bench.train import run
+        from transfigure.pipeline.bench.train import run
 
         settings = [*(overrides or []), *([f"{recipe}.precision={precision}"] if precision else [])]
         result = run(recipe, load(params, settings, threads), size, steps)
@@ -58,7 +58,7 @@ def bench_objectives(
     def work() -> None:
         import json
 
-        from pipeline.bench.objectives import STEPS, format_table, run_benchmark
+        from transfigure.pipeline.bench.objectives import STEPS, format_table, run_benchmark
 
         console = _console()
         # With --json, stdout carries only the JSON object.
@@ -93,7 +93,7 @@ def bench_inference(
     def work() -> None:
         import json
 
-        from pipeline.bench.inference import markdown_table, run
+        from transfigure.pipeline.bench.inference import markdown_table, run
 
         result = run(
             arch,
@@ -129,7 +129,7 @@ def bench_serve(
     def work() -> None:
         import json
 
-        from pipeline.bench.serve import markdown_table, run
+        from transfigure.pipeline.bench.serve import markdown_table, run
 
         result = run(
             arch,

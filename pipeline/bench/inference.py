@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.generators import build_generator
+from transfigure.models.generators import build_generator
 
 arch, weights, src, dst = sys.argv[1:5]
 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -78,11 +78,11 @@ def run(
     """
     import torch
 
-    from models.generators import build_generator
-    from pipeline.export.quantize import write_int8_companion
-    from pipeline.export.to_onnx import export_image_generator
-    from pipeline.schema import Int8Params
-    from pipeline.serve.translate import default_batch_size
+    from transfigure.models.generators import build_generator
+    from transfigure.pipeline.export.quantize import write_int8_companion
+    from transfigure.pipeline.export.to_onnx import export_image_generator
+    from transfigure.pipeline.schema import Int8Params
+    from transfigure.pipeline.serve.translate import default_batch_size
 
     torch.manual_seed(0)
     net = build_generator(arch)
@@ -219,8 +219,8 @@ def _time_engine(
     baseline: float,
     precision: str = "fp32",
 ) -> list[dict]:
-    from pipeline.serve.engine import Engine
-    from pipeline.serve.options import InferenceOptions
+    from transfigure.pipeline.serve.engine import Engine
+    from transfigure.pipeline.serve.options import InferenceOptions
 
     fp16 = fp16 and provider == "tensorrt"
     engine = Engine(model, InferenceOptions(providers=(provider,), tensorrt_fp16=fp16, precision=precision))
@@ -272,7 +272,7 @@ def _gflop_per_image(net, size: int) -> float:
 
 
 def _machine(gpu: str | None) -> str:
-    from pipeline.threads import available_cpus
+    from transfigure.pipeline.threads import available_cpus
 
     cpus = f"{len(available_cpus())}-core CPU ({platform.machine()})"
     return f"{gpu}, {cpus}" if gpu else f"{cpus}, no GPU"

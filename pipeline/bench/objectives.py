@@ -45,10 +45,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from models import flows
-from models import objectives as registry
-from pipeline.errors import UserError
-from pipeline.files import write_bytes_atomic, write_json_atomic
+from transfigure.models import flows
+from transfigure.models import objectives as registry
+from transfigure.pipeline.errors import UserError
+from transfigure.pipeline.files import write_bytes_atomic, write_json_atomic
 
 SAMPLES = 2500
 MIN_SHARE = 20 / SAMPLES

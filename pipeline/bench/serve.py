@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.bench.inference import METADATA, _machine, _time_engine, _write_photos
+from transfigure.pipeline.bench.inference import METADATA, _machine, _time_engine, _write_photos
 
 
 def run(
@@ -42,8 +42,8 @@ def run(
     import httpx
     import torch
 
-    from models.generators import build_generator
-    from pipeline.export.to_onnx import export_image_generator
+    from transfigure.models.generators import build_generator
+    from transfigure.pipeline.export.to_onnx import export_image_generator
 
     torch.manual_seed(0)
     net = build_generator(arch)

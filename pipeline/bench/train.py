@@ -13,13 +13,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.data.datasets import loader_workers
-from pipeline.data.prepare import prepare_folder
-from pipeline.params import Params
-from pipeline.schema import DatasetParams, LabelMapParams
-from pipeline.train import recipes
-from pipeline.train.context import Context
-from pipeline.train.feed import Feed
+from transfigure.pipeline.data.datasets import loader_workers
+from transfigure.pipeline.data.prepare import prepare_folder
+from transfigure.pipeline.params import Params
+from transfigure.pipeline.schema import DatasetParams, LabelMapParams
+from transfigure.pipeline.train import recipes
+from transfigure.pipeline.train.context import Context
+from transfigure.pipeline.train.feed import Feed
 
 
 def _synthetic_dataset(root: Path, size: int, layout: str, labels: LabelMapParams | None = None) -> Path:

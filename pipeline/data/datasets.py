@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pipeline import machine, threads
-from pipeline.errors import UserError
-from pipeline.pixels import to_model_range, to_pixels
-from pipeline.schema import AugmentParams
+from transfigure.pipeline import machine, threads
+from transfigure.pipeline.errors import UserError
+from transfigure.pipeline.pixels import to_model_range, to_pixels
+from transfigure.pipeline.schema import AugmentParams
 
 if TYPE_CHECKING:
     import albumentations as A

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data import builtin
-from pipeline.errors import UserError
-from pipeline.files import json_hash, sha256_of_file, write_json_atomic
-from pipeline.images import (
+from transfigure.pipeline.data import builtin
+from transfigure.pipeline.errors import UserError
+from transfigure.pipeline.files import json_hash, sha256_of_file, write_json_atomic
+from transfigure.pipeline.images import (
     BadImage,
     decode_labels,
     decode_rgb,
@@ -37,8 +37,8 @@ from pipeline.images import (
     write_image_atomic,
     write_labels_atomic,
 )
-from pipeline.pixels import palette
-from pipeline.schema import DatasetParams
+from transfigure.pipeline.pixels import palette
+from transfigure.pipeline.schema import DatasetParams
 
 MANIFEST = "manifest.json"
 REPORT = "report.json"

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import torch
 
-from models.classifier import DigitClassifier
-from pipeline.data.datasets import LabeledDataset
-from pipeline.errors import UserError
-from pipeline.files import write_json_atomic
-from pipeline.params import Params
-from pipeline.train.checkpoint import load_checkpoint, save_checkpoint
+from transfigure.models.classifier import DigitClassifier
+from transfigure.pipeline.data.datasets import LabeledDataset
+from transfigure.pipeline.errors import UserError
+from transfigure.pipeline.files import write_json_atomic
+from transfigure.pipeline.params import Params
+from transfigure.pipeline.train.checkpoint import load_checkpoint, save_checkpoint
 
 CLASSIFIER = Path("runs/classifier/classifier.pt")
 

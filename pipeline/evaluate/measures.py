@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.data.datasets import entries, label_side, read_labels, read_rgb, to_tensor, to_uint8
-from pipeline.errors import UserError
-from pipeline.evaluate import metrics
-from pipeline.images import write_image_atomic
-from pipeline.pixels import label_maps_in_model_range, sample_sheet
+from transfigure.pipeline.data.datasets import entries, label_side, read_labels, read_rgb, to_tensor, to_uint8
+from transfigure.pipeline.errors import UserError
+from transfigure.pipeline.evaluate import metrics
+from transfigure.pipeline.images import write_image_atomic
+from transfigure.pipeline.pixels import label_maps_in_model_range, sample_sheet
 
 
 @dataclass(frozen=True)

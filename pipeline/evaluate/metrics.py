@@ -22,10 +22,10 @@ from PIL import Image
 from scipy.spatial.distance import pdist
 from torch import nn
 
-from pipeline.errors import UserError
-from pipeline.files import sha256_of_file
-from pipeline.images import BadImage, decode_rgb, list_images
-from pipeline.pixels import to_model_range
+from transfigure.pipeline.errors import UserError
+from transfigure.pipeline.files import sha256_of_file
+from transfigure.pipeline.images import BadImage, decode_rgb, list_images
+from transfigure.pipeline.pixels import to_model_range
 
 DATA_RANGE = 255.0
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

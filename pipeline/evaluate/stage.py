@@ -5,16 +5,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline import tracking
-from pipeline.data.datasets import load_manifest
-from pipeline.errors import UserError
-from pipeline.evaluate import metrics
-from pipeline.evaluate.classifier import CLASSIFIER, load_classifier, trained_on_same_images
-from pipeline.evaluate.measures import EvalInputs
-from pipeline.files import write_json_atomic
-from pipeline.params import Params, changed_keys, flatten, training_params
-from pipeline.train import recipes
-from pipeline.train.checkpoint import checkpoint_path, load_checkpoint
+from transfigure.pipeline import tracking
+from transfigure.pipeline.data.datasets import load_manifest
+from transfigure.pipeline.errors import UserError
+from transfigure.pipeline.evaluate import metrics
+from transfigure.pipeline.evaluate.classifier import CLASSIFIER, load_classifier, trained_on_same_images
+from transfigure.pipeline.evaluate.measures import EvalInputs
+from transfigure.pipeline.files import write_json_atomic
+from transfigure.pipeline.params import Params, changed_keys, flatten, training_params
+from transfigure.pipeline.train import recipes
+from transfigure.pipeline.train.checkpoint import checkpoint_path, load_checkpoint
 
 # Below this many images per set, KID's subsets are tiny and its unbiased estimate swings around zero.
 KID_MIN_IMAGES = 50

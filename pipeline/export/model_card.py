@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.errors import UserError
-from pipeline.pixels import MODEL_RANGE
+from transfigure.pipeline.errors import UserError
+from transfigure.pipeline.pixels import MODEL_RANGE
 
 IMAGE_TRANSLATION = "image_translation"
 CONDITIONAL_GENERATION = "conditional_generation"

@@ -18,13 +18,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from pipeline import fidelity
-from pipeline.errors import UserError
-from pipeline.export import model_card as card
-from pipeline.files import write_bytes_atomic
-from pipeline.images import BadImage, decode_rgb, list_images
-from pipeline.pixels import pad_to_multiple, to_model_range, to_pixels
-from pipeline.schema import Int8Params
+from transfigure.pipeline import fidelity
+from transfigure.pipeline.errors import UserError
+from transfigure.pipeline.export import model_card as card
+from transfigure.pipeline.files import write_bytes_atomic
+from transfigure.pipeline.images import BadImage, decode_rgb, list_images
+from transfigure.pipeline.pixels import pad_to_multiple, to_model_range, to_pixels
+from transfigure.pipeline.schema import Int8Params
 
 
 def write_int8_companion(

@@ -5,11 +5,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from models.generators import ReferenceLoadError, build_generator, guess_reference_arch, load_reference_state_dict
-from pipeline.errors import UserError
-from pipeline.export.to_onnx import export_image_generator
-from pipeline.files import sha256_of_file
-from pipeline.train.checkpoint import read_state_dict
+from transfigure.models.generators import (
+    ReferenceLoadError,
+    build_generator,
+    guess_reference_arch,
+    load_reference_state_dict,
+)
+from transfigure.pipeline.errors import UserError
+from transfigure.pipeline.export.to_onnx import export_image_generator
+from transfigure.pipeline.files import sha256_of_file
+from transfigure.pipeline.train.checkpoint import read_state_dict
 
 
 def import_reference_checkpoint(

@@ -7,22 +7,22 @@ import os
 import re
 from pathlib import Path
 
-from pipeline import tracking
-from pipeline.data import datasets
-from pipeline.errors import UserError
-from pipeline.export import model_card as card
-from pipeline.export.quantize import write_int8_companion
-from pipeline.export.to_onnx import (
+from transfigure.pipeline import tracking
+from transfigure.pipeline.data import datasets
+from transfigure.pipeline.errors import UserError
+from transfigure.pipeline.export import model_card as card
+from transfigure.pipeline.export.quantize import write_int8_companion
+from transfigure.pipeline.export.to_onnx import (
     export_conditional_generator,
     export_flow_sampler,
     export_image_generator,
     export_label_map_generator,
 )
-from pipeline.files import write_json_atomic
-from pipeline.params import Params
-from pipeline.schema import ExportParams, Int8Params
-from pipeline.train import recipes
-from pipeline.train.checkpoint import checkpoint_path, load_checkpoint
+from transfigure.pipeline.files import write_json_atomic
+from transfigure.pipeline.params import Params
+from transfigure.pipeline.schema import ExportParams, Int8Params
+from transfigure.pipeline.train import recipes
+from transfigure.pipeline.train.checkpoint import checkpoint_path, load_checkpoint
 
 
 def export_state(state, out_dir: Path, fp16: bool, export: ExportParams, data_root: Path | None) -> dict[str, dict]:

@@ -16,7 +16,7 @@ import copy
 import onnx
 from onnx import TensorProto, helper
 
-from pipeline.export import model_card as card
+from transfigure.pipeline.export import model_card as card
 
 _SPATIAL = "tiles_spatial_axes"  # [2, 3]
 _BATCH_AND_SPATIAL = "tiles_batch_and_spatial_axes"  # [0, 2, 3]

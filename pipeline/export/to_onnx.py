@@ -24,14 +24,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.export import Dim
 
-from models.categorical import LabelMapOutput, OneHotInput
-from models.dcgan import ConditionalGenerator
-from models.thumbnail_norm import StatisticsGraph, context_radius, instance_norms, statistics_width
-from pipeline.errors import UserError
-from pipeline.export import model_card as card
-from pipeline.export.tile_graphs import statistics_graph, tile_graph
-from pipeline.files import write_bytes_atomic
-from pipeline.pixels import palette, palette_text
+from transfigure.models.categorical import LabelMapOutput, OneHotInput
+from transfigure.models.dcgan import ConditionalGenerator
+from transfigure.models.thumbnail_norm import StatisticsGraph, context_radius, instance_norms, statistics_width
+from transfigure.pipeline.errors import UserError
+from transfigure.pipeline.export import model_card as card
+from transfigure.pipeline.export.tile_graphs import statistics_graph, tile_graph
+from transfigure.pipeline.files import write_bytes_atomic
+from transfigure.pipeline.pixels import palette, palette_text
 
 IMAGE_CHANNELS = 3
 FP16_ATOL = 5e-2

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.serve.engine import Cancelled
+from transfigure.pipeline.serve.engine import Cancelled
 
 
 class QueueFull(RuntimeError):

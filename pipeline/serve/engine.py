@@ -28,14 +28,14 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from pipeline import fidelity, machine, threads
-from pipeline.errors import InferenceError, UserError
-from pipeline.export import model_card as card
-from pipeline.pixels import pad_to_multiple, parse_palette, to_model_range, to_pixels
-from pipeline.serve import memory, openvino_bf16, options, tiling
-from pipeline.serve import precision as cpu_precision
-from pipeline.serve.options import GPU_PROVIDERS, InferenceOptions
-from pipeline.serve.registry import MODEL_URI_PREFIX, download_model
+from transfigure.pipeline import fidelity, machine, threads
+from transfigure.pipeline.errors import InferenceError, UserError
+from transfigure.pipeline.export import model_card as card
+from transfigure.pipeline.pixels import pad_to_multiple, parse_palette, to_model_range, to_pixels
+from transfigure.pipeline.serve import memory, openvino_bf16, options, tiling
+from transfigure.pipeline.serve import precision as cpu_precision
+from transfigure.pipeline.serve.options import GPU_PROVIDERS, InferenceOptions
+from transfigure.pipeline.serve.registry import MODEL_URI_PREFIX, download_model
 
 _FULL_NAMES = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 PROVIDERS = dict(zip(options.PROVIDERS, _FULL_NAMES, strict=True))

@@ -29,12 +29,12 @@ from prometheus_client import (
 )
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipeline.images import encode_image, encode_labels
-from pipeline.serve import oip, uploads
-from pipeline.serve.engine import Engine
-from pipeline.serve.inference import Inference, Metrics
-from pipeline.serve.settings import ServeSettings
-from pipeline.serve.uploads import ClientError
+from transfigure.pipeline.images import encode_image, encode_labels
+from transfigure.pipeline.serve import oip, uploads
+from transfigure.pipeline.serve.engine import Engine
+from transfigure.pipeline.serve.inference import Inference, Metrics
+from transfigure.pipeline.serve.settings import ServeSettings
+from transfigure.pipeline.serve.uploads import ClientError
 
 OUTPUT_FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "jpg": "image/jpeg", "webp": "image/webp"}
 REQUEST_ID = "X-Request-ID"
@@ -132,7 +132,7 @@ def _answer_errors_in_json(app: FastAPI) -> None:
 
 def _operations_routes(app: FastAPI, inference: Inference, metrics: Metrics) -> None:
     engine, settings = inference.engine, inference.settings
-    page_html = resources.files("pipeline.serve").joinpath("page.html").read_text()
+    page_html = resources.files("transfigure.pipeline.serve").joinpath("page.html").read_text()
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:

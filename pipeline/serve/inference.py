@@ -13,11 +13,19 @@ from contextlib import asynccontextmanager
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector
 
-from pipeline.serve import uploads
-from pipeline.serve.batching import DeadlineExceeded, Hold, MemoryAdmission, MicroBatcher, NotAdmitted, QueueFull, Run
-from pipeline.serve.engine import Engine, InferenceError
-from pipeline.serve.settings import ServeSettings
-from pipeline.serve.uploads import ClientError
+from transfigure.pipeline.serve import uploads
+from transfigure.pipeline.serve.batching import (
+    DeadlineExceeded,
+    Hold,
+    MemoryAdmission,
+    MicroBatcher,
+    NotAdmitted,
+    QueueFull,
+    Run,
+)
+from transfigure.pipeline.serve.engine import Engine, InferenceError
+from transfigure.pipeline.serve.settings import ServeSettings
+from transfigure.pipeline.serve.uploads import ClientError
 
 WARM_UP_TIMEOUT_S = 900
 log = logging.getLogger("transfigure.serve")

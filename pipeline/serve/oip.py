@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.export import model_card as card
+from transfigure.pipeline.export import model_card as card
 
 VERSION = "1"
 PLATFORM = "onnxruntime_onnx"

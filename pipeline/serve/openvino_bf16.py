@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import UserError
+from transfigure.pipeline.errors import UserError
 
 
 def installed() -> bool:

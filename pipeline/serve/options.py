@@ -10,10 +10,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import machine, threads
-from pipeline.errors import UserError
-from pipeline.images import DEFAULT_MAX_PIXELS
-from pipeline.serve.precision import PRECISIONS, REDUCED
+from transfigure.pipeline import machine, threads
+from transfigure.pipeline.errors import UserError
+from transfigure.pipeline.images import DEFAULT_MAX_PIXELS
+from transfigure.pipeline.serve.precision import PRECISIONS, REDUCED
 
 # ONNX Runtime's execution providers by their short names, in the order `auto` tries them.
 PROVIDERS = ("tensorrt", "cuda", "cpu")

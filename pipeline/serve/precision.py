@@ -10,9 +10,9 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
-from pipeline import fidelity
-from pipeline.errors import UserError
-from pipeline.export import model_card as card
+from transfigure.pipeline import fidelity
+from transfigure.pipeline.errors import UserError
+from transfigure.pipeline.export import model_card as card
 
 PRECISIONS = ("auto", "fp32", "int8", "bf16")
 REDUCED = ("int8", "bf16")

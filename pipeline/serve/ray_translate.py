@@ -23,14 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import threads
-from pipeline.errors import UserError
-from pipeline.export import model_card as card
-from pipeline.progress import Progress
-from pipeline.serve.engine import Engine
-from pipeline.serve.options import GPU_PROVIDERS, InferenceOptions, default_memory_budget
-from pipeline.serve.registry import MODEL_URI_PREFIX, download_model
-from pipeline.serve.translate import check_options, default_batch_size, finish_report, plan, translate_jobs
+from transfigure.pipeline import threads
+from transfigure.pipeline.errors import UserError
+from transfigure.pipeline.export import model_card as card
+from transfigure.pipeline.progress import Progress
+from transfigure.pipeline.serve.engine import Engine
+from transfigure.pipeline.serve.options import GPU_PROVIDERS, InferenceOptions, default_memory_budget
+from transfigure.pipeline.serve.registry import MODEL_URI_PREFIX, download_model
+from transfigure.pipeline.serve.translate import check_options, default_batch_size, finish_report, plan, translate_jobs
 
 INSTALL_HINT = "--engine ray needs Ray: pip install 'transfigure[ray]'"
 # Rows (file names) per actor call: enough to amortise a call, few enough to spread a folder over the actors.

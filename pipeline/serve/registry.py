@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.errors import UserError
-from pipeline.export import model_card as card
+from transfigure.pipeline.errors import UserError
+from transfigure.pipeline.export import model_card as card
 
 MODEL_URI_PREFIX = "models:/"
 
@@ -16,7 +16,7 @@ def download_model(uri: str, dst: Path) -> Path:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from pipeline import tracking
+    from transfigure.pipeline import tracking
 
     store = tracking.existing_store()
     mlflow.set_tracking_uri(store)

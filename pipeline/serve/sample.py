@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import UserError
-from pipeline.export import model_card as card
-from pipeline.images import write_image_atomic
-from pipeline.pixels import to_pixels
+from transfigure.pipeline.errors import UserError
+from transfigure.pipeline.export import model_card as card
+from transfigure.pipeline.images import write_image_atomic
+from transfigure.pipeline.pixels import to_pixels
 
 
 def sample(

@@ -10,16 +10,16 @@ import warnings
 
 from PIL import Image
 
-from pipeline.errors import UserError
-from pipeline.serve.engine import Engine
-from pipeline.serve.http import create_app, current_request_id
-from pipeline.serve.registry import MODEL_URI_PREFIX
-from pipeline.serve.settings import ServeSettings
+from transfigure.pipeline.errors import UserError
+from transfigure.pipeline.serve.engine import Engine
+from transfigure.pipeline.serve.http import create_app, current_request_id
+from transfigure.pipeline.serve.registry import MODEL_URI_PREFIX
+from transfigure.pipeline.serve.settings import ServeSettings
 
 LOG_CONFIG = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"json": {"()": "pipeline.serve.server.JsonLines"}},
+    "formatters": {"json": {"()": "transfigure.pipeline.serve.server.JsonLines"}},
     "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
     "root": {"handlers": ["stderr"], "level": "WARNING"},
     "loggers": {

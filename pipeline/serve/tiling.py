@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.export import model_card as card
-from pipeline.pixels import pad_to_multiple, to_model_range, to_pixels
+from transfigure.pipeline.export import model_card as card
+from transfigure.pipeline.pixels import pad_to_multiple, to_model_range, to_pixels
 
 # (N, H, W, 3) uint8 -> (N, H, W, 3) float32 in [-1, 1]: the engine's padded forward, through some session.
 Forward = Callable[[np.ndarray], np.ndarray]

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import UserError
-from pipeline.files import write_json_atomic
-from pipeline.images import (
+from transfigure.pipeline.errors import UserError
+from transfigure.pipeline.files import write_json_atomic
+from transfigure.pipeline.images import (
     BadImage,
     decode_labels,
     decode_rgb,
@@ -31,9 +31,9 @@ from pipeline.images import (
     write_image_atomic,
     write_labels_atomic,
 )
-from pipeline.pixels import colorize as in_colours
-from pipeline.progress import Progress
-from pipeline.serve.engine import Engine, InferenceError
+from transfigure.pipeline.pixels import colorize as in_colours
+from transfigure.pipeline.progress import Progress
+from transfigure.pipeline.serve.engine import Engine, InferenceError
 
 FORMATS = ("png", "jpg", "webp")
 _OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")

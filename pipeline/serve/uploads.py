@@ -13,7 +13,7 @@ from PIL import Image
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pipeline.images import BadImage, ImageTooLarge, decode_labels_bytes, decode_rgb_bytes
+from transfigure.pipeline.images import BadImage, ImageTooLarge, decode_labels_bytes, decode_rgb_bytes
 
 IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP"}
 MULTIPART = "multipart/form-data"

@@ -15,9 +15,9 @@ from typing import Any, TypedDict
 import torch
 from torch import nn
 
-from models.generators import ReferenceLoadError, guess_reference_arch, load_reference_state_dict
-from pipeline.errors import UserError
-from pipeline.files import sha256_of_file, write_atomic
+from transfigure.models.generators import ReferenceLoadError, guess_reference_arch, load_reference_state_dict
+from transfigure.pipeline.errors import UserError
+from transfigure.pipeline.files import sha256_of_file, write_atomic
 
 FORMAT = 1
 LAST = "last.pt"

@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from models import objectives
-from pipeline.data.datasets import as_model_input
-from pipeline.errors import UserError
-from pipeline.schema import RecipeParams
-from pipeline.train.distributed import BothDirections, TwoWay, World
+from transfigure.models import objectives
+from transfigure.pipeline.data.datasets import as_model_input
+from transfigure.pipeline.errors import UserError
+from transfigure.pipeline.schema import RecipeParams
+from transfigure.pipeline.train.distributed import BothDirections, TwoWay, World
 
 
 def resolve_device(choice: str) -> torch.device:

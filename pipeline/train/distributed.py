@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.errors import UserError
+from transfigure.pipeline.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import torch
 
-from pipeline.train.context import Context
+from transfigure.pipeline.train.context import Context
 
 # More of a run spent waiting for batches than this, and the end of the run says which knob to turn.
 DATA_WAIT_WARNING = 0.20

@@ -7,7 +7,7 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
-from pipeline.files import source_digests
+from transfigure.pipeline.files import source_digests
 
 ROOT = Path(__file__).resolve().parents[2]  # the folder that holds models/ and pipeline/
 _SHARED = (

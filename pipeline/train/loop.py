@@ -15,16 +15,16 @@ import torch
 from rich.console import Console
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from pipeline.charts import loss_curves
-from pipeline.data.datasets import loader_workers
-from pipeline.errors import TrainingDiverged, UserError
-from pipeline.files import write_bytes_atomic, write_json_atomic
-from pipeline.images import write_image_atomic
-from pipeline.params import Params, changed_keys, flatten, params_hash, training_params
-from pipeline.pixels import sample_sheet
-from pipeline.progress import Progress
-from pipeline.train import recipes
-from pipeline.train.checkpoint import (
+from transfigure.pipeline.charts import loss_curves
+from transfigure.pipeline.data.datasets import loader_workers
+from transfigure.pipeline.errors import TrainingDiverged, UserError
+from transfigure.pipeline.files import write_bytes_atomic, write_json_atomic
+from transfigure.pipeline.images import write_image_atomic
+from transfigure.pipeline.params import Params, changed_keys, flatten, params_hash, training_params
+from transfigure.pipeline.pixels import sample_sheet
+from transfigure.pipeline.progress import Progress
+from transfigure.pipeline.train import recipes
+from transfigure.pipeline.train.checkpoint import (
     LAST,
     Checkpoint,
     checkpoint_dir,
@@ -36,10 +36,10 @@ from pipeline.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from pipeline.train.context import Context
-from pipeline.train.distributed import World
-from pipeline.train.feed import Feed, data_wait_warning
-from pipeline.train.fingerprint import changed_files, code_fingerprint
+from transfigure.pipeline.train.context import Context
+from transfigure.pipeline.train.distributed import World
+from transfigure.pipeline.train.feed import Feed, data_wait_warning
+from transfigure.pipeline.train.fingerprint import changed_files, code_fingerprint
 
 
 def lr_factor(step: int, steps: int, decay: bool) -> float:
@@ -73,7 +73,7 @@ def train(
     """Trains one recipe to params' step count, resuming from the last checkpoint (or extending a finished run
     whose only change is a higher `steps`); returns the summary. Under torchrun every rank trains and rank 0
     alone writes and logs (pipeline/train/distributed.py); the other ranks return an empty summary."""
-    from pipeline import tracking
+    from transfigure.pipeline import tracking
 
     world = World.from_environment()
     main = world.main

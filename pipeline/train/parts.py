@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from models import flows
-from models.objectives import Critic, LeastSquares, Objective
-from pipeline.data.datasets import first_items
-from pipeline.schema import FlowParams
+from transfigure.models import flows
+from transfigure.models.objectives import Critic, LeastSquares, Objective
+from transfigure.pipeline.data.datasets import first_items
+from transfigure.pipeline.schema import FlowParams
 
 
 def set_requires_grad(nets: list[nn.Module], flag: bool) -> None:

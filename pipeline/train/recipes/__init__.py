@@ -5,8 +5,8 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from pipeline.errors import UserError
-from pipeline.train.recipes.base import Recipe, registered
+from transfigure.pipeline.errors import UserError
+from transfigure.pipeline.train.recipes.base import Recipe, registered
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")

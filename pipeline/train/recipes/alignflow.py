@@ -16,14 +16,14 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from models import flows
-from models.discriminators import build_discriminator
-from models.init import init_weights
-from pipeline.data.datasets import UnpairedDataset
-from pipeline.evaluate import measures
-from pipeline.schema import AugmentParams, DiscriminatorParams, FlowParams, NonNegativeFloat, RecipeParams
-from pipeline.train.context import Context
-from pipeline.train.parts import (
+from transfigure.models import flows
+from transfigure.models.discriminators import build_discriminator
+from transfigure.models.init import init_weights
+from transfigure.pipeline.data.datasets import UnpairedDataset
+from transfigure.pipeline.evaluate import measures
+from transfigure.pipeline.schema import AugmentParams, DiscriminatorParams, FlowParams, NonNegativeFloat, RecipeParams
+from transfigure.pipeline.train.context import Context
+from transfigure.pipeline.train.parts import (
     build_flow,
     generator_adversarial,
     mean_bits_per_dim,
@@ -31,7 +31,7 @@ from pipeline.train.parts import (
     unpaired_fixtures,
     update_two_critics,
 )
-from pipeline.train.recipes.base import Export, Recipe, register
+from transfigure.pipeline.train.recipes.base import Export, Recipe, register
 
 
 class AlignFlowParams(RecipeParams):

@@ -21,10 +21,10 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from pipeline.data.datasets import batches, loader_workers
-from pipeline.evaluate import measures
-from pipeline.schema import RecipeParams
-from pipeline.train.context import Context
+from transfigure.pipeline.data.datasets import batches, loader_workers
+from transfigure.pipeline.evaluate import measures
+from transfigure.pipeline.schema import RecipeParams
+from transfigure.pipeline.train.context import Context
 
 Layout = Literal["unaligned", "aligned", "classes"]
 _REGISTERED: dict[str, type[Recipe]] = {}

@@ -12,14 +12,14 @@ import torch
 from pydantic import model_validator
 from torch import nn
 
-from models.dcgan import ConditionalDiscriminator, ConditionalGenerator
-from models.init import init_weights
-from pipeline.data.datasets import LabeledDataset
-from pipeline.evaluate import measures
-from pipeline.schema import PositiveInt, RecipeParams, refuse_batch_norm_with_penalty
-from pipeline.train.context import Context
-from pipeline.train.parts import set_requires_grad
-from pipeline.train.recipes.base import Export, Recipe, register
+from transfigure.models.dcgan import ConditionalDiscriminator, ConditionalGenerator
+from transfigure.models.init import init_weights
+from transfigure.pipeline.data.datasets import LabeledDataset
+from transfigure.pipeline.evaluate import measures
+from transfigure.pipeline.schema import PositiveInt, RecipeParams, refuse_batch_norm_with_penalty
+from transfigure.pipeline.train.context import Context
+from transfigure.pipeline.train.parts import set_requires_grad
+from transfigure.pipeline.train.recipes.base import Export, Recipe, register
 
 
 class CDCGANParams(RecipeParams):

@@ -21,19 +21,19 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from models.discriminators import build_discriminator
-from models.generators import build_generator
-from models.init import init_weights
-from models.patch_nce import (
+from transfigure.models.discriminators import build_discriminator
+from transfigure.models.generators import build_generator
+from transfigure.models.init import init_weights
+from transfigure.models.patch_nce import (
     PatchProjector,
     default_feature_layers,
     encoder_features,
     patch_nce_loss,
     translation_and_features,
 )
-from pipeline.data.datasets import UnpairedDataset, first_items
-from pipeline.evaluate import measures
-from pipeline.schema import (
+from transfigure.pipeline.data.datasets import UnpairedDataset, first_items
+from transfigure.pipeline.evaluate import measures
+from transfigure.pipeline.schema import (
     AugmentParams,
     DiscriminatorParams,
     GeneratorParams,
@@ -41,9 +41,9 @@ from pipeline.schema import (
     PositiveInt,
     RecipeParams,
 )
-from pipeline.train.context import Context
-from pipeline.train.parts import critic_loss, generator_adversarial, set_requires_grad
-from pipeline.train.recipes.base import Export, Recipe, register
+from transfigure.pipeline.train.context import Context
+from transfigure.pipeline.train.parts import critic_loss, generator_adversarial, set_requires_grad
+from transfigure.pipeline.train.recipes.base import Export, Recipe, register
 
 # What each variant means when a knob is left unset (the reference's --CUT_mode).
 VARIANTS = {

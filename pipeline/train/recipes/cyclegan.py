@@ -16,15 +16,26 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from models.discriminators import build_discriminator
-from models.generators import build_generator
-from models.init import init_weights
-from pipeline.data.datasets import UnpairedDataset
-from pipeline.evaluate import measures
-from pipeline.schema import AugmentParams, DiscriminatorParams, GeneratorParams, NonNegativeFloat, RecipeParams
-from pipeline.train.context import Context
-from pipeline.train.parts import generator_adversarial, set_requires_grad, unpaired_fixtures, update_two_critics
-from pipeline.train.recipes.base import Export, Recipe, register
+from transfigure.models.discriminators import build_discriminator
+from transfigure.models.generators import build_generator
+from transfigure.models.init import init_weights
+from transfigure.pipeline.data.datasets import UnpairedDataset
+from transfigure.pipeline.evaluate import measures
+from transfigure.pipeline.schema import (
+    AugmentParams,
+    DiscriminatorParams,
+    GeneratorParams,
+    NonNegativeFloat,
+    RecipeParams,
+)
+from transfigure.pipeline.train.context import Context
+from transfigure.pipeline.train.parts import (
+    generator_adversarial,
+    set_requires_grad,
+    unpaired_fixtures,
+    update_two_critics,
+)
+from transfigure.pipeline.train.recipes.base import Export, Recipe, register
 
 
 class CycleGANParams(RecipeParams):

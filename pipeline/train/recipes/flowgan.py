@@ -16,15 +16,15 @@ import torch
 from pydantic import model_validator
 from torch import nn
 
-from models import flows
-from models.discriminators import build_discriminator
-from models.init import init_weights
-from pipeline.data.datasets import UnpairedDataset
-from pipeline.evaluate import measures
-from pipeline.schema import DiscriminatorParams, FlowParams, NonNegativeFloat, RecipeParams
-from pipeline.train.context import Context
-from pipeline.train.parts import build_flow, mean_bits_per_dim, set_requires_grad
-from pipeline.train.recipes.base import Export, Recipe, register
+from transfigure.models import flows
+from transfigure.models.discriminators import build_discriminator
+from transfigure.models.init import init_weights
+from transfigure.pipeline.data.datasets import UnpairedDataset
+from transfigure.pipeline.evaluate import measures
+from transfigure.pipeline.schema import DiscriminatorParams, FlowParams, NonNegativeFloat, RecipeParams
+from transfigure.pipeline.train.context import Context
+from transfigure.pipeline.train.parts import build_flow, mean_bits_per_dim, set_requires_grad
+from transfigure.pipeline.train.recipes.base import Export, Recipe, register
 
 
 class FlowGANParams(RecipeParams):

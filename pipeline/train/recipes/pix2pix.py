@@ -22,18 +22,25 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from models.categorical import OneHotInput, annealed_temperature, one_hot_map, relaxed_one_hot
-from models.discriminators import build_discriminator
-from models.generators import build_generator
-from models.init import init_weights
-from pipeline.data.datasets import PairedDataset, first_items, label_side
-from pipeline.errors import UserError
-from pipeline.evaluate import measures
-from pipeline.pixels import label_maps_in_model_range
-from pipeline.schema import OBJECTIVES, DiscriminatorParams, GeneratorParams, NonNegativeFloat, RecipeParams, Strict
-from pipeline.train.context import Context
-from pipeline.train.parts import critic_loss, generator_adversarial, set_requires_grad
-from pipeline.train.recipes.base import Export, Recipe, register
+from transfigure.models.categorical import OneHotInput, annealed_temperature, one_hot_map, relaxed_one_hot
+from transfigure.models.discriminators import build_discriminator
+from transfigure.models.generators import build_generator
+from transfigure.models.init import init_weights
+from transfigure.pipeline.data.datasets import PairedDataset, first_items, label_side
+from transfigure.pipeline.errors import UserError
+from transfigure.pipeline.evaluate import measures
+from transfigure.pipeline.pixels import label_maps_in_model_range
+from transfigure.pipeline.schema import (
+    OBJECTIVES,
+    DiscriminatorParams,
+    GeneratorParams,
+    NonNegativeFloat,
+    RecipeParams,
+    Strict,
+)
+from transfigure.pipeline.train.context import Context
+from transfigure.pipeline.train.parts import critic_loss, generator_adversarial, set_requires_grad
+from transfigure.pipeline.train.recipes.base import Export, Recipe, register
 
 Classes = Annotated[int, Field(ge=2, le=256)]
 

@@ -9,9 +9,9 @@ whose label maps are in A and set `input: {kind: categorical, classes: K}` and `
 
 from __future__ import annotations
 
-from pipeline.schema import NonNegativeFloat
-from pipeline.train.recipes.base import register
-from pipeline.train.recipes.pix2pix import OutputParams, Pix2Pix, Pix2PixParams
+from transfigure.pipeline.schema import NonNegativeFloat
+from transfigure.pipeline.train.recipes.base import register
+from transfigure.pipeline.train.recipes.pix2pix import OutputParams, Pix2Pix, Pix2PixParams
 
 
 class Pix2PixLabelsParams(Pix2PixParams):
