@@ -164,7 +164,7 @@ def measure_training(row: dict, params_path: Path, dry_run: bool, warmup: int) -
     if dry_run:
         settings += [f"{recipe}.device=cpu", f"{recipe}.precision=fp32"]
     params = load(params_path, settings)
-    size = row["size"] or params.data.datasets[params.recipe(recipe).dataset].size
+    size = row["size"] or params.data.datasets[recipes.params_of(params, recipe).dataset].size
     return bench_train.run(recipe, params, size, row["steps"], warmup, resident=row["resident"])
 
 

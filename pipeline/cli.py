@@ -100,9 +100,10 @@ def train(
 
             fit_classifier(p, _console())
             return
+        from transfigure.pipeline.train import recipes
         from transfigure.pipeline.train.loop import train as run_training
 
-        p.recipe(recipe)
+        recipes.params_of(p, recipe)  # a wrong key stops the run before anything starts
         run_training(recipe, p, _console(), fresh=fresh, fresh_if_changed=fresh_if_changed)
 
     guard(work)
@@ -143,6 +144,7 @@ def evaluate(
 
         from transfigure.pipeline.errors import UserError
         from transfigure.pipeline.evaluate import stage
+        from transfigure.pipeline.train import recipes
 
         console = _console()
         if real is not None or fake is not None:
@@ -173,7 +175,7 @@ def evaluate(
             console.print("note: `evaluate classifier` is now `train classifier`; it trains the digit classifier")
             fit_classifier(p, console)
             return
-        p.recipe(recipe)
+        recipes.params_of(p, recipe)
         metrics = stage.evaluate_recipe(recipe, p, console, step=step, on_dataset=on_dataset, features=features)
         if as_json:
             print(json.dumps(metrics))
@@ -197,6 +199,7 @@ def export(
     def work() -> None:
         from transfigure.pipeline.errors import UserError
         from transfigure.pipeline.export import stage
+        from transfigure.pipeline.train import recipes
 
         console = _console()
         if checkpoint is not None:
@@ -209,7 +212,7 @@ def export(
         if recipe is None:
             raise UserError("name a recipe, or pass --checkpoint FILE --out FILE.onnx")
         p = load(params, overrides, threads)
-        p.recipe(recipe)
+        recipes.params_of(p, recipe)
         stage.export_recipe(recipe, p, console, fp16=fp16 or p.export.fp16, step=step)
 
     guard(work)

@@ -58,12 +58,10 @@ def guard(work: Callable[[], object]) -> object:
 
 
 def recipe_names() -> str:
-    """The recipes, read from the recipes folder's module names without importing them (torch), for --help."""
-    import importlib.util
-    import pkgutil
+    """The recipes, as params knows them (without importing them: torch), for --help."""
+    from transfigure.pipeline.params import recipe_names as names
 
-    folder = importlib.util.find_spec("transfigure.pipeline.train.recipes").submodule_search_locations
-    return " | ".join(m.name for m in pkgutil.iter_modules(folder) if m.name != "base")
+    return " | ".join(names())
 
 
 def load(path: Path, overrides: list[str] | None, threads: str | None = None):

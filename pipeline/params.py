@@ -1,32 +1,47 @@
 """params.yaml through one schema: every knob of the pipeline, checked before anything runs.
 
-The schema is the shared sections of pipeline/schema.py plus one section per registered recipe, each recipe's
-own `Params` class under its name. An unknown key, a wrong type or an impossible value stops the run with one
-line that names the key. `--set section.key=value` overrides go through the same checks.
+The schema is the shared sections of pipeline/schema.py plus one section per recipe, named after the recipe's
+module. Loading checks the shared sections and that every other section is a recipe's; a recipe's section is
+checked against the recipe's own `Params` class when that recipe is used (`Params.recipe_section`, which the
+recipe registry calls), so loading params imports no recipe (nor torch). An unknown key, a wrong type or an
+impossible value stops the run with one line that names the key. `--set section.key=value` overrides go through
+the same checks.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
-from functools import cache
+import pkgutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import yaml
-from pydantic import ValidationError, create_model, model_validator
+from pydantic import ConfigDict, PrivateAttr, ValidationError, model_validator
 
 from transfigure.pipeline.errors import UserError
 from transfigure.pipeline.files import json_hash
 from transfigure.pipeline.schema import DataParams, EvaluateParams, ExportParams, PositiveInt, RecipeParams, Strict
-from transfigure.pipeline.train import recipes
+
+Section = TypeVar("Section", bound=RecipeParams)
 
 
 class ParamsError(UserError):
     """A user's params are wrong; the message is one line naming the key."""
 
 
+def recipe_names() -> tuple[str, ...]:
+    """The recipes: the modules of the recipes folder (each defines the recipe of its name), listed, not imported."""
+    folder = importlib.util.find_spec("transfigure.pipeline.train.recipes").submodule_search_locations
+    return tuple(sorted(module.name for module in pkgutil.iter_modules(folder) if module.name != "base"))
+
+
 class Params(Strict):
-    """The sections every pipeline has; `schema()` adds one per recipe."""
+    """The sections every pipeline has, and each recipe's section as written (checked when the recipe is used)."""
+
+    model_config = ConfigDict(extra="allow")  # the recipes' sections: Strict's "unknown key" comes from the check
 
     seed: int = 0
     threads: PositiveInt | Literal["auto"] = "auto"  # CPU threads (pipeline/threads.py); --threads overrides
@@ -34,37 +49,43 @@ class Params(Strict):
     data: DataParams
     evaluate: EvaluateParams = EvaluateParams()
     export: ExportParams = ExportParams()
+    # Where the values came from, so that a recipe's section checked later names the file or the --set.
+    _path: Path = PrivateAttr(Path("params.yaml"))
+    _overrides: list[str] = PrivateAttr(default_factory=list)
 
     @model_validator(mode="after")
-    def _datasets_exist(self) -> Params:
+    def _sections_are_recipes(self) -> Params:
+        known = recipe_names()
         for name in self.recipes:
-            if name not in recipes.names():
-                raise ValueError(f"recipes: no recipe {name!r} (there are {', '.join(recipes.names())})")
-        for name in recipes.names():
-            dataset = getattr(self, name).dataset
-            if dataset not in self.data.datasets:
-                raise ValueError(f"{name}.dataset: no dataset {dataset!r} under data.datasets")
+            if name not in known:
+                raise ValueError(f"recipes: no recipe {name!r} (there are {', '.join(known)})")
+        for key, section in (self.model_extra or {}).items():
+            if key not in known:
+                raise ValueError(f"{key}: unknown key")
+            if not isinstance(section, dict):
+                raise ValueError(f"{key}: a recipe's section must be a mapping of keys (got {section!r})")
         return self
 
-    def recipe(self, name: str) -> RecipeParams:
-        return getattr(self, recipes.get(name).name)
+    def recipe_section(self, name: str, schema: type[Section]) -> Section:
+        """Recipe `name`'s section checked against its `schema` (defaults where params.yaml is silent); a
+        ParamsError naming the key and where it came from."""
+        source = functools.partial(_source, path=self._path, overrides=self._overrides)
+        try:
+            section = schema.model_validate((self.model_extra or {}).get(name, {}))
+        except ValidationError as exc:
+            raise ParamsError(describe(exc, source, prefix=name)) from None
+        if section.dataset not in self.data.datasets:
+            key = f"{name}.dataset"
+            raise ParamsError(f"{source(key)}: {key}: no dataset {section.dataset!r} under data.datasets")
+        return section
 
 
-def schema() -> type[Params]:
-    """The whole schema for the recipes registered now (a test may register one more)."""
-    return _schema(recipes.names())
-
-
-@cache
-def _schema(names: tuple[str, ...]) -> type[Params]:
-    sections = {name: (recipes.get(name).Params, recipes.get(name).Params()) for name in names}
-    return create_model("Params", __base__=Params, **sections)
-
-
-def describe(error: ValidationError, source: str) -> str:
-    """One line naming the first wrong key and what is wrong with it."""
+def describe(error: ValidationError, source: str | Callable[[str], str], prefix: str = "") -> str:
+    """One line naming the first wrong key (under `prefix`) and what is wrong with it; `source` names where the
+    values came from, or finds it from the key."""
     first = error.errors()[0]
-    key = ".".join(str(part) for part in first["loc"])
+    key = ".".join(str(part) for part in ([prefix] if prefix else []) + list(first["loc"]))
+    source = source(key) if callable(source) else source
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "unknown key"
@@ -105,14 +126,15 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
         raise ParamsError(f"{path}: the top level must be a mapping of sections")
     raw = apply_overrides(raw, overrides or [])
     try:
-        return schema().model_validate(raw)
+        params = Params.model_validate(raw)
     except ValidationError as exc:
-        raise ParamsError(describe(exc, _source(exc, path, overrides or []))) from None
+        raise ParamsError(describe(exc, functools.partial(_source, path=path, overrides=overrides or []))) from None
+    params._path, params._overrides = path, list(overrides or [])
+    return params
 
 
-def _source(error: ValidationError, path: Path, overrides: list[str]) -> str:
-    """`--set KEY=VALUE` when the first wrong key came from an override, else the params file."""
-    key = ".".join(str(part) for part in error.errors()[0]["loc"])
+def _source(key: str, path: Path, overrides: list[str]) -> str:
+    """`--set KEY=VALUE` when the wrong key came from an override, else the params file."""
     for override in reversed(overrides):
         name = override.partition("=")[0]
         if key == name or key.startswith(f"{name}.") or name.startswith(f"{key}."):
@@ -134,9 +156,9 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
 _RUNTIME_KEYS = {"checkpoint_every", "keep_checkpoints", "sample_every", "log_every", "num_workers", "compile"}
 
 
-def training_params(params: Params, recipe: str) -> dict:
-    """The params a training run depends on: the seed, the recipe's section and its dataset."""
-    section = params.recipe(recipe).model_dump(mode="json")
+def training_params(params: Params, recipe: str, checked: RecipeParams) -> dict:
+    """The params a training run depends on: the seed, the recipe's `checked` section and its dataset."""
+    section = checked.model_dump(mode="json")
     return {
         "seed": params.seed,
         "recipe": recipe,

@@ -189,7 +189,7 @@ ALLOWED = {
     "pipeline.machine": TOP,
     "pipeline.charts": TOP,
     "pipeline.repro": TOP,
-    "pipeline.params": (*TOP, "pipeline.train.recipes"),  # the schema is assembled from the recipes' sections
+    "pipeline.params": TOP,
     "pipeline.cli": ("pipeline", "models"),
     "pipeline.cli_support": ("pipeline", "models"),
     "pipeline.cli_inference": ("pipeline", "models"),

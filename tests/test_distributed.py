@@ -47,7 +47,7 @@ def run(command: list[str], workdir, timeout: float = 300) -> subprocess.Complet
 
 def saved_parameter_sha256(recipe: str, overrides: list[str], state: dict) -> dict[str, str]:
     """Each saved network's sha256 over its parameters' names and bytes, computed here from the checkpoint."""
-    p = load_params("params.yaml", overrides).recipe(recipe)
+    p = recipes.params_of(load_params("params.yaml", overrides), recipe)
     nets = recipes.get(recipe).build_networks(p, **state["network_args"])
     digests = {}
     for name, net in nets.items():

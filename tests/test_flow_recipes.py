@@ -29,7 +29,7 @@ def one_thread():
 def recipe(name: str, *overrides: str):
     sections = [f"{name}.{o}" for o in [*TINY_FLOW, *TINY_CRITIC, "batch_size=4", *overrides]]
     params = load_params("params.yaml", sections)
-    p = params.recipe(name)
+    p = recipes.params_of(params, name)
     torch.manual_seed(params.seed)
     ctx = Context.create(p)
     model = recipes.get(name)(p, ctx, Path(params.data.root) / p.dataset)

@@ -232,7 +232,7 @@ def test_brief_training_reads_the_digits_better_than_any_constant_map(workdir, d
 
 def test_cross_entropy_alone_leaves_the_critic_untrained(workdir):
     params = load_params("params.yaml", [*tiny("pix2pix_labels"), "pix2pix_labels.lambda_GAN=0"])
-    p = params.recipe("pix2pix_labels")
+    p = recipes.params_of(params, "pix2pix_labels")
     ctx = Context.create(p)
     model = recipes.get("pix2pix_labels")(p, ctx, Path(params.data.root) / p.dataset)
     stream = iter(model.batches(params.seed, 0))

@@ -132,12 +132,14 @@ def test_the_heads_project_the_same_locations_to_unit_vectors():
 
 def test_cut_params_refuse_a_unet_and_layers_outside_the_encoder(tmp_path):
     with pytest.raises(UserError, match="ResNet generator"):
-        load_params(REPO / "params.yaml", ["cut.generator.arch=unet_256"])
-    with pytest.raises(UserError, match="nce_layers"):
-        load_params(REPO / "params.yaml", ["cut.nce_layers=[0,13]"])  # resnet_3blocks: 13 layers before the decoder
-    p = load_params(REPO / "params.yaml", ["cut.variant=fastcut"]).recipe("cut")
+        recipes.params_of(load_params(REPO / "params.yaml", ["cut.generator.arch=unet_256"]), "cut")
+    with pytest.raises(UserError, match="nce_layers"):  # resnet_3blocks: 13 layers before the decoder
+        recipes.params_of(
+            load_params(REPO / "params.yaml", ["cut.nce_layers=[0,13]"]), "cut"
+        )  # resnet_3blocks: 13 layers before the decoder
+    p = recipes.params_of(load_params(REPO / "params.yaml", ["cut.variant=fastcut"]), "cut")
     assert (p.chosen("lambda_NCE"), p.chosen("nce_idt"), p.chosen("flip_equivariance")) == (10.0, False, True)
-    p = load_params(REPO / "params.yaml", ["cut.variant=fastcut", "cut.lambda_NCE=2"]).recipe("cut")
+    p = recipes.params_of(load_params(REPO / "params.yaml", ["cut.variant=fastcut", "cut.lambda_NCE=2"]), "cut")
     assert p.chosen("lambda_NCE") == 2.0
 
 
@@ -158,7 +160,7 @@ def one_cut_step(keys_from_forward: bool, overrides: list[str]) -> tuple[dict, d
     """One step from seed 0 on the first batch: the losses, and each parameter's gradient (G's and F's from the
     generator's update, D's from the critic's)."""
     params = load_params("params.yaml", [*TINY["cut"], *overrides])
-    p = params.recipe("cut")
+    p = recipes.params_of(params, "cut")
     torch.manual_seed(0)
     ctx = Context.create(p)
     model = recipes.get("cut")(p, ctx, Path(params.data.root) / p.dataset)

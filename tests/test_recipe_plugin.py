@@ -14,6 +14,7 @@ from torch import nn
 from tests.corpus import gradient
 from transfigure.models.discriminators import build_discriminator
 from transfigure.models.generators import build_generator
+from transfigure.pipeline import params as params_module
 from transfigure.pipeline.data.datasets import PairedDataset, first_items
 from transfigure.pipeline.evaluate import measures
 from transfigure.pipeline.evaluate.stage import evaluate_recipe
@@ -84,8 +85,9 @@ class TinyPaired(Recipe):
 
 @pytest.fixture
 def tiny_recipe(monkeypatch):
-    # What @register does, undone after the test.
+    # What @register and a module in the recipes folder do, undone after the test.
     monkeypatch.setitem(registered(), TinyPaired.name, TinyPaired)
+    monkeypatch.setattr(params_module, "recipe_names", lambda: (*recipes.names(),))
     return TinyPaired
 
 
@@ -95,7 +97,7 @@ def test_a_new_recipe_trains_evaluates_and_exports_through_the_ordinary_paths(wo
     console = Console(quiet=True)
     assert recipes.get("tinypaired") is TinyPaired
     params = load_params("params.yaml", ["tinypaired.lambda_L1=5"])
-    assert params.recipe("tinypaired").lambda_L1 == 5.0  # its section is part of the one schema
+    assert recipes.params_of(params, "tinypaired").lambda_L1 == 5.0  # its section is part of the one schema
 
     summary = train("tinypaired", params, console)
     assert summary["steps"] == 3 and set(summary["losses"]) == {"G", "L1", "D"}
@@ -117,4 +119,4 @@ def test_an_unknown_section_is_still_refused_once_a_recipe_is_registered(workdir
     from transfigure.pipeline.params import ParamsError
 
     with pytest.raises(ParamsError, match="tinypaired.stepz: unknown key"):
-        load_params("params.yaml", ["tinypaired.stepz=3"])
+        recipes.params_of(load_params("params.yaml", ["tinypaired.stepz=3"]), "tinypaired")

@@ -111,7 +111,7 @@ def reference_pix2pix_step(netG, netD, real_A, real_B, gan_mode, lambda_L1):
 
 def ours(name: str, objective: str, *extra: str):
     params = load_params("params.yaml", [*TINY[name], f"{name}.objective={objective}", *extra])
-    p = params.recipe(name)
+    p = recipes.params_of(params, name)
     torch.manual_seed(0)
     ctx = Context.create(p)
     model = recipes.get(name)(p, ctx, Path(params.data.root) / p.dataset)

@@ -38,7 +38,7 @@ def test_every_recipe_trains_with_the_objectives_that_change_its_step(workdir, r
     # pix2pix's critic has batch norm, which a gradient penalty refuses (test_a_penalty_refuses_a_batch_norm_critic).
     norm = [f"{recipe}.discriminator.norm=instance"] if recipe.startswith("pix2pix") and "-" in objective else []
     params = load_params("params.yaml", [*tiny(recipe), f"{recipe}.objective={objective}", *norm])
-    p = params.recipe(recipe)
+    p = recipes.params_of(params, recipe)
     ctx = Context.create(p)
     model = recipes.get(recipe)(p, ctx, Path(params.data.root) / p.dataset)
     stream = iter(model.batches(params.seed, 0))
@@ -209,7 +209,7 @@ def test_ema_weights_are_saved_and_used_for_export(workdir):
     train("cdcgan", params, QUIET)
     state = load_checkpoint(workdir / "runs/cdcgan/checkpoints/last.pt")
     ema_generator = recipes.generators_from_checkpoint(state)["generator"]
-    p = params.recipe("cdcgan")
+    p = recipes.params_of(params, "cdcgan")
     raw_generator = recipes.get("cdcgan").generators(p, state["networks"], {}, state["network_args"])["generator"]
     key = "net.0.weight"
     assert torch.equal(raw_generator.state_dict()[key], state["networks"]["G"][key])
@@ -281,11 +281,11 @@ def test_image_pool_returns_a_mix_of_new_and_stored_images():
 def test_cpu_refuses_mixed_precision(workdir):
     params = load_params("params.yaml", [*tiny("cdcgan"), "cdcgan.precision=bf16", "cdcgan.device=cpu"])
     with pytest.raises(UserError, match="needs a CUDA device"):
-        Context.create(params.cdcgan)
+        Context.create(recipes.params_of(params, "cdcgan"))
     if not torch.cuda.is_available():
         params = load_params("params.yaml", [*tiny("cdcgan"), "cdcgan.device=cuda"])
         with pytest.raises(UserError, match="no CUDA device"):
-            Context.create(params.cdcgan)
+            Context.create(recipes.params_of(params, "cdcgan"))
 
 
 @pytest.mark.slow
@@ -376,14 +376,17 @@ def test_unpaired_recipes_flip_by_default_as_the_reference_does():
 
 
 def test_a_penalty_refuses_a_batch_norm_critic_before_training(workdir):
+    def checked(recipe, overrides):  # as `train` checks its recipe's section before anything starts
+        return recipes.params_of(load_params("params.yaml", overrides), recipe)
+
     with pytest.raises(
         ParamsError, match=r"pix2pix: discriminator.norm: .*wgan-gp.*set discriminator.norm to instance"
     ):
-        load_params("params.yaml", ["pix2pix.objective=wgan-gp"])  # pix2pix's default critic has batch norm
+        checked("pix2pix", ["pix2pix.objective=wgan-gp"])  # pix2pix's default critic has batch norm
     with pytest.raises(ParamsError, match=r"d_norm: .*wgan-lp.*set d_norm to spectral or none"):
-        load_params("params.yaml", ["cdcgan.objective=wgan-lp", "cdcgan.d_norm=batch"])
-    load_params("params.yaml", ["pix2pix.objective=wgan-gp", "pix2pix.discriminator.norm=instance"])
-    load_params("params.yaml", ["pix2pix.objective=hinge"])  # no penalty: batch norm is fine
+        checked("cdcgan", ["cdcgan.objective=wgan-lp", "cdcgan.d_norm=batch"])
+    checked("pix2pix", ["pix2pix.objective=wgan-gp", "pix2pix.discriminator.norm=instance"])
+    checked("pix2pix", ["pix2pix.objective=hinge"])  # no penalty: batch norm is fine
 
 
 @pytest.mark.slow
@@ -421,8 +424,9 @@ def test_precision_auto_keeps_fp32_for_networks_too_small_for_autocast_to_pay(wo
     from transfigure.pipeline.train.context import AUTOCAST_MIN_GFLOP_PER_IMAGE, generator_gflop_per_image
 
     params = load_params("params.yaml", tiny("cdcgan"))
-    ctx = Context.create(params.cdcgan)
-    model = recipes.get("cdcgan")(params.cdcgan, ctx, Path(params.data.root) / params.cdcgan.dataset)
+    p = recipes.params_of(params, "cdcgan")
+    ctx = Context.create(p)
+    model = recipes.get("cdcgan")(p, ctx, Path(params.data.root) / p.dataset)
     ctx.precision = "bf16"  # what auto gives on a GPU before the networks are known
     ctx.settle_precision(model.nets, model.example_inputs)
     assert ctx.precision == "fp32"

@@ -49,7 +49,7 @@ def run(recipe: str, params: Params, size: int, steps: int = 20, warmup: int = 3
     losses were finite, the last step's, and the GPU's peak memory over the run. `resident`: every step takes
     the same first batch, already on the device (no data pipeline: the device's own speed)."""
     recipe_class = recipes.get(recipe)
-    p = params.recipe(recipe)
+    p = recipes.params_of(params, recipe)
     if "domain" in type(p).model_fields:
         # The synthetic dataset is one domain (A); a recipe that learns one domain learns that one here.
         p = p.model_copy(update={"domain": "A"})

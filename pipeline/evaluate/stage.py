@@ -42,7 +42,8 @@ def evaluate_recipe(
     p = recipe.Params.model_validate(trained[recipe_name])
     trained_on = trained[recipe_name]["dataset"]
     if on_dataset is None:
-        _refuse_contradictions(checkpoint, trained, training_params(params, recipe_name), recipe_name)
+        wanted = training_params(params, recipe_name, recipes.params_of(params, recipe_name))
+        _refuse_contradictions(checkpoint, trained, wanted, recipe_name)
         dataset_name, dataset_spec = trained_on, trained["dataset"]
     else:
         if on_dataset not in params.data.datasets:

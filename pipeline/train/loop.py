@@ -80,8 +80,8 @@ def train(
     if not main:
         console = Console(quiet=True)
     recipe_class = recipes.get(recipe_name)
-    p = params.recipe(recipe_name)
-    wanted = training_params(params, recipe_name)
+    p = recipes.params_of(params, recipe_name)
+    wanted = training_params(params, recipe_name, p)
     wanted_hash = params_hash(wanted)
     code = code_fingerprint(recipe_class)
     ckpt_path = checkpoint_dir(recipe_name, runs_root) / LAST

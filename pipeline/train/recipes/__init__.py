@@ -6,6 +6,8 @@ import importlib
 import pkgutil
 
 from transfigure.pipeline.errors import UserError
+from transfigure.pipeline.params import Params
+from transfigure.pipeline.schema import RecipeParams
 from transfigure.pipeline.train.recipes.base import Recipe, registered
 
 for _module in pkgutil.iter_modules(__path__):
@@ -20,6 +22,11 @@ def get(name: str) -> type[Recipe]:
     if name not in registered():
         raise UserError(f"unknown recipe {name!r} (choose from {', '.join(registered())})")
     return registered()[name]
+
+
+def params_of(params: Params, name: str) -> RecipeParams:
+    """Recipe `name`'s section of `params`, checked against the recipe's own `Params` class."""
+    return params.recipe_section(name, get(name).Params)
 
 
 def generators_from_checkpoint(state) -> dict:
