@@ -10,16 +10,12 @@ import torch
 from transfigure.models.flows import (
     ActNorm,
     AffineCoupling,
-    AlignedTranslator,
-    DequantizeLogit,
-    FlowSampler,
-    ImageFlow,
     InvConv1x1,
-    RealNVP,
     bits_per_dim,
     standard_normal_log_prob,
     unitriangular_inverse,
 )
+from transfigure.models.image_flows import AlignedTranslator, DequantizeLogit, FlowSampler, ImageFlow, RealNVP
 
 GAUSSIAN_ENTROPY = 0.5 * math.log(2 * math.pi * math.e)  # 1.4189 nats per dimension for N(0, 1)
 

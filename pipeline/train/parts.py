@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from transfigure.models import flows
+from transfigure.models import flows, image_flows
 from transfigure.models.objectives import Critic, LeastSquares, Objective
 from transfigure.pipeline.data.datasets import first_items
 from transfigure.pipeline.schema import FlowParams
@@ -93,14 +93,14 @@ def update_two_critics(recipe, real_A, real_B, fake_A, fake_B) -> torch.Tensor:
     return torch.stack([loss_A.detach(), loss_B.detach()])
 
 
-def build_flow(p: FlowParams, image_size: int, orient: bool = False) -> flows.ImageFlow:
-    return flows.ImageFlow(
+def build_flow(p: FlowParams, image_size: int, orient: bool = False) -> image_flows.ImageFlow:
+    return image_flows.ImageFlow(
         3, image_size, p.n_scales, p.n_couplings, p.hidden_channels, p.n_res_blocks, p.actnorm, p.invconv, orient
     )
 
 
 @torch.no_grad()
-def mean_bits_per_dim(flow: flows.ImageFlow, images: torch.Tensor, batch_size: int = 256) -> float:
+def mean_bits_per_dim(flow: image_flows.ImageFlow, images: torch.Tensor, batch_size: int = 256) -> float:
     """Mean bits/dim of `images` under `flow`, with seeded dequantisation noise (on the CPU, where evaluation runs)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

@@ -16,7 +16,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from transfigure.models import flows
+from transfigure.models import flows, image_flows
 from transfigure.models.discriminators import build_discriminator
 from transfigure.models.init import init_weights
 from transfigure.pipeline.data.datasets import UnpairedDataset
@@ -62,7 +62,10 @@ class AlignFlow(Recipe):
         # Only the critics get the GAN initialisation: the flows' own init makes every coupling start as the identity.
         for critic in critics.values():
             init_weights(critic, p.init_type, p.init_gain)
-        translators = {"G_AB": flows.AlignedTranslator(flow_a, flow_b), "G_BA": flows.AlignedTranslator(flow_b, flow_a)}
+        translators = {
+            "G_AB": image_flows.AlignedTranslator(flow_a, flow_b),
+            "G_BA": image_flows.AlignedTranslator(flow_b, flow_a),
+        }
         return translators | critics
 
     @classmethod

@@ -16,7 +16,7 @@ import torch
 from pydantic import model_validator
 from torch import nn
 
-from transfigure.models import flows
+from transfigure.models import flows, image_flows
 from transfigure.models.discriminators import build_discriminator
 from transfigure.models.init import init_weights
 from transfigure.pipeline.data.datasets import UnpairedDataset
@@ -56,7 +56,7 @@ class FlowGAN(Recipe):
         critic = build_discriminator(d.kind, 3, d.ndf, d.n_layers, d.norm, d.spectral_norm)
         # Only the critic gets the GAN initialisation: the flow's own init makes every coupling start as the identity.
         init_weights(critic, p.init_type, p.init_gain)
-        return {"G": flows.FlowSampler(build_flow(p.flow, image_size)), "D": critic}
+        return {"G": image_flows.FlowSampler(build_flow(p.flow, image_size)), "D": critic}
 
     @classmethod
     def exports(cls, p: FlowGANParams) -> dict[str, Export]:
