@@ -131,63 +131,17 @@ def run_cli(tmp_path, mlflow_template):
     return run
 
 
-# Tiny networks and few steps: enough to run every code path of a recipe in seconds on a CPU.
-TINY = {
-    "cyclegan": [
-        "cyclegan.generator.arch=resnet_1blocks",
-        "cyclegan.generator.ngf=4",
-        "cyclegan.discriminator.ndf=4",
-        "cyclegan.discriminator.n_layers=1",
-        "cyclegan.discriminator.kind=n_layers",
-        "cyclegan.batch_size=2",
-        "cyclegan.pool_size=3",
-    ],
-    "cut": [
-        "cut.generator.arch=resnet_1blocks",
-        "cut.generator.ngf=4",
-        "cut.discriminator.ndf=4",
-        "cut.discriminator.n_layers=1",
-        "cut.discriminator.kind=n_layers",
-        "cut.batch_size=2",
-        "cut.num_patches=16",
-        "cut.projection_width=8",
-    ],
-    "pix2pix": [
-        "pix2pix.generator.arch=unet_5down",
-        "pix2pix.generator.ngf=4",
-        "pix2pix.discriminator.ndf=4",
-        "pix2pix.discriminator.n_layers=1",
-        "pix2pix.discriminator.kind=n_layers",
-        "pix2pix.batch_size=2",
-    ],
-    "pix2pix_labels": [
-        "pix2pix_labels.generator.arch=unet_5down",
-        "pix2pix_labels.generator.ngf=4",
-        "pix2pix_labels.discriminator.ndf=4",
-        "pix2pix_labels.discriminator.n_layers=1",
-        "pix2pix_labels.discriminator.kind=n_layers",
-        "pix2pix_labels.batch_size=2",
-        "pix2pix_labels.lambda_GAN=1",  # the default is cross-entropy alone; tests exercise the critic's path too
-    ],
-    "cdcgan": ["cdcgan.ngf=4", "cdcgan.ndf=4", "cdcgan.z_dim=8", "cdcgan.batch_size=4"],
-    **{
-        recipe: [
-            f"{recipe}.flow.n_couplings=1",
-            f"{recipe}.flow.hidden_channels=4",
-            f"{recipe}.flow.n_res_blocks=1",
-            f"{recipe}.discriminator.kind=n_layers",
-            f"{recipe}.discriminator.n_layers=1",
-            f"{recipe}.discriminator.ndf=4",
-            f"{recipe}.batch_size=2",
-        ]
-        for recipe in ("alignflow", "flowgan")
-    },
-}
+def tiny_networks(recipe: str) -> list[str]:
+    """The recipe's own `tiny` overrides (recipes/base.py): networks small enough to run every path in seconds."""
+    from transfigure.pipeline.train import recipes
+
+    return [f"{recipe}.{setting}" for setting in recipes.get(recipe).tiny]
 
 
 def tiny(recipe: str, steps: int = 4, every: int = 2) -> list[str]:
+    """Tiny networks and few steps, with a log, sample sheet and checkpoint every `every`."""
     return [
-        *TINY[recipe],
+        *tiny_networks(recipe),
         f"{recipe}.steps={steps}",
         f"{recipe}.checkpoint_every={every}",
         f"{recipe}.sample_every={every}",

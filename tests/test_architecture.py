@@ -1,5 +1,5 @@
 """The layout's rules (docs/ARCHITECTURE.md), checked on the source: no import cycle anywhere, models/ never
-imports pipeline/, and no module grows past what a reader takes in at once."""
+imports pipeline/, and no module or function grows past what a reader takes in at once."""
 
 import ast
 import subprocess
@@ -14,6 +14,7 @@ PACKAGES = ("models", "pipeline")
 PRODUCT = "transfigure"  # the import name the installed package puts both folders under (pyproject.toml)
 DYNAMIC = {"import_module", "__import__"}
 MAX_LINES = 420
+MAX_FUNCTION_LINES = 80  # a function, decorators aside, from `def` to its last line
 
 
 def modules() -> dict[str, Path]:
@@ -155,6 +156,17 @@ def test_models_never_import_the_pipeline():
 def test_modules_stay_readable_in_one_sitting():
     lengths = {name: len(path.read_text().splitlines()) for name, path in modules().items()}
     assert {name: n for name, n in lengths.items() if n > MAX_LINES} == {}
+
+
+def test_functions_fit_in_a_readers_mind():
+    long = {
+        f"{name}.{node.name}": node.end_lineno - node.lineno + 1
+        for name, path in modules().items()
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    }
+    assert long == {}
 
 
 TOP = ("pipeline.errors", "pipeline.files", "pipeline.images", "pipeline.pixels", "pipeline.progress")

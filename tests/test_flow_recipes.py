@@ -45,7 +45,7 @@ def test_alignflow_trains_and_translates_through_exact_inverses(workdir):
         assert all(math.isfinite(v) for v in losses.values())
         assert 0 < losses["bpd_A"] < 16 and 0 < losses["bpd_B"] < 16
 
-    G_AB, G_BA = model.nets["G_AB"].eval(), model.nets["G_BA"].eval()
+    G_AB, G_BA = model.state.nets["G_AB"].eval(), model.state.nets["G_BA"].eval()
     f_A, f_B = model.f_A, model.f_B
     assert G_BA.source is f_B and G_BA.target is f_A, "both translators share the same two flows"
     real_A = model.fixed["A"]
@@ -70,13 +70,13 @@ def test_alignflow_trains_and_translates_through_exact_inverses(workdir):
 def test_alignflow_exports_each_direction_as_one_onnx_graph(workdir, tmp_path):
     model, next_batch = recipe("alignflow")
     model.step(next_batch)
-    nets = recipes.get("alignflow").build_networks(model.p, **model.network_args)
+    nets = recipes.get("alignflow").build_networks(model.p, **model.state.network_args)
     for name in ("G_AB", "G_BA"):
-        nets[name].load_state_dict(model.nets[name].state_dict())
+        nets[name].load_state_dict(model.state.nets[name].state_dict())
     G_AB = nets["G_AB"].eval()
     with torch.no_grad():
         assert G_AB(torch.zeros(5, 3, 32, 32)).shape == (5, 3, 32, 32)
-        assert torch.equal(G_AB(model.fixed["A"]), model.nets["G_AB"].eval()(model.fixed["A"]))
+        assert torch.equal(G_AB(model.fixed["A"]), model.state.nets["G_AB"].eval()(model.fixed["A"]))
     metadata = {"recipe": "alignflow", "direction": "AtoB", "source_domain": "digits:A", "target_domain": "digits:B"}
     metadata |= {"training_commit": "test", "params_hash": "test"}
     # The exporter checks ONNX Runtime against PyTorch on unseen batch sizes and non-square sizes.
@@ -88,7 +88,7 @@ def test_alignflow_exports_each_direction_as_one_onnx_graph(workdir, tmp_path):
 def test_flowgan_trains_by_likelihood_adversarially_or_both(workdir, mode):
     model, next_batch = recipe("flowgan", mode, "objective=hinge")
     expected = {"G", "bpd"} if mode == "mle_only=true" else {"G", "G_adv", "bpd", "D"}
-    assert ("D" in model.optimizers) == (mode != "mle_only=true")
+    assert ("D" in model.state.optimizers) == (mode != "mle_only=true")
     flow_before = [p.detach().clone() for p in model.flow.parameters()]
     for _ in range(2):
         losses = model.step(next_batch)
@@ -98,8 +98,8 @@ def test_flowgan_trains_by_likelihood_adversarially_or_both(workdir, mode):
     assert list(columns) == ["T=1.0", "T=0.85", "T=0.7", "T=0.5"]
     assert all(c.shape == (8, 3, 32, 32) and c.abs().max() <= 1 for c in columns.values())
 
-    generator = model.nets["G"].eval()
+    generator = model.state.nets["G"].eval()
     with torch.no_grad():
         assert generator(torch.randn(3, 3, 32, 32)).shape == (3, 3, 32, 32)
-    images = torch.stack([model.dataset[i]["B"] for i in range(8)])
+    images = torch.stack([model.state.dataset[i]["B"] for i in range(8)])
     assert 0 < mean_bits_per_dim(generator.flow, images) < 16

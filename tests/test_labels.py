@@ -236,11 +236,11 @@ def test_cross_entropy_alone_leaves_the_critic_untrained(workdir):
     ctx = Context.create(p)
     model = recipes.get("pix2pix_labels")(p, ctx, Path(params.data.root) / p.dataset)
     stream = iter(model.batches(params.seed, 0))
-    weights = {name: {k: v.clone() for k, v in model.nets[name].state_dict().items()} for name in ("G", "D")}
+    weights = {name: {k: v.clone() for k, v in model.state.nets[name].state_dict().items()} for name in ("G", "D")}
     losses = model.step(lambda: ctx.to_device(next(stream)))
     assert losses["G_adv"] == 0 and losses["D"] == 0 and losses["CE"] > 0
 
     def changed(name: str) -> bool:
-        return any(not torch.equal(v, model.nets[name].state_dict()[k]) for k, v in weights[name].items())
+        return any(not torch.equal(v, model.state.nets[name].state_dict()[k]) for k, v in weights[name].items())
 
     assert changed("G") and not changed("D")  # the critic (weights and batch-norm statistics) is not even run

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, TINY, tiny
+from conftest import REPO, tiny, tiny_networks
 from torch import nn
 
 from transfigure.models.generators import ResnetBlock, build_generator
@@ -134,9 +134,7 @@ def test_cut_params_refuse_a_unet_and_layers_outside_the_encoder(tmp_path):
     with pytest.raises(UserError, match="ResNet generator"):
         recipes.params_of(load_params(REPO / "params.yaml", ["cut.generator.arch=unet_256"]), "cut")
     with pytest.raises(UserError, match="nce_layers"):  # resnet_3blocks: 13 layers before the decoder
-        recipes.params_of(
-            load_params(REPO / "params.yaml", ["cut.nce_layers=[0,13]"]), "cut"
-        )  # resnet_3blocks: 13 layers before the decoder
+        recipes.params_of(load_params(REPO / "params.yaml", ["cut.nce_layers=[0,13]"]), "cut")
     p = recipes.params_of(load_params(REPO / "params.yaml", ["cut.variant=fastcut"]), "cut")
     assert (p.chosen("lambda_NCE"), p.chosen("nce_idt"), p.chosen("flip_equivariance")) == (10.0, False, True)
     p = recipes.params_of(load_params(REPO / "params.yaml", ["cut.variant=fastcut", "cut.lambda_NCE=2"]), "cut")
@@ -159,7 +157,7 @@ def test_fastcut_trains_without_the_identity_term_and_cut_with_it(workdir):
 def one_cut_step(keys_from_forward: bool, overrides: list[str]) -> tuple[dict, dict]:
     """One step from seed 0 on the first batch: the losses, and each parameter's gradient (G's and F's from the
     generator's update, D's from the critic's)."""
-    params = load_params("params.yaml", [*TINY["cut"], *overrides])
+    params = load_params("params.yaml", [*tiny_networks("cut"), *overrides])
     p = recipes.params_of(params, "cut")
     torch.manual_seed(0)
     ctx = Context.create(p)
@@ -168,7 +166,7 @@ def one_cut_step(keys_from_forward: bool, overrides: list[str]) -> tuple[dict, d
     batch = ctx.to_device(next(iter(model.batches(params.seed, 0))))
     torch.manual_seed(1)  # the same patch locations in both runs
     losses = model.step(lambda: batch)
-    grads = {f"{net}.{name}": w.grad for net in "GFD" for name, w in model.nets[net].named_parameters()}
+    grads = {f"{net}.{name}": w.grad for net in "GFD" for name, w in model.state.nets[net].named_parameters()}
     return losses, grads
 
 

@@ -1,122 +1,109 @@
-"""A recipe is one module: a throw-away recipe defined here, and registered, trains, evaluates and exports through
-the ordinary code paths, with nothing else in the pipeline naming it."""
+"""A recipe is one module: a throw-away recipe module (tests/fixtures/recipe/) put into a copy of the checkout,
+with its section in params.yaml, trains, evaluates and exports through the ordinary commands, found by the
+registry's own discovery, with nothing else in the pipeline naming it. The contract refuses a recipe missing a
+part when it is registered or set up, and the README lists exactly the registered recipes."""
 
-import json
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
-from conftest import make_engine
+import yaml
+from conftest import REPO, importable_checkout, make_engine
 from torch import nn
 
 from tests.corpus import gradient
-from transfigure.models.discriminators import build_discriminator
-from transfigure.models.generators import build_generator
-from transfigure.pipeline import params as params_module
-from transfigure.pipeline.data.datasets import PairedDataset, first_items
-from transfigure.pipeline.evaluate import measures
-from transfigure.pipeline.evaluate.stage import evaluate_recipe
-from transfigure.pipeline.export.stage import export_recipe
-from transfigure.pipeline.params import load_params
-from transfigure.pipeline.schema import NonNegativeFloat, RecipeParams
 from transfigure.pipeline.train import recipes
-from transfigure.pipeline.train.loop import train
-from transfigure.pipeline.train.parts import set_requires_grad
-from transfigure.pipeline.train.recipes.base import Export, Recipe, registered
+from transfigure.pipeline.train.checkpoint import load_checkpoint
+from transfigure.pipeline.train.recipes.base import Export, Recipe, TrainingState, register
+
+RECIPE_MODULE = REPO / "tests/fixtures/recipe/tinypaired.py"
 
 
-class TinyParams(RecipeParams):
-    dataset: str = "digits_paired"
-    steps: int = 3
-    batch_size: int = 4
-    checkpoint_every: int = 3
-    sample_every: int = 3
-    log_every: int = 1
-    lambda_L1: NonNegativeFloat = 10.0
+def checkout_with_recipe(module: Path, folder: Path) -> Path:
+    """A copy of models/ and pipeline/ with `module` added to its recipes; the folder to put on PYTHONPATH."""
+    checkout = folder / "checkout"
+    for name in ("models", "pipeline"):
+        shutil.copytree(REPO / name, checkout / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(module, checkout / "pipeline/train/recipes" / module.name)
+    return importable_checkout(checkout, folder / "site")
 
 
-class TinyPaired(Recipe):
-    """A one-block ResNet generator learning A -> B by L1 plus a pixel critic."""
+@pytest.mark.slow
+def test_a_new_recipe_module_trains_evaluates_and_exports_through_the_ordinary_commands(workdir, run_cli):
+    env = {"PYTHONPATH": str(checkout_with_recipe(RECIPE_MODULE, workdir / "copy"))}
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    params["tinypaired"] = {"lambda_L1": 5}
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
 
-    name = "tinypaired"
-    Params = TinyParams
-    layout = "aligned"
-    losses = ("G", "L1", "D")
+    refused = run_cli("train", "tinypaired", "--set", "tinypaired.stepz=3", env=env)
+    assert refused.returncode == 2 and "tinypaired.stepz: unknown key" in refused.stderr, refused.stderr
 
-    @classmethod
-    def build_networks(cls, p: TinyParams) -> dict[str, nn.Module]:
-        return {"G": build_generator("resnet_1blocks", ngf=4, norm="instance"), "D": build_discriminator("pixel", 3, 4)}
-
-    @classmethod
-    def exports(cls, p: TinyParams) -> dict[str, Export]:
-        return {"AtoB": Export("G", "image_translation", "A", "B")}
-
-    @classmethod
-    def evaluate(cls, generators, p: TinyParams, inputs: measures.EvalInputs) -> dict:
-        return measures.translation(generators, inputs)
-
-    def __init__(self, p: TinyParams, ctx, data_dir: Path):
-        self.p, self.ctx, self.network_args, self.pools = p, ctx, {}, {}
-        self.dataset = PairedDataset(data_dir, "train", p.augment)
-        self.nets = {k: ctx.prepare(v) for k, v in self.build_networks(p).items()}
-        self.optimizers = {name: ctx.optimizer(net.parameters()) for name, net in self.nets.items()}
-        self.fixed = first_items(self.dataset, 4)
-        self.example_inputs = {"G": {"image": self.fixed["A"][:2]}}
-
-    def step(self, next_batch) -> dict[str, float]:
-        obj, batch = self.ctx.objective, next_batch()
-        G, D = self.nets["G"], self.nets["D"]
-        set_requires_grad([D], False)
-        fake = G(batch["A"])
-        l1 = F.l1_loss(fake, batch["B"]) * self.p.lambda_L1
-        g_loss = obj.g_loss(D(fake)) + l1
-        self.ctx.update(g_loss, self.optimizers["G"])
-        set_requires_grad([D], True)
-        d_loss = obj.d_loss(D(batch["B"]), D(fake.detach()))
-        self.ctx.update(d_loss, self.optimizers["D"])
-        return {"G": g_loss.item(), "L1": l1.item(), "D": d_loss.item()}
-
-    @torch.no_grad()
-    def sample_columns(self) -> dict[str, torch.Tensor]:
-        return {"real A": self.fixed["A"], "fake B": self.nets["G"](self.fixed["A"]), "real B": self.fixed["B"]}
-
-
-@pytest.fixture
-def tiny_recipe(monkeypatch):
-    # What @register and a module in the recipes folder do, undone after the test.
-    monkeypatch.setitem(registered(), TinyPaired.name, TinyPaired)
-    monkeypatch.setattr(params_module, "recipe_names", lambda: (*recipes.names(),))
-    return TinyPaired
-
-
-def test_a_new_recipe_trains_evaluates_and_exports_through_the_ordinary_paths(workdir, tiny_recipe):
-    from rich.console import Console
-
-    console = Console(quiet=True)
-    assert recipes.get("tinypaired") is TinyPaired
-    params = load_params("params.yaml", ["tinypaired.lambda_L1=5"])
-    assert recipes.params_of(params, "tinypaired").lambda_L1 == 5.0  # its section is part of the one schema
-
-    summary = train("tinypaired", params, console)
-    assert summary["steps"] == 3 and set(summary["losses"]) == {"G", "L1", "D"}
+    trained = run_cli("train", "tinypaired", env=env)
+    assert trained.returncode == 0, trained.stderr
+    state = load_checkpoint(workdir / "runs/tinypaired/checkpoints/last.pt")
+    assert state["step"] == 3 and state["params"]["tinypaired"]["lambda_L1"] == 5.0  # its section is read
     assert (workdir / "runs/tinypaired/losses.csv").read_text().startswith("step,G,L1,D\n")
+    assert (workdir / "runs/tinypaired/samples/step_000003.png").exists()
 
-    metrics = evaluate_recipe("tinypaired", params, console, features="pixels-16")
+    evaluated = run_cli("evaluate", "tinypaired", "--features", "pixels-16", env=env)
+    assert evaluated.returncode == 0, evaluated.stderr
+    metrics = yaml.safe_load((workdir / "metrics/tinypaired.json").read_text())
     assert {"psnr", "ssim", "kid", "fid"} <= set(metrics["AtoB"])
-    assert json.loads((workdir / "metrics/tinypaired.json").read_text())["AtoB"]["psnr"] == metrics["AtoB"]["psnr"]
     assert (workdir / "reports/tinypaired/AtoB.png").exists()
 
-    export_recipe("tinypaired", params, console, fp16=False)
+    exported = run_cli("export", "tinypaired", env=env)
+    assert exported.returncode == 0, exported.stderr
     engine = make_engine(workdir / "artifacts/tinypaired/AtoB.onnx", providers=["cpu"])
     assert engine.metadata["recipe"] == "tinypaired" and engine.metadata["source_domain"] == "digits_paired:A"
     image = gradient(36, 28)
     assert engine.translate(image).shape == image.shape and engine.translate(image).dtype == np.uint8
 
 
-def test_an_unknown_section_is_still_refused_once_a_recipe_is_registered(workdir, tiny_recipe):
-    from transfigure.pipeline.params import ParamsError
+class Forgetful(Recipe):
+    """Builds a generator but gives the loop no example input to log it with."""
 
-    with pytest.raises(ParamsError, match="tinypaired.stepz: unknown key"):
-        recipes.params_of(load_params("params.yaml", ["tinypaired.stepz=3"]), "tinypaired")
+    name, Params, losses = "forgetful", None, ("G",)
+
+    @classmethod
+    def build_networks(cls, p) -> dict[str, nn.Module]:
+        return {"G": nn.Identity()}
+
+    @classmethod
+    def exports(cls, p) -> dict[str, Export]:
+        return {"AtoB": Export("G", "image_translation", "A", "B")}
+
+    @classmethod
+    def evaluate(cls, generators, p, inputs) -> dict:
+        return {}
+
+    def set_up(self, data_dir: Path) -> TrainingState:
+        nets = self.build_networks(self.p)
+        return TrainingState([], nets, {"G": None}, example_inputs={})
+
+    def step(self, next_batch) -> dict[str, float]:
+        return {}
+
+    def sample_columns(self) -> dict:
+        return {}
+
+
+def test_a_recipe_missing_a_part_is_refused_when_set_up_or_registered():
+    with pytest.raises(TypeError, match=r"recipe 'forgetful': set_up's TrainingState lacks example_inputs\['G'\]"):
+        Forgetful(None, None, Path("."))
+
+    class Unfinished(Recipe):
+        name, Params, losses = "unfinished", None, ()
+
+    with pytest.raises(TypeError, match="Unfinished does not define build_networks, evaluate, exports, sample_colu"):
+        register(Unfinished)
+    assert "unfinished" not in recipes.names()
+
+
+def test_the_readme_lists_exactly_the_registered_recipes():
+    readme = (REPO / "README.md").read_text()
+    train_row = next(line for line in readme.splitlines() if line.startswith("| `transfigure train RECIPE` |"))
+    in_commands = re.findall(r"`(\w+)`", train_row.split("|")[2].split(";")[0])  # the list, then the options
+    in_table = re.findall(r"^\| `(\w+)` \| (?:yes|no) \|", readme, re.MULTILINE)
+    assert sorted(in_commands) == sorted(in_table) == sorted(recipes.names())

@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import TINY, tiny
+from conftest import tiny, tiny_networks
 from rich.console import Console
 from torch import nn
 
@@ -110,7 +110,7 @@ def reference_pix2pix_step(netG, netD, real_A, real_B, gan_mode, lambda_L1):
 
 
 def ours(name: str, objective: str, *extra: str):
-    params = load_params("params.yaml", [*TINY[name], f"{name}.objective={objective}", *extra])
+    params = load_params("params.yaml", [*tiny_networks(name), f"{name}.objective={objective}", *extra])
     p = recipes.params_of(params, name)
     torch.manual_seed(0)
     ctx = Context.create(p)
@@ -145,7 +145,7 @@ def assert_same_weights(ours_net: nn.Module, reference_net: nn.Module) -> None:
 @pytest.mark.parametrize("objective, gan_mode", [("lsgan", "lsgan"), ("nsgan", "vanilla")])
 def test_cyclegan_step_is_the_references(workdir, objective, gan_mode):
     model, batch = ours("cyclegan", objective, "cyclegan.pool_size=0", "cyclegan.lambda_A=7", "cyclegan.lambda_B=3")
-    nets = {name: copy.deepcopy(net) for name, net in model.nets.items()}
+    nets = {name: copy.deepcopy(net) for name, net in model.state.nets.items()}
     losses = model.step(lambda: batch)
     # The reference calls G_AB "G_A" and the critic of domain B (which judges G_A's output) "D_A".
     expected = reference_cyclegan_step(
@@ -155,19 +155,19 @@ def test_cyclegan_step_is_the_references(workdir, objective, gan_mode):
     assert losses["D_B"] == pytest.approx(expected["D_A"].item(), abs=1e-6)
     assert losses["D_A"] == pytest.approx(expected["D_B"].item(), abs=1e-6)
     for name in ("G_AB", "G_BA", "D_A", "D_B"):
-        assert_same_weights(model.nets[name], nets[name])
+        assert_same_weights(model.state.nets[name], nets[name])
 
 
 @pytest.mark.parametrize("objective, gan_mode", [("lsgan", "lsgan"), ("nsgan", "vanilla")])
 def test_pix2pix_step_is_the_references(workdir, objective, gan_mode):
     model, batch = ours("pix2pix", objective, "pix2pix.lambda_L1=50")
-    nets = {name: copy.deepcopy(net) for name, net in model.nets.items()}
+    nets = {name: copy.deepcopy(net) for name, net in model.state.nets.items()}
     losses = model.step(lambda: batch)
     expected = reference_pix2pix_step(nets["G"], nets["D"], batch["A"], batch["B"], gan_mode, 50.0)
     for key in ("G", "G_adv", "D"):
         assert losses[key] == pytest.approx(expected[key].item(), abs=1e-6), key
-    assert_same_weights(model.nets["G"], nets["G"])
-    assert_same_weights(model.nets["D"], nets["D"])
+    assert_same_weights(model.state.nets["G"], nets["G"])
+    assert_same_weights(model.state.nets["D"], nets["D"])
 
 
 class LinearCritic(nn.Module):

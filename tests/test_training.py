@@ -48,12 +48,12 @@ def test_every_recipe_trains_with_the_objectives_that_change_its_step(workdir, r
         used.append(1)
         return ctx.to_device(next(stream))
 
-    before = {k: v.detach().clone() for k, v in model.nets["D" if "D" in model.nets else "D_A"].state_dict().items()}
+    critic = model.state.nets["D" if "D" in model.state.nets else "D_A"]
+    before = {k: v.detach().clone() for k, v in critic.state_dict().items()}
     losses = model.step(next_batch)
     assert losses and all(math.isfinite(v) for v in losses.values())
     # The objective's recommended number of critic steps per generator step is honoured.
     assert len(used) == objectives.get(objective).recommended["n_critic"]
-    critic = model.nets["D" if "D" in model.nets else "D_A"]
     assert any(not torch.equal(before[k], v) for k, v in critic.state_dict().items())
     if objective == "wgan":
         clip = objectives.get("wgan").clip
@@ -428,7 +428,7 @@ def test_precision_auto_keeps_fp32_for_networks_too_small_for_autocast_to_pay(wo
     ctx = Context.create(p)
     model = recipes.get("cdcgan")(p, ctx, Path(params.data.root) / p.dataset)
     ctx.precision = "bf16"  # what auto gives on a GPU before the networks are known
-    ctx.settle_precision(model.nets, model.example_inputs)
+    ctx.settle_precision(model.state.nets, model.state.example_inputs)
     assert ctx.precision == "fp32"
     # The reference CycleGAN generator at 256x256 (counted on the meta device: shapes only) passes the threshold.
     reference = {"G": build_generator("resnet_9blocks", ngf=64).to("meta")}

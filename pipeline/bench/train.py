@@ -63,7 +63,7 @@ def run(recipe: str, params: Params, size: int, steps: int = 20, warmup: int = 3
         if cuda:
             torch.cuda.reset_peak_memory_stats(ctx.device)
         model = recipe_class(p, ctx, data_dir)
-        ctx.settle_precision(model.nets, model.example_inputs)
+        ctx.settle_precision(model.state.nets, model.state.example_inputs)
         feed = Feed(iter(model.batches(params.seed, 0)), ctx)
         if resident:
             first = feed()

@@ -40,6 +40,8 @@ from transfigure.pipeline.train.context import Context
 from transfigure.pipeline.train.distributed import World
 from transfigure.pipeline.train.feed import Feed, data_wait_warning
 from transfigure.pipeline.train.fingerprint import changed_files, code_fingerprint
+from transfigure.pipeline.train.parts import eval_mode
+from transfigure.pipeline.train.recipes.base import TrainingState
 
 
 def lr_factor(step: int, steps: int, decay: bool) -> float:
@@ -73,175 +75,228 @@ def train(
     """Trains one recipe to params' step count, resuming from the last checkpoint (or extending a finished run
     whose only change is a higher `steps`); returns the summary. Under torchrun every rank trains and rank 0
     alone writes and logs (pipeline/train/distributed.py); the other ranks return an empty summary."""
-    from transfigure.pipeline import tracking
-
     world = World.from_environment()
-    main = world.main
-    if not main:
+    if not world.main:
         console = Console(quiet=True)
-    recipe_class = recipes.get(recipe_name)
-    p = recipes.params_of(params, recipe_name)
-    wanted = training_params(params, recipe_name, p)
-    wanted_hash = params_hash(wanted)
-    code = code_fingerprint(recipe_class)
-    ckpt_path = checkpoint_dir(recipe_name, runs_root) / LAST
-    state = None if fresh else _resumable(ckpt_path, wanted, wanted_hash, code, fresh_if_changed, console)
-
-    torch.manual_seed(params.seed)
-    ctx = Context.create(p, world)
-    if world.parallel:
-        console.print(
-            f"world size {world.size} ({'nccl' if ctx.device.type == 'cuda' else 'gloo'}): batch_size "
-            f"{p.batch_size} is per process, {p.batch_size * world.size} images per step in all"
-        )
-    recipe = recipe_class(p, ctx, Path(params.data.root) / p.dataset)
-    ctx.settle_precision(recipe.nets, recipe.example_inputs)
-    images_per_step = p.batch_size * world.size
-    init_record = _initialize(recipe, p.init_from, state, console)
-    generator_names = recipe_class.generator_names(p)
-    ema = {
-        name: AveragedModel(recipe.nets[name], multi_avg_fn=get_ema_multi_avg_fn(p.ema_decay), use_buffers=True)
-        for name in (generator_names if p.ema_decay else ())
-    }
-
-    # Captured before a restore: saved optimizers carry the decayed rate of their step, not the base rate.
-    base_lrs = {name: [g["lr"] for g in opt.param_groups] for name, opt in recipe.optimizers.items()}
-    start_step, history, run_id, seconds_before, drawn_before, waited_before = 0, [], None, 0.0, 0, 0.0
-    if state is not None:
-        start_step, history, run_id = state["step"], state["history"], state.get("mlflow_run_id")
-        # Checkpoints from before the total was recorded know only their last segment's speed.
-        seconds_before = state.get("seconds", start_step / max(state["steps_per_second"], 1e-9))
-        # Older checkpoints did not count their batches: their stream goes on from one batch per step.
-        drawn_before = state.get("batches_drawn", start_step)
-        waited_before = state.get("data_wait_seconds", 0.0)
-        _restore(state, recipe, ema, ctx)
-        console.print(f"resumed from step {start_step}")
-    world.agree({"step": start_step, "params_hash": wanted_hash}, "where to resume")
-    world.seed(params.seed, start_step)
-    if start_step >= p.steps:
-        console.print(f"{recipe_name}: already trained to step {start_step}; nothing to do")
-
-    tags = {"git_commit": tracking.git_commit(), "params_hash": wanted_hash, "recipe": recipe_name}
-    lineage = lambda: tracking.lineage(state, ckpt_path)  # noqa: E731 - hashed only when the run is missing
-    hashes = {f"init_from_sha256.{name}": entry["sha256"] for name, entry in init_record.items()}
-    run = None  # rank 0 logs the run
-    if main:
-        run = tracking.Run(recipe_name, {**flatten(wanted), **hashes}, tags, run_id=run_id, lineage=lineage)
-    if run and run.replaced:
-        console.print(f"MLflow run {run.replaced} is not in {tracking.tracking_uri()}; logging to new run {run.run_id}")
-    samples = samples_dir(recipe_name, runs_root)
-    if state is None and main:  # a fresh start: the folder DVC keeps between runs must not mix in an older run's sheets
-        for old in (*samples.glob("step_*.png"), samples / "losses.png"):
-            old.unlink(missing_ok=True)
-    feed = Feed(iter(recipe.batches(params.seed, drawn_before)), ctx, drawn_before)
-
-    segment_started = time.perf_counter()
-    # Training time of the whole run, every segment, and how much of it waited for data.
-    seconds = {"at_last_checkpoint": seconds_before, "waited": waited_before}
-
-    def data_wait() -> float:
-        """The share of this segment's time that the steps waited for their batches."""
-        return feed.waited / max(time.perf_counter() - segment_started, 1e-9)
-
-    def checkpoint(step: int, steps_per_second: float, digests: dict[str, list[str]]) -> None:
-        seconds["at_last_checkpoint"] = seconds_before + time.perf_counter() - segment_started
-        seconds["waited"] = waited_before + feed.waited
-        state: Checkpoint = {
-            "recipe": recipe_name,
-            "step": step,
-            "params": wanted,
-            "params_hash": wanted_hash,
-            "code": code,
-            "networks": {k: v.state_dict() for k, v in recipe.nets.items()},
-            "ema": {k: v.state_dict() for k, v in ema.items()},
-            "optimizers": {k: v.state_dict() for k, v in recipe.optimizers.items()},
-            "scaler": ctx.scaler.state_dict() if ctx.scaler else None,
-            "pools": {k: v.state() for k, v in recipe.pools.items()},
-            "rng": rng_state(),
-            "history": history,
-            "mlflow_run_id": run.run_id,
-            "network_args": recipe.network_args,
-            "git_commit": tags["git_commit"],
-            "steps_per_second": steps_per_second,
-            "seconds": seconds["at_last_checkpoint"],
-            "init_from": init_record,
-            "world_size": world.size,
-            "parameter_sha256": digests,
-            "batches_drawn": feed.drawn,
-            "data_wait_seconds": seconds["waited"],
-        }
-        save_checkpoint(state, ckpt_path)
-        keep_step_copy(ckpt_path, step, p.keep_checkpoints)
-        write_bytes_atomic(samples / "losses.png", loss_curves(history, recipe_class.losses, recipe_name))
-
-    last_good = start_step or None
-    window: dict[str, list[float]] = {}
+    run = _TrainingRun(recipe_name, params, console, world, runs_root)
+    run.start(fresh, fresh_if_changed)
     status = "FAILED"
     try:
-        with Progress(console, "step", p.steps, start_step, log_every=p.log_every) as progress:
-            for step in range(start_step + 1, p.steps + 1):
-                factor = lr_factor(step - 1, p.steps, p.lr_decay)
-                for name, opt in recipe.optimizers.items():
-                    for group, base in zip(opt.param_groups, base_lrs[name], strict=True):
-                        group["lr"] = base * factor
-                ctx.step = step
-                losses = world.mean(recipe.step(feed))
-                check_finite(losses, step, last_good)
-                for net_name, averaged in ema.items():
-                    averaged.update_parameters(recipe.nets[net_name])
-                for key, value in losses.items():
-                    window.setdefault(key, []).append(value)
-                # The same means over the current log window that the CSV and MLflow record.
-                means = {k: sum(v) / len(v) for k, v in window.items()}
-                shown = " ".join(f"{k}={v:.3f}" for k, v in means.items())
-                progress.update(step, f"{shown} data_wait={data_wait():.0%}")
-                if step % p.log_every == 0 or step == p.steps:
-                    history.append({"step": step, **means})
-                    lrs = {f"lr_{k}": o.param_groups[0]["lr"] for k, o in recipe.optimizers.items()}
-                    speed = {"steps_per_second": progress.rate, "images_per_second": progress.rate * images_per_step}
-                    speed["data_wait"] = data_wait()
-                    if main:
-                        run.log_metrics({**means, **lrs, **speed}, step)
-                    window = {}
-                if main and (step % p.sample_every == 0 or step == p.steps):
-                    sheet = sample_sheet(recipe.sample_columns())
-                    write_image_atomic(samples / f"step_{step:06d}.png", sheet)
-                    run.log_image(sheet, key="samples", step=step)
-                if step % p.checkpoint_every == 0 or step == p.steps:
-                    digests = world.parameter_digests(recipe.nets)  # every rank takes part
-                    if main:
-                        checkpoint(step, progress.rate, digests)
-                        last_good = step
-        if not main:
+        run.train_steps()
+        if not world.main:
             return {}
-        steps_done = p.steps - start_step
-        # The whole run's speed, over every resumed segment; a run with nothing left to do keeps its checkpoint's.
-        rate = p.steps / max(seconds["at_last_checkpoint"], 1e-9)
-        waited = seconds["waited"] / max(seconds["at_last_checkpoint"], 1e-9)
-        losses_csv = checkpoint_dir(recipe_name, runs_root).parent / "losses.csv"
-        summary = _write_outputs(
-            recipe_name, recipe_class.losses, metrics_root, losses_csv, history, (rate, images_per_step, waited)
-        )
-        warning = data_wait_warning(recipe_name, waited, loader_workers(p.num_workers, ctx.device.type == "cuda"))
-        if steps_done and warning:
-            console.print(warning)
-        if steps_done:
-            run.log_artifact(samples / "losses.png")
-            for net_name in generator_names:
-                module = ema[net_name].module if net_name in ema else recipe.nets[net_name]
-                run.log_model(module.cpu().eval(), name=net_name, example=recipe.example_inputs[net_name])
-                module.to(ctx.device)
+        summary = run.finish(metrics_root)
         status = "FINISHED"
     finally:
-        if run:
-            run.end(status)
+        if run.tracked:
+            run.tracked.end(status)
         world.close()
     losses_text = " ".join(f"{k}={v:.3f}" for k, v in summary["losses"].items())
     console.print(
-        f"{recipe_name}: {p.steps} steps, {summary['steps_per_second']:.2f} steps/s, {losses_text}; "
-        f"checkpoint {ckpt_path}, MLflow run {run.run_id}"
+        f"{recipe_name}: {run.p.steps} steps, {summary['steps_per_second']:.2f} steps/s, {losses_text}; "
+        f"checkpoint {run.ckpt_path}, MLflow run {run.tracked.run_id}"
     )
     return summary
+
+
+class _TrainingRun:
+    """One training run of one recipe in this process: set up (or resumed), trained step by step, then summed up."""
+
+    def __init__(self, recipe_name: str, params: Params, console, world: World, runs_root: Path):
+        self.recipe_name, self.params, self.console, self.world = recipe_name, params, console, world
+        self.recipe_class = recipes.get(recipe_name)
+        self.p = recipes.params_of(params, recipe_name)
+        self.wanted = training_params(params, recipe_name, self.p)
+        self.wanted_hash = params_hash(self.wanted)
+        self.code = code_fingerprint(self.recipe_class)
+        self.ckpt_path = checkpoint_dir(recipe_name, runs_root) / LAST
+        self.samples = samples_dir(recipe_name, runs_root)
+        self.tracked = None  # the MLflow run, which rank 0 logs to
+        self.start_step, self.history, self.window = 0, [], {}
+        # Training time of the whole run, every segment, at the last checkpoint, and how much of it waited for data.
+        self.seconds_before, self.waited_before = 0.0, 0.0
+        self.seconds, self.waited = 0.0, 0.0
+
+    def start(self, fresh: bool, fresh_if_changed: bool) -> None:
+        """The recipe set up, the checkpoint (if any) restored, the MLflow run opened and the batches flowing."""
+        p, world, console = self.p, self.world, self.console
+        resumed = None
+        if not fresh:
+            resumed = _resumable(self.ckpt_path, self.wanted, self.wanted_hash, self.code, fresh_if_changed, console)
+        self._set_up(resumed)
+        # Captured before a restore: saved optimizers carry the decayed rate of their step, not the base rate.
+        self.base_lrs = {name: [g["lr"] for g in opt.param_groups] for name, opt in self.state.optimizers.items()}
+        drawn_before, run_id = 0, None
+        if resumed is not None:
+            self.start_step, self.history, run_id = resumed["step"], resumed["history"], resumed.get("mlflow_run_id")
+            # Checkpoints from before the total was recorded know only their last segment's speed.
+            self.seconds_before = resumed.get("seconds", self.start_step / max(resumed["steps_per_second"], 1e-9))
+            # Older checkpoints did not count their batches: their stream goes on from one batch per step.
+            drawn_before = resumed.get("batches_drawn", self.start_step)
+            self.waited_before = resumed.get("data_wait_seconds", 0.0)
+            _restore(resumed, self.state, self.ema, self.ctx)
+            console.print(f"resumed from step {self.start_step}")
+        self.seconds, self.waited = self.seconds_before, self.waited_before
+        world.agree({"step": self.start_step, "params_hash": self.wanted_hash}, "where to resume")
+        world.seed(self.params.seed, self.start_step)
+        if self.start_step >= p.steps:
+            console.print(f"{self.recipe_name}: already trained to step {self.start_step}; nothing to do")
+        self._open_tracking(resumed, run_id)
+        self.feed = Feed(iter(self.recipe.batches(self.params.seed, drawn_before)), self.ctx, drawn_before)
+        self.segment_started = time.perf_counter()
+        self.last_good = self.start_step or None
+
+    def _set_up(self, resumed: Checkpoint | None) -> None:
+        """The context, the recipe's training state, `init_from`'s weights for a fresh run and the EMA copies."""
+        p, world = self.p, self.world
+        torch.manual_seed(self.params.seed)
+        self.ctx = Context.create(p, world)
+        if world.parallel:
+            self.console.print(
+                f"world size {world.size} ({'nccl' if self.ctx.device.type == 'cuda' else 'gloo'}): batch_size "
+                f"{p.batch_size} is per process, {p.batch_size * world.size} images per step in all"
+            )
+        self.recipe = self.recipe_class(p, self.ctx, Path(self.params.data.root) / p.dataset)
+        self.state = self.recipe.state
+        self.ctx.settle_precision(self.state.nets, self.state.example_inputs)
+        self.images_per_step = p.batch_size * world.size
+        self.init_record = _initialize(self.state, p.init_from, resumed, self.console)
+        self.generator_names = self.recipe_class.generator_names(p)
+        self.ema = {
+            name: AveragedModel(self.state.nets[name], multi_avg_fn=get_ema_multi_avg_fn(p.ema_decay), use_buffers=True)
+            for name in (self.generator_names if p.ema_decay else ())
+        }
+
+    def _open_tracking(self, resumed: Checkpoint | None, run_id: str | None) -> None:
+        """The MLflow run (rank 0), and for a fresh start a samples folder without an older run's sheets."""
+        from transfigure.pipeline import tracking
+
+        self.tags = {"git_commit": tracking.git_commit(), "params_hash": self.wanted_hash, "recipe": self.recipe_name}
+        if not self.world.main:
+            return
+        lineage = lambda: tracking.lineage(resumed, self.ckpt_path)  # noqa: E731 - hashed only when the run is missing
+        hashes = {f"init_from_sha256.{name}": entry["sha256"] for name, entry in self.init_record.items()}
+        flat = {**flatten(self.wanted), **hashes}
+        self.tracked = tracking.Run(self.recipe_name, flat, self.tags, run_id=run_id, lineage=lineage)
+        if self.tracked.replaced:
+            self.console.print(
+                f"MLflow run {self.tracked.replaced} is not in {tracking.tracking_uri()}; "
+                f"logging to new run {self.tracked.run_id}"
+            )
+        if resumed is None:  # the folder DVC keeps between runs must not mix in an older run's sheets
+            for old in (*self.samples.glob("step_*.png"), self.samples / "losses.png"):
+                old.unlink(missing_ok=True)
+
+    def data_wait(self) -> float:
+        """The share of this segment's time that the steps waited for their batches."""
+        return self.feed.waited / max(time.perf_counter() - self.segment_started, 1e-9)
+
+    def train_steps(self) -> None:
+        p = self.p
+        with Progress(self.console, "step", p.steps, self.start_step, log_every=p.log_every) as progress:
+            for step in range(self.start_step + 1, p.steps + 1):
+                self._step(step, progress)
+                if step % p.log_every == 0 or step == p.steps:
+                    self._log(step, progress.rate)
+                if self.world.main and (step % p.sample_every == 0 or step == p.steps):
+                    self._sample(step)
+                if step % p.checkpoint_every == 0 or step == p.steps:
+                    digests = self.world.parameter_digests(self.state.nets)  # every rank takes part
+                    if self.world.main:
+                        self._checkpoint(step, progress.rate, digests)
+                        self.last_good = step
+
+    def _step(self, step: int, progress: Progress) -> None:
+        """One step of the recipe at this step's learning rate, its losses checked, averaged and shown."""
+        factor = lr_factor(step - 1, self.p.steps, self.p.lr_decay)
+        for name, opt in self.state.optimizers.items():
+            for group, base in zip(opt.param_groups, self.base_lrs[name], strict=True):
+                group["lr"] = base * factor
+        self.ctx.step = step
+        losses = self.world.mean(self.recipe.step(self.feed))
+        check_finite(losses, step, self.last_good)
+        for net_name, averaged in self.ema.items():
+            averaged.update_parameters(self.state.nets[net_name])
+        for key, value in losses.items():
+            self.window.setdefault(key, []).append(value)
+        shown = " ".join(f"{k}={v:.3f}" for k, v in self._window_means().items())
+        progress.update(step, f"{shown} data_wait={self.data_wait():.0%}")
+
+    def _window_means(self) -> dict[str, float]:
+        """The same means over the current log window that the CSV and MLflow record."""
+        return {k: sum(v) / len(v) for k, v in self.window.items()}
+
+    def _log(self, step: int, rate: float) -> None:
+        means = self._window_means()
+        self.history.append({"step": step, **means})
+        lrs = {f"lr_{k}": o.param_groups[0]["lr"] for k, o in self.state.optimizers.items()}
+        speed = {"steps_per_second": rate, "images_per_second": rate * self.images_per_step}
+        speed["data_wait"] = self.data_wait()
+        if self.world.main:
+            self.tracked.log_metrics({**means, **lrs, **speed}, step)
+        self.window = {}
+
+    def _sample(self, step: int) -> None:
+        with eval_mode(self.state.nets.values()):
+            sheet = sample_sheet(self.recipe.sample_columns())
+        write_image_atomic(self.samples / f"step_{step:06d}.png", sheet)
+        self.tracked.log_image(sheet, key="samples", step=step)
+
+    def _checkpoint(self, step: int, steps_per_second: float, digests: dict[str, list[str]]) -> None:
+        self.seconds = self.seconds_before + time.perf_counter() - self.segment_started
+        self.waited = self.waited_before + self.feed.waited
+        state, ctx = self.state, self.ctx
+        checkpoint: Checkpoint = {
+            "recipe": self.recipe_name,
+            "step": step,
+            "params": self.wanted,
+            "params_hash": self.wanted_hash,
+            "code": self.code,
+            "networks": {k: v.state_dict() for k, v in state.nets.items()},
+            "ema": {k: v.state_dict() for k, v in self.ema.items()},
+            "optimizers": {k: v.state_dict() for k, v in state.optimizers.items()},
+            "scaler": ctx.scaler.state_dict() if ctx.scaler else None,
+            "pools": {k: v.state() for k, v in state.pools.items()},
+            "rng": rng_state(),
+            "history": self.history,
+            "mlflow_run_id": self.tracked.run_id,
+            "network_args": state.network_args,
+            "git_commit": self.tags["git_commit"],
+            "steps_per_second": steps_per_second,
+            "seconds": self.seconds,
+            "init_from": self.init_record,
+            "world_size": self.world.size,
+            "parameter_sha256": digests,
+            "batches_drawn": self.feed.drawn,
+            "data_wait_seconds": self.waited,
+        }
+        save_checkpoint(checkpoint, self.ckpt_path)
+        keep_step_copy(self.ckpt_path, step, self.p.keep_checkpoints)
+        curves = loss_curves(self.history, self.recipe_class.losses, self.recipe_name)
+        write_bytes_atomic(self.samples / "losses.png", curves)
+
+    def finish(self, metrics_root: Path) -> dict:
+        """The metrics and CSV DVC tracks, the data-wait warning, and for new steps the curves and the generators
+        (EMA weights where kept) logged to MLflow; the summary."""
+        p, name = self.p, self.recipe_name
+        steps_done = p.steps - self.start_step
+        # The whole run's speed, over every resumed segment; a run with nothing left to do keeps its checkpoint's.
+        rate = p.steps / max(self.seconds, 1e-9)
+        waited = self.waited / max(self.seconds, 1e-9)
+        losses_csv = self.ckpt_path.parent.parent / "losses.csv"
+        speed = (rate, self.images_per_step, waited)
+        summary = _write_outputs(name, self.recipe_class.losses, metrics_root, losses_csv, self.history, speed)
+        warning = data_wait_warning(name, waited, loader_workers(p.num_workers, self.ctx.device.type == "cuda"))
+        if steps_done and warning:
+            self.console.print(warning)
+        if steps_done:
+            self.tracked.log_artifact(self.samples / "losses.png")
+            for net_name in self.generator_names:
+                module = self.ema[net_name].module if net_name in self.ema else self.state.nets[net_name]
+                example = self.state.example_inputs[net_name]
+                self.tracked.log_model(module.cpu().eval(), name=net_name, example=example)
+                module.to(self.ctx.device)
+        return summary
 
 
 def _resumable(
@@ -282,27 +337,27 @@ def _resumable(
     return state
 
 
-def _initialize(recipe, files: dict[str, str], state: Checkpoint | None, console) -> dict:
+def _initialize(training: TrainingState, files: dict[str, str], state: Checkpoint | None, console) -> dict:
     """Fine-tuning: the networks of a fresh run start from `init_from`; a resumed run keeps its own weights."""
     if not files:
         return {}
     if state is not None:
         console.print("init_from is ignored: resuming from the checkpoint, whose weights already began from it")
         return state.get("init_from", {})
-    record = init_from_files(recipe.nets, files)
+    record = init_from_files(training.nets, files)
     for name, entry in record.items():
         console.print(f"{name}: initialised from {entry['path']} (sha256 {entry['sha256'][:16]})")
     return record
 
 
-def _restore(state: dict, recipe, ema: dict, ctx: Context) -> None:
-    for name, net in recipe.nets.items():
+def _restore(state: dict, training: TrainingState, ema: dict, ctx: Context) -> None:
+    for name, net in training.nets.items():
         net.load_state_dict(state["networks"][name])
-    for name, opt in recipe.optimizers.items():
+    for name, opt in training.optimizers.items():
         opt.load_state_dict(state["optimizers"][name])
     for name, averaged in ema.items():
         averaged.load_state_dict(state["ema"][name])
-    for name, pool in recipe.pools.items():
+    for name, pool in training.pools.items():
         pool.load(state["pools"][name], ctx.device)
     if ctx.scaler is not None and state["scaler"]:
         ctx.scaler.load_state_dict(state["scaler"])

@@ -1,7 +1,10 @@
-"""Pieces that several recipes share: freezing critics, the image pool, the reference's loss balance, the two-critic
-update, image flows."""
+"""Pieces that several recipes and the loop share: freezing critics, eval mode for a moment, the image pool, the
+reference's loss balance, the two-critic update, image flows."""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -16,6 +19,21 @@ def set_requires_grad(nets: list[nn.Module], flag: bool) -> None:
     for net in nets:
         for parameter in net.parameters():
             parameter.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def eval_mode(nets: Iterable[nn.Module]) -> Iterator[None]:
+    """The networks (every submodule) in eval mode inside, each module back in its own mode after: batch norm and
+    dropout behave as at inference for a sample sheet, and training steps keep exactly the mode they had."""
+    nets = list(nets)
+    modes = {module: module.training for net in nets for module in net.modules()}
+    for net in nets:
+        net.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
 
 
 class ImagePool:
@@ -82,14 +100,15 @@ def critic_loss(objective: Objective, critic: Critic, real: Tensor, fake: Tensor
 def update_two_critics(recipe, real_A, real_B, fake_A, fake_B) -> torch.Tensor:
     """One update of both domains' critics on pooled fakes; shared by every recipe with two critics.
 
-    `recipe` has ctx, pools fake_A/fake_B, forwards D_A/D_B, nets D_A/D_B and the optimizer "D".
+    `recipe` has ctx, forwards D_A/D_B, and in its state pools fake_A/fake_B, nets D_A/D_B and the optimizer "D".
     """
     ctx, obj = recipe.ctx, recipe.ctx.objective
-    fake_A, fake_B = recipe.pools["fake_A"].query(fake_A), recipe.pools["fake_B"].query(fake_B)
+    state = recipe.state
+    fake_A, fake_B = state.pools["fake_A"].query(fake_A), state.pools["fake_B"].query(fake_B)
     with ctx.autocast():
         loss_A = critic_loss(obj, recipe.D_A, real_A, fake_A)
         loss_B = critic_loss(obj, recipe.D_B, real_B, fake_B)
-    ctx.update_critics(loss_A + loss_B, recipe.optimizers["D"], recipe.nets["D_A"], recipe.nets["D_B"])
+    ctx.update_critics(loss_A + loss_B, state.optimizers["D"], state.nets["D_A"], state.nets["D_B"])
     return torch.stack([loss_A.detach(), loss_B.detach()])
 
 

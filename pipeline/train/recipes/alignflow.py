@@ -22,7 +22,6 @@ from transfigure.models.init import init_weights
 from transfigure.pipeline.data.datasets import UnpairedDataset
 from transfigure.pipeline.evaluate import measures
 from transfigure.pipeline.schema import AugmentParams, DiscriminatorParams, FlowParams, NonNegativeFloat, RecipeParams
-from transfigure.pipeline.train.context import Context
 from transfigure.pipeline.train.parts import (
     build_flow,
     generator_adversarial,
@@ -31,7 +30,7 @@ from transfigure.pipeline.train.parts import (
     unpaired_fixtures,
     update_two_critics,
 )
-from transfigure.pipeline.train.recipes.base import Export, Recipe, register
+from transfigure.pipeline.train.recipes.base import Export, Recipe, TrainingState, register
 
 
 class AlignFlowParams(RecipeParams):
@@ -46,8 +45,16 @@ class AlignFlowParams(RecipeParams):
 class AlignFlow(Recipe):
     name = "alignflow"
     Params = AlignFlowParams
-    layout = "unaligned"
     losses = ("G", "G_adv", "bpd_A", "bpd_B", "D_A", "D_B")
+    tiny = (
+        "flow.n_couplings=1",
+        "flow.hidden_channels=4",
+        "flow.n_res_blocks=1",
+        "discriminator.kind=n_layers",
+        "discriminator.n_layers=1",
+        "discriminator.ndf=4",
+        "batch_size=2",
+    )
 
     @classmethod
     def build_networks(cls, p: AlignFlowParams, image_size: int = 32) -> dict[str, nn.Module]:
@@ -86,22 +93,23 @@ class AlignFlow(Recipe):
         }
         return result
 
-    def __init__(self, p: AlignFlowParams, ctx: Context, data_dir: Path):
-        self.p, self.ctx = p, ctx
-        self.dataset = UnpairedDataset(data_dir, "train", p.augment)
-        self.network_args = {"image_size": self.dataset[0]["A"].shape[-1]}
-        self.nets = {k: ctx.prepare(v) for k, v in self.build_networks(p, **self.network_args).items()}
-        self.f_A, self.f_B = ctx.invertible(self.nets["G_AB"].source), ctx.invertible(self.nets["G_AB"].target)
-        self.D_A, self.D_B = ctx.forward(self.nets["D_A"]), ctx.forward(self.nets["D_B"])
-        self.optimizers = {
-            "G": ctx.optimizer(self.nets["G_AB"].parameters()),
-            "D": ctx.optimizer([*self.nets["D_A"].parameters(), *self.nets["D_B"].parameters()]),
+    def set_up(self, data_dir: Path) -> TrainingState:
+        p, ctx = self.p, self.ctx
+        dataset = UnpairedDataset(data_dir, "train", p.augment)
+        network_args = {"image_size": dataset[0]["A"].shape[-1]}
+        nets = {k: ctx.prepare(v) for k, v in self.build_networks(p, **network_args).items()}
+        self.f_A, self.f_B = ctx.invertible(nets["G_AB"].source), ctx.invertible(nets["G_AB"].target)
+        self.D_A, self.D_B = ctx.forward(nets["D_A"]), ctx.forward(nets["D_B"])
+        optimizers = {
+            "G": ctx.optimizer(nets["G_AB"].parameters()),
+            "D": ctx.optimizer([*nets["D_A"].parameters(), *nets["D_B"].parameters()]),
         }
-        self.pools, self.fixed, self.example_inputs = unpaired_fixtures(ctx, self.dataset, p.pool_size)
+        pools, self.fixed, example_inputs = unpaired_fixtures(ctx, dataset, p.pool_size)
+        return TrainingState(dataset, nets, optimizers, example_inputs, pools, network_args)
 
     def step(self, next_batch) -> dict[str, float]:
         p, ctx, obj = self.p, self.ctx, self.ctx.objective
-        critics = [self.nets["D_A"], self.nets["D_B"]]
+        critics = [self.state.nets["D_A"], self.state.nets["D_B"]]
         batch = next_batch()
         real_A, real_B = batch["A"], batch["B"]
         n_dims = real_A[0].numel()
@@ -118,7 +126,7 @@ class AlignFlow(Recipe):
         with ctx.autocast():
             adv = generator_adversarial(obj, self.D_B(fake_B)) + generator_adversarial(obj, self.D_A(fake_A))
         g_loss = adv + p.nll_weight * (nll_A + nll_B)
-        ctx.update(g_loss, self.optimizers["G"])
+        ctx.update(g_loss, self.state.optimizers["G"])
         set_requires_grad(critics, True)
 
         d_losses = [update_two_critics(self, real_A, real_B, fake_A.detach(), fake_B.detach())]
@@ -134,7 +142,7 @@ class AlignFlow(Recipe):
     @torch.no_grad()
     def sample_columns(self) -> dict[str, torch.Tensor]:
         """real A | fake B | rec A (A->B->A), then real B | fake A | rec B."""
-        G_AB, G_BA = self.nets["G_AB"].eval(), self.nets["G_BA"].eval()
+        G_AB, G_BA = self.state.nets["G_AB"], self.state.nets["G_BA"]
         fake_B, fake_A = G_AB(self.fixed["A"]), G_BA(self.fixed["B"])
         columns = {
             "real A": self.fixed["A"],
@@ -144,5 +152,4 @@ class AlignFlow(Recipe):
             "fake A": fake_A,
             "rec B": G_AB(fake_A),
         }
-        G_AB.train(), G_BA.train()
         return columns

@@ -17,9 +17,8 @@ from transfigure.models.init import init_weights
 from transfigure.pipeline.data.datasets import LabeledDataset
 from transfigure.pipeline.evaluate import measures
 from transfigure.pipeline.schema import PositiveInt, RecipeParams, refuse_batch_norm_with_penalty
-from transfigure.pipeline.train.context import Context
 from transfigure.pipeline.train.parts import set_requires_grad
-from transfigure.pipeline.train.recipes.base import Export, Recipe, register
+from transfigure.pipeline.train.recipes.base import Export, Recipe, TrainingState, register
 
 
 class CDCGANParams(RecipeParams):
@@ -43,6 +42,7 @@ class CDCGAN(Recipe):
     Params = CDCGANParams
     layout = "classes"
     losses = ("G", "D")
+    tiny = ("ngf=4", "ndf=4", "z_dim=8", "batch_size=4")
 
     @classmethod
     def build_networks(cls, p: CDCGANParams, n_classes: int = 10, image_size: int = 32) -> dict[str, nn.Module]:
@@ -62,22 +62,19 @@ class CDCGAN(Recipe):
     def evaluate(cls, generators, p: CDCGANParams, inputs: measures.EvalInputs) -> dict:
         return measures.conditional_samples(generators["generator"], p.z_dim, p.domain, inputs)
 
-    def __init__(self, p: CDCGANParams, ctx: Context, data_dir: Path):
-        self.p, self.ctx = p, ctx
-        self.dataset = LabeledDataset(data_dir, "train", p.domain, p.augment)
-        self.n_classes = self.dataset.n_classes
-        self.network_args = {"n_classes": self.n_classes, "image_size": self.dataset[0]["image"].shape[-1]}
-        self.nets = {k: ctx.prepare(v) for k, v in self.build_networks(p, **self.network_args).items()}
-        self.G, self.D = ctx.forward(self.nets["G"]), ctx.forward(self.nets["D"])
-        self.optimizers = {
-            "G": ctx.optimizer(self.nets["G"].parameters()),
-            "D": ctx.optimizer(self.nets["D"].parameters()),
-        }
-        self.pools: dict = {}
+    def set_up(self, data_dir: Path) -> TrainingState:
+        p, ctx = self.p, self.ctx
+        dataset = LabeledDataset(data_dir, "train", p.domain, p.augment)
+        self.n_classes = dataset.n_classes
+        network_args = {"n_classes": self.n_classes, "image_size": dataset[0]["image"].shape[-1]}
+        nets = {k: ctx.prepare(v) for k, v in self.build_networks(p, **network_args).items()}
+        self.G, self.D = ctx.forward(nets["G"]), ctx.forward(nets["D"])
+        optimizers = {"G": ctx.optimizer(nets["G"].parameters()), "D": ctx.optimizer(nets["D"].parameters())}
         generator = torch.Generator().manual_seed(0)
         self.fixed_z = torch.randn(self.n_classes * 4, p.z_dim, generator=generator).to(ctx.device)
         self.fixed_labels = torch.arange(self.n_classes).repeat_interleave(4).to(ctx.device)
-        self.example_inputs = {"G": {"z": self.fixed_z[:2], "label": self.fixed_labels[:2]}}
+        example_inputs = {"G": {"z": self.fixed_z[:2], "label": self.fixed_labels[:2]}}
+        return TrainingState(dataset, nets, optimizers, example_inputs, network_args=network_args)
 
     def step(self, next_batch) -> dict[str, float]:
         ctx, obj = self.ctx, self.ctx.objective
@@ -87,13 +84,13 @@ class CDCGAN(Recipe):
             extra = next_batch()
             d_losses.append(self._critic_step(extra["image"], extra["label"]))
 
-        set_requires_grad([self.nets["D"]], False)
+        set_requires_grad([self.state.nets["D"]], False)
         labels = batch["label"]
         z = torch.randn(len(labels), self.p.z_dim, device=ctx.device)
         with ctx.autocast():
             g_loss = obj.g_loss(self.D(self.G(z, labels), labels))
-        ctx.update(g_loss, self.optimizers["G"])
-        set_requires_grad([self.nets["D"]], True)
+        ctx.update(g_loss, self.state.optimizers["G"])
+        set_requires_grad([self.state.nets["D"]], True)
         values = torch.stack([g_loss, torch.stack(d_losses).mean()]).tolist()
         return dict(zip(self.losses, values, strict=True))
 
@@ -107,15 +104,13 @@ class CDCGAN(Recipe):
             loss = obj.d_loss(self.D(real, labels), self.D(fake, labels)) + obj.penalty(
                 lambda x: self.D(x, labels), real, fake
             )
-        ctx.update_critics(loss, self.optimizers["D"], self.nets["D"])
+        ctx.update_critics(loss, self.state.optimizers["D"], self.state.nets["D"])
         return loss.detach()
 
     @torch.no_grad()
     def sample_columns(self) -> dict[str, torch.Tensor]:
         """One row per class, four fixed latents z1..z4 across."""
-        self.nets["G"].eval()
         with self.ctx.autocast():
             images = self.G(self.fixed_z, self.fixed_labels)
-        self.nets["G"].train()
         columns = images.view(self.n_classes, 4, *images.shape[1:]).transpose(0, 1)
         return {f"z{index + 1}": column for index, column in enumerate(columns)}

@@ -41,9 +41,8 @@ from transfigure.pipeline.schema import (
     PositiveInt,
     RecipeParams,
 )
-from transfigure.pipeline.train.context import Context
-from transfigure.pipeline.train.parts import critic_loss, generator_adversarial, set_requires_grad
-from transfigure.pipeline.train.recipes.base import Export, Recipe, register
+from transfigure.pipeline.train.parts import critic_loss, eval_mode, generator_adversarial, set_requires_grad
+from transfigure.pipeline.train.recipes.base import Export, Recipe, TrainingState, register
 
 # What each variant means when a knob is left unset (the reference's --CUT_mode).
 VARIANTS = {
@@ -107,18 +106,27 @@ class GeneratorAndEncoder(nn.Module):
 class CUT(Recipe):
     name = "cut"
     Params = CUTParams
-    layout = "unaligned"
     losses = ("G", "G_adv", "NCE", "NCE_Y", "D")
+    tiny = (
+        "generator.arch=resnet_1blocks",
+        "generator.ngf=4",
+        "discriminator.kind=n_layers",
+        "discriminator.n_layers=1",
+        "discriminator.ndf=4",
+        "batch_size=2",
+        "num_patches=16",
+        "projection_width=8",
+    )
 
     @classmethod
     def build_networks(cls, p: CUTParams) -> dict[str, nn.Module]:
         g, d = p.generator, p.discriminator
         generator = build_generator(g.arch, 3, 3, g.ngf, g.norm, g.dropout, g.upsample)
         # The heads' input widths are the chosen layers' channels, read from one small forward.
-        with torch.no_grad():
-            features = encoder_features(generator.eval(), torch.zeros(1, 3, 32, 32), p.feature_layers(generator))
+        with torch.no_grad(), eval_mode([generator]):
+            features = encoder_features(generator, torch.zeros(1, 3, 32, 32), p.feature_layers(generator))
         nets = {
-            "G": generator.train(),
+            "G": generator,
             "D": build_discriminator(d.kind, 3, d.ndf, d.n_layers, d.norm, d.spectral_norm),
             "F": PatchProjector([f.shape[1] for f in features], p.projection_width),
         }
@@ -134,25 +142,23 @@ class CUT(Recipe):
     def evaluate(cls, generators, p: CUTParams, inputs: measures.EvalInputs) -> dict:
         return measures.translation(generators, inputs)
 
-    def __init__(self, p: CUTParams, ctx: Context, data_dir: Path):
-        self.p, self.ctx = p, ctx
-        self.network_args: dict = {}
-        self.dataset = UnpairedDataset(data_dir, "train", p.augment)
-        self.nets = {k: ctx.prepare(v) for k, v in self.build_networks(p).items()}
-        self.layers = p.feature_layers(self.nets["G"])
+    def set_up(self, data_dir: Path) -> TrainingState:
+        p, ctx = self.p, self.ctx
+        dataset = UnpairedDataset(data_dir, "train", p.augment)
+        nets = {k: ctx.prepare(v) for k, v in self.build_networks(p).items()}
+        self.layers = p.feature_layers(nets["G"])
         # Keys from the translation's forward are the reference's own-pass keys, except under batch norm: its
         # statistics (and running averages) would be A's and B's together, where the reference's are A's.
         self.keys_from_forward = p.generator.norm != "batch"
-        self.G, self.D = ctx.forward(GeneratorAndEncoder(self.nets["G"])), ctx.forward(self.nets["D"])
-        self.F = ctx.forward(self.nets["F"])
-        self.optimizers = {
+        self.G, self.D = ctx.forward(GeneratorAndEncoder(nets["G"])), ctx.forward(nets["D"])
+        self.F = ctx.forward(nets["F"])
+        optimizers = {
             # One Adam over G and the heads: the reference's two, with the same settings, update alike.
-            "G": ctx.optimizer([*self.nets["G"].parameters(), *self.nets["F"].parameters()]),
-            "D": ctx.optimizer(self.nets["D"].parameters()),
+            "G": ctx.optimizer([*nets["G"].parameters(), *nets["F"].parameters()]),
+            "D": ctx.optimizer(nets["D"].parameters()),
         }
-        self.pools: dict = {}
-        self.fixed = ctx.to_device(first_items(self.dataset, min(8, len(self.dataset.a))))
-        self.example_inputs = {"G": {"image": self.fixed["A"][:2]}}
+        self.fixed = ctx.to_device(first_items(dataset, min(8, len(dataset.a))))
+        return TrainingState(dataset, nets, optimizers, example_inputs={"G": {"image": self.fixed["A"][:2]}})
 
     def step(self, next_batch) -> dict[str, float]:
         p, ctx, obj = self.p, self.ctx, self.ctx.objective
@@ -177,7 +183,7 @@ class CUT(Recipe):
                 fresh = self.G(extra["A"])
             d_losses.append(self._critic_step(extra["B"], fresh))
 
-        set_requires_grad([self.nets["D"]], False)
+        set_requires_grad([self.state.nets["D"]], False)
         with ctx.autocast():
             adv = p.lambda_GAN * generator_adversarial(obj, self.D(fake_B))
             sides = [(real_A, fake_B, slice(None, len(real_A)))]
@@ -192,8 +198,8 @@ class CUT(Recipe):
         nce = nce_terms[0]
         nce_y = nce_terms[1] if identity else torch.zeros((), device=ctx.device)
         g_loss = adv + (0.5 * (nce + nce_y) if identity else nce)
-        ctx.update(g_loss, self.optimizers["G"])
-        set_requires_grad([self.nets["D"]], True)
+        ctx.update(g_loss, self.state.optimizers["G"])
+        set_requires_grad([self.state.nets["D"]], True)
 
         values = torch.stack([g_loss, adv, nce, nce_y, torch.stack(d_losses).mean()]).tolist()
         return dict(zip(self.losses, values, strict=True))
@@ -222,19 +228,16 @@ class CUT(Recipe):
         ctx = self.ctx
         with ctx.autocast():
             loss = critic_loss(ctx.objective, self.D, real, fake)
-        ctx.update_critics(loss, self.optimizers["D"], self.nets["D"])
+        ctx.update_critics(loss, self.state.optimizers["D"], self.state.nets["D"])
         return loss.detach()
 
     @torch.no_grad()
     def sample_columns(self) -> dict[str, torch.Tensor]:
         """real A | fake B, then real B | G(B) (what the identity PatchNCE keeps close to B)."""
-        self.nets["G"].eval()
         with self.ctx.autocast():
-            columns = {
+            return {
                 "real A": self.fixed["A"],
                 "fake B": self.G(self.fixed["A"]),
                 "real B": self.fixed["B"],
                 "G(B)": self.G(self.fixed["B"]),
             }
-        self.nets["G"].train()
-        return columns

@@ -28,14 +28,13 @@ from transfigure.pipeline.schema import (
     NonNegativeFloat,
     RecipeParams,
 )
-from transfigure.pipeline.train.context import Context
 from transfigure.pipeline.train.parts import (
     generator_adversarial,
     set_requires_grad,
     unpaired_fixtures,
     update_two_critics,
 )
-from transfigure.pipeline.train.recipes.base import Export, Recipe, register
+from transfigure.pipeline.train.recipes.base import Export, Recipe, TrainingState, register
 
 
 class CycleGANParams(RecipeParams):
@@ -52,8 +51,16 @@ class CycleGANParams(RecipeParams):
 class CycleGAN(Recipe):
     name = "cyclegan"
     Params = CycleGANParams
-    layout = "unaligned"
     losses = ("G", "G_adv", "cycle", "identity", "D_A", "D_B")
+    tiny = (
+        "generator.arch=resnet_1blocks",
+        "generator.ngf=4",
+        "discriminator.kind=n_layers",
+        "discriminator.n_layers=1",
+        "discriminator.ndf=4",
+        "batch_size=2",
+        "pool_size=3",
+    )
 
     @classmethod
     def build_networks(cls, p: CycleGANParams) -> dict[str, nn.Module]:
@@ -77,22 +84,22 @@ class CycleGAN(Recipe):
     def evaluate(cls, generators, p: CycleGANParams, inputs: measures.EvalInputs) -> dict:
         return measures.translation(generators, inputs)
 
-    def __init__(self, p: CycleGANParams, ctx: Context, data_dir: Path):
-        self.p, self.ctx = p, ctx
-        self.network_args: dict = {}
-        self.dataset = UnpairedDataset(data_dir, "train", p.augment)
-        self.nets = {k: ctx.prepare(v) for k, v in self.build_networks(p).items()}
-        self.G_AB, self.G_BA = ctx.forward(self.nets["G_AB"]), ctx.forward(self.nets["G_BA"])
-        self.D_A, self.D_B = ctx.forward(self.nets["D_A"]), ctx.forward(self.nets["D_B"])
-        self.optimizers = {
-            "G": ctx.optimizer([*self.nets["G_AB"].parameters(), *self.nets["G_BA"].parameters()]),
-            "D": ctx.optimizer([*self.nets["D_A"].parameters(), *self.nets["D_B"].parameters()]),
+    def set_up(self, data_dir: Path) -> TrainingState:
+        p, ctx = self.p, self.ctx
+        dataset = UnpairedDataset(data_dir, "train", p.augment)
+        nets = {k: ctx.prepare(v) for k, v in self.build_networks(p).items()}
+        self.G_AB, self.G_BA = ctx.forward(nets["G_AB"]), ctx.forward(nets["G_BA"])
+        self.D_A, self.D_B = ctx.forward(nets["D_A"]), ctx.forward(nets["D_B"])
+        optimizers = {
+            "G": ctx.optimizer([*nets["G_AB"].parameters(), *nets["G_BA"].parameters()]),
+            "D": ctx.optimizer([*nets["D_A"].parameters(), *nets["D_B"].parameters()]),
         }
-        self.pools, self.fixed, self.example_inputs = unpaired_fixtures(ctx, self.dataset, p.pool_size)
+        pools, self.fixed, example_inputs = unpaired_fixtures(ctx, dataset, p.pool_size)
+        return TrainingState(dataset, nets, optimizers, example_inputs, pools)
 
     def step(self, next_batch) -> dict[str, float]:
         p, ctx, obj = self.p, self.ctx, self.ctx.objective
-        critics = [self.nets["D_A"], self.nets["D_B"]]
+        critics = [self.state.nets["D_A"], self.state.nets["D_B"]]
         batch = next_batch()
         real_A, real_B = batch["A"], batch["B"]
 
@@ -109,7 +116,7 @@ class CycleGAN(Recipe):
                     + F.l1_loss(self.G_BA(real_A), real_A) * p.lambda_A
                 ) * p.lambda_identity
             g_loss = adv + cycle + identity
-        ctx.update(g_loss, self.optimizers["G"])
+        ctx.update(g_loss, self.state.optimizers["G"])
         set_requires_grad(critics, True)
 
         d_losses = [update_two_critics(self, real_A, real_B, fake_A.detach(), fake_B.detach())]
@@ -125,8 +132,6 @@ class CycleGAN(Recipe):
     @torch.no_grad()
     def sample_columns(self) -> dict[str, torch.Tensor]:
         """The reference's names: real A | fake B | rec A (A->B->A), then real B | fake A | rec B."""
-        for net in ("G_AB", "G_BA"):
-            self.nets[net].eval()
         with self.ctx.autocast():
             fake_B, fake_A = self.G_AB(self.fixed["A"]), self.G_BA(self.fixed["B"])
             columns = {
@@ -137,6 +142,4 @@ class CycleGAN(Recipe):
                 "fake A": fake_A,
                 "rec B": self.G_AB(fake_A),
             }
-        for net in ("G_AB", "G_BA"):
-            self.nets[net].train()
         return columns

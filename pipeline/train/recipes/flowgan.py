@@ -22,9 +22,8 @@ from transfigure.models.init import init_weights
 from transfigure.pipeline.data.datasets import UnpairedDataset
 from transfigure.pipeline.evaluate import measures
 from transfigure.pipeline.schema import DiscriminatorParams, FlowParams, NonNegativeFloat, RecipeParams
-from transfigure.pipeline.train.context import Context
 from transfigure.pipeline.train.parts import build_flow, mean_bits_per_dim, set_requires_grad
-from transfigure.pipeline.train.recipes.base import Export, Recipe, register
+from transfigure.pipeline.train.recipes.base import Export, Recipe, TrainingState, register
 
 
 class FlowGANParams(RecipeParams):
@@ -47,8 +46,16 @@ class FlowGANParams(RecipeParams):
 class FlowGAN(Recipe):
     name = "flowgan"
     Params = FlowGANParams
-    layout = "unaligned"
     losses = ("G", "G_adv", "bpd", "D")
+    tiny = (
+        "flow.n_couplings=1",
+        "flow.hidden_channels=4",
+        "flow.n_res_blocks=1",
+        "discriminator.kind=n_layers",
+        "discriminator.n_layers=1",
+        "discriminator.ndf=4",
+        "batch_size=2",
+    )
 
     @classmethod
     def build_networks(cls, p: FlowGANParams, image_size: int = 32) -> dict[str, nn.Module]:
@@ -71,20 +78,19 @@ class FlowGAN(Recipe):
         result["bits_per_dim"] = {p.domain: mean_bits_per_dim(generator.flow, real)}
         return result
 
-    def __init__(self, p: FlowGANParams, ctx: Context, data_dir: Path):
-        self.p, self.ctx = p, ctx
+    def set_up(self, data_dir: Path) -> TrainingState:
+        p, ctx = self.p, self.ctx
         # Any unaligned dataset works: the other domain's images are simply not used.
-        self.dataset = UnpairedDataset(data_dir, "train", p.augment)
-        self.network_args = {"image_size": self.dataset[0][p.domain].shape[-1]}
-        self.nets = {k: ctx.prepare(v) for k, v in self.build_networks(p, **self.network_args).items()}
-        self.flow, self.D = ctx.invertible(self.nets["G"].flow), ctx.forward(self.nets["D"])
-        self.optimizers = {"G": ctx.optimizer(self.nets["G"].parameters())}
+        dataset = UnpairedDataset(data_dir, "train", p.augment)
+        size = dataset[0][p.domain].shape[-1]
+        nets = {k: ctx.prepare(v) for k, v in self.build_networks(p, image_size=size).items()}
+        self.flow, self.D = ctx.invertible(nets["G"].flow), ctx.forward(nets["D"])
+        optimizers = {"G": ctx.optimizer(nets["G"].parameters())}
         if not p.mle_only:
-            self.optimizers["D"] = ctx.optimizer(self.nets["D"].parameters())
-        self.pools: dict = {}
-        size = self.network_args["image_size"]
+            optimizers["D"] = ctx.optimizer(nets["D"].parameters())
         self.fixed_z = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(0)).to(ctx.device)
-        self.example_inputs = {"G": {"z": self.fixed_z[:2]}}
+        example_inputs = {"G": {"z": self.fixed_z[:2]}}
+        return TrainingState(dataset, nets, optimizers, example_inputs, network_args={"image_size": size})
 
     def step(self, next_batch) -> dict[str, float]:
         p, ctx, obj = self.p, self.ctx, self.ctx.objective
@@ -95,16 +101,16 @@ class FlowGAN(Recipe):
             z, log_det = self.flow(real)
             nll = flows.bits_per_dim(flows.standard_normal_log_prob(z) + log_det, real[0].numel()).mean()
         if p.mle_only:
-            ctx.update(nll, self.optimizers["G"])
+            ctx.update(nll, self.state.optimizers["G"])
             return {"G": nll.item(), "bpd": nll.item()}
 
-        set_requires_grad([self.nets["D"]], False)
+        set_requires_grad([self.state.nets["D"]], False)
         fake = self.flow.inverse(torch.randn_like(real))
         with ctx.autocast():
             adv = obj.g_loss(self.D(fake))
         g_loss = adv + p.nll_weight * nll
-        ctx.update(g_loss, self.optimizers["G"])
-        set_requires_grad([self.nets["D"]], True)
+        ctx.update(g_loss, self.state.optimizers["G"])
+        set_requires_grad([self.state.nets["D"]], True)
 
         d_losses = [self._critic_step(real, fake.detach())]
         for _ in range(ctx.n_critic - 1):
@@ -119,13 +125,11 @@ class FlowGAN(Recipe):
         ctx, obj = self.ctx, self.ctx.objective
         with ctx.autocast():
             loss = obj.d_loss(self.D(real), self.D(fake)) + obj.penalty(self.D, real, fake)
-        ctx.update_critics(loss, self.optimizers["D"], self.nets["D"])
+        ctx.update_critics(loss, self.state.optimizers["D"], self.state.nets["D"])
         return loss.detach()
 
     @torch.no_grad()
     def sample_columns(self) -> dict[str, torch.Tensor]:
         """Eight fixed latents, one per row, at temperatures T = 1, 0.85, 0.7 and 0.5 across."""
-        G = self.nets["G"].eval()
-        columns = {f"T={t}": G(self.fixed_z * t) for t in (1.0, 0.85, 0.7, 0.5)}
-        G.train()
-        return columns
+        G = self.state.nets["G"]
+        return {f"T={t}": G(self.fixed_z * t) for t in (1.0, 0.85, 0.7, 0.5)}

@@ -38,9 +38,8 @@ from transfigure.pipeline.schema import (
     RecipeParams,
     Strict,
 )
-from transfigure.pipeline.train.context import Context
 from transfigure.pipeline.train.parts import critic_loss, generator_adversarial, set_requires_grad
-from transfigure.pipeline.train.recipes.base import Export, Recipe, register
+from transfigure.pipeline.train.recipes.base import Export, Recipe, TrainingState, register
 
 Classes = Annotated[int, Field(ge=2, le=256)]
 
@@ -89,6 +88,14 @@ class Pix2Pix(Recipe):
     Params = Pix2PixParams
     layout = "aligned"
     losses = ("G", "G_adv", "L1", "CE", "D")
+    tiny = (
+        "generator.arch=unet_5down",
+        "generator.ngf=4",
+        "discriminator.kind=n_layers",
+        "discriminator.n_layers=1",
+        "discriminator.ndf=4",
+        "batch_size=2",
+    )
 
     @classmethod
     def build_networks(cls, p: Pix2PixParams) -> dict[str, nn.Module]:
@@ -118,20 +125,15 @@ class Pix2Pix(Recipe):
             return measures.label_maps(generators["AtoB"], inputs)
         return measures.translation(generators, inputs)
 
-    def __init__(self, p: Pix2PixParams, ctx: Context, data_dir: Path):
-        self.p, self.ctx = p, ctx
-        self.network_args: dict = {}
-        self.dataset = PairedDataset(data_dir, "train", p.augment)
-        self.palette = self._check_label_side(label_side(self.dataset.manifest))
-        self.nets = {k: ctx.prepare(v) for k, v in self.build_networks(p).items()}
-        self.G, self.D = ctx.forward(self.nets["G"]), ctx.forward(self.nets["D"])
-        self.optimizers = {
-            "G": ctx.optimizer(self.nets["G"].parameters()),
-            "D": ctx.optimizer(self.nets["D"].parameters()),
-        }
-        self.pools: dict = {}
-        self.fixed = ctx.to_device(first_items(self.dataset, min(8, len(self.dataset))))
-        self.example_inputs = {"G": {"image": self.fixed["A"][:2]}}
+    def set_up(self, data_dir: Path) -> TrainingState:
+        p, ctx = self.p, self.ctx
+        dataset = PairedDataset(data_dir, "train", p.augment)
+        self.palette = self._check_label_side(label_side(dataset.manifest))
+        nets = {k: ctx.prepare(v) for k, v in self.build_networks(p).items()}
+        self.G, self.D = ctx.forward(nets["G"]), ctx.forward(nets["D"])
+        optimizers = {"G": ctx.optimizer(nets["G"].parameters()), "D": ctx.optimizer(nets["D"].parameters())}
+        self.fixed = ctx.to_device(first_items(dataset, min(8, len(dataset))))
+        return TrainingState(dataset, nets, optimizers, example_inputs={"G": {"image": self.fixed["A"][:2]}})
 
     def _check_label_side(self, labels: dict | None) -> list | None:
         """The dataset's label-map side must be where params say: B for a categorical output, A for a categorical
@@ -172,7 +174,7 @@ class Pix2Pix(Recipe):
                 fresh = self._as_critic_sees(self.G(extra["A"]))
             d_losses.append(self._critic_step(self._condition(extra["A"]), self._target(extra["B"]), fresh))
 
-        set_requires_grad([self.nets["D"]], False)
+        set_requires_grad([self.state.nets["D"]], False)
         with ctx.autocast():
             adv = zero
             if adversarial:
@@ -182,8 +184,8 @@ class Pix2Pix(Recipe):
             else:
                 l1, ce = F.l1_loss(fake_B, real_B) * p.lambda_L1, zero
             g_loss = adv + l1 + ce
-        ctx.update(g_loss, self.optimizers["G"])
-        set_requires_grad([self.nets["D"]], True)
+        ctx.update(g_loss, self.state.optimizers["G"])
+        set_requires_grad([self.state.nets["D"]], True)
         values = torch.stack([g_loss, adv, l1, ce, torch.stack(d_losses).mean()]).tolist()
         return dict(zip(self.losses, values, strict=True))
 
@@ -210,16 +212,14 @@ class Pix2Pix(Recipe):
         with ctx.autocast():
             # The critic sees (A, B) pairs; the penalty's critic has the same condition as the scores it regularises.
             loss = critic_loss(ctx.objective, lambda x: self.D(torch.cat([condition, x], 1)), real_B, fake_B)
-        ctx.update_critics(loss, self.optimizers["D"], self.nets["D"])
+        ctx.update_critics(loss, self.state.optimizers["D"], self.state.nets["D"])
         return loss.detach()
 
     @torch.no_grad()
     def sample_columns(self) -> dict[str, torch.Tensor]:
         """real A | fake B | real B (the true pair); label maps in their palette's colours."""
-        self.nets["G"].eval()
         with self.ctx.autocast():
             fake_B = self.G(self.fixed["A"])
-        self.nets["G"].train()
         if self.p.output.kind == "categorical":
             fake_B = fake_B.argmax(1)
         columns = {"real A": self.fixed["A"], "fake B": fake_B, "real B": self.fixed["B"]}

@@ -24,3 +24,4 @@ class Pix2PixLabelsParams(Pix2PixParams):
 class Pix2PixLabels(Pix2Pix):
     name = "pix2pix_labels"
     Params = Pix2PixLabelsParams
+    tiny = (*Pix2Pix.tiny, "lambda_GAN=1")  # its default is cross-entropy alone; tiny runs take the critic's path too
