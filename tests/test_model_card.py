@@ -1,6 +1,8 @@
 """The model card as a type: cards written before it existed read back into it and write out unchanged, key for
 key and in the same order, so models exported earlier still load and new ones read the same."""
 
+from typing import get_args, get_type_hints
+
 import onnx
 import pytest
 from onnx import TensorProto, helper
@@ -8,6 +10,7 @@ from onnx import TensorProto, helper
 from transfigure.pipeline.errors import UserError
 from transfigure.pipeline.export import model_card as card
 from transfigure.pipeline.export.model_card import Int8Check, ModelCard
+from transfigure.pipeline.train.recipes.base import Export
 
 PROVENANCE = {
     "recipe": "cyclegan",
@@ -147,3 +150,11 @@ def test_a_card_round_trips_through_an_onnx_file(tmp_path):
     path.write_bytes(model.SerializeToString())
     assert ModelCard.read(path) == ModelCard.from_metadata(INT8)
     assert [(prop.key, prop.value) for prop in onnx.load(str(path)).metadata_props] == list(INT8.items())
+
+
+def test_what_a_recipe_exports_is_named_as_the_card_names_it():
+    """train/recipes may not import the card (docs/ARCHITECTURE.md), so `Export` spells its names out; they agree."""
+    hints = get_type_hints(Export)
+    kinds = {card.IMAGE_TRANSLATION, card.LABEL_MAP, card.CONDITIONAL_GENERATION, card.FLOW_SAMPLING}
+    assert set(get_args(hints["kind"])) == kinds
+    assert set(get_args(get_args(hints["inputs"])[0])) == {card.IMAGE_INPUT, card.LATENT_INPUT, card.LABEL_INPUT}

@@ -18,9 +18,10 @@ from transfigure.pipeline.export.reference import import_reference_checkpoint
 from transfigure.pipeline.export.to_onnx import (
     FP16_ATOL,
     ExportParityError,
-    export_conditional_generator,
     export_image_generator,
+    export_sampler,
 )
+from transfigure.pipeline.train import recipes
 
 # One worker runs the whole module, so its module-scoped fixtures are made once (tests/README.md).
 pytestmark = pytest.mark.xdist_group("test_onnx_export")
@@ -175,7 +176,8 @@ def test_conditional_generator_export(tmp_path):
     net = ConditionalGenerator(z_dim=16, n_classes=10, image_size=32, ngf=8)
     path = tmp_path / "cdcgan.onnx"
     metadata = {"recipe": "cdcgan", "training_commit": "0123abcd", "params_hash": "feedbeef"}
-    result = export_conditional_generator(net, path, metadata)
+    spec = recipes.get("cdcgan").exports(recipes.get("cdcgan").Params(z_dim=16))["generator"]
+    result = export_sampler(net, path, metadata, spec.kind, spec.inputs, spec.card_attributes)
 
     model = onnx.load(str(path))
     z, label = model.graph.input

@@ -216,12 +216,12 @@ def companion_path(model_path: Path, precision: str) -> Path:
 def provenance(state, direction: str, source: str, target: str) -> dict[str, str]:
     """The caller's half of the card, from a checkpoint: recipe, direction, domains, commit, params hash, step."""
     dataset = state["params"][state["recipe"]]["dataset"]
-    return {
-        "recipe": state["recipe"],
-        "direction": direction,
-        "source_domain": f"{dataset}:{source}",
-        "target_domain": f"{dataset}:{target}",
-        "training_commit": state.get("git_commit", "unknown"),
-        "params_hash": state["params_hash"],
-        "training_step": str(state["step"]),
-    }
+    return ModelCard(
+        recipe=state["recipe"],
+        direction=direction,
+        source_domain=f"{dataset}:{source}",
+        target_domain=f"{dataset}:{target}",
+        training_commit=state.get("git_commit", "unknown"),
+        params_hash=state["params_hash"],
+        training_step=str(state["step"]),
+    ).to_metadata()

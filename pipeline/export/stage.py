@@ -1,5 +1,6 @@
 """`export`: a checkpoint's generators as checked, parity-tested ONNX models, logged and registered in MLflow.
-What to export comes from the recipe (`Recipe.exports`); how depends only on the model card's kind."""
+What to export comes from the recipe (`Recipe.exports`): a model that takes `z` is a sampler, described by its
+`Export`; translators are exported by their kind (image_translation or label_map)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,9 @@ from transfigure.pipeline.errors import UserError
 from transfigure.pipeline.export import model_card as card
 from transfigure.pipeline.export.quantize import write_int8_companion
 from transfigure.pipeline.export.to_onnx import (
-    export_conditional_generator,
-    export_flow_sampler,
     export_image_generator,
     export_label_map_generator,
+    export_sampler,
 )
 from transfigure.pipeline.files import write_json_atomic
 from transfigure.pipeline.params import Params
@@ -38,19 +38,18 @@ def export_trained(
         spec = exports[direction]
         path = out_dir / f"{direction}.onnx"
         metadata = card.provenance(model.state, direction, spec.source, spec.target)
-        if spec.kind == card.IMAGE_TRANSLATION:
+        if card.LATENT_INPUT in spec.inputs:
+            sampler = (spec.kind, spec.inputs, spec.card_attributes)
+            results[direction] = export_sampler(net, path, metadata, *sampler, **options)
+        elif spec.kind == card.LABEL_MAP:
+            results[direction] = export_label_map_generator(net, path, metadata, **options)
+        else:
             results[direction] = export_image_generator(net, path, metadata, fp16=fp16, **options)
             if export.int8.enabled and results[direction]["input_type"] == card.LABEL_MAP:
                 results[direction]["int8"] = {"skipped": "it takes label maps, not images to calibrate on"}
             elif export.int8.enabled:
                 data_dir = Path(data_root) / model.params.dataset if data_root else None
                 results[direction]["int8"] = _int8(path, data_dir, spec.source, export.int8)
-        elif spec.kind == card.LABEL_MAP:
-            results[direction] = export_label_map_generator(net, path, metadata, **options)
-        elif spec.kind == card.CONDITIONAL_GENERATION:
-            results[direction] = export_conditional_generator(net, path, metadata, **options)
-        else:
-            results[direction] = export_flow_sampler(net, path, metadata, **options)
     return results
 
 

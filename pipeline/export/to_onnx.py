@@ -26,7 +26,6 @@ from torch import nn
 from torch.export import Dim
 
 from transfigure.models.categorical import LabelMapOutput, OneHotInput
-from transfigure.models.dcgan import ConditionalGenerator
 from transfigure.models.thumbnail_norm import StatisticsGraph, context_radius, instance_norms, statistics_width
 from transfigure.pipeline.errors import UserError
 from transfigure.pipeline.export import model_card as card
@@ -196,80 +195,60 @@ def tile_graphs(
     return paths, [stats_proto, tile_proto], described
 
 
-def export_conditional_generator(
-    net: ConditionalGenerator,
+def export_sampler(
+    net: nn.Module,
     out_path: Path,
     metadata: dict[str, str],
+    kind: str,
+    inputs: tuple[str, ...],
+    card_attributes: tuple[str, ...],
     opset: int = 18,
     atol: float = 1e-4,
 ) -> dict:
-    """Export a class-conditional generator (forward(z, labels)) with inputs `z` (float32, (N, z_dim)) and
-    `label` (int64, (N,)) and output `image`, dynamic batch, in eval mode.
-
-    `metadata` must hold recipe, training_commit and params_hash; z_dim, n_classes and image_size are added.
-    Parity is checked on batches of 1 and 5. Returns {"path", "max_abs_error", "tolerance", "cases"}.
+    """Export a generator of samples with `inputs` in the order its forward takes them: `z` (float32, N x the
+    card's latent shape) and, for a class-conditional one, `label` (int64, N, below the card's `n_classes`);
+    output `image`, dynamic batch, in eval mode. The card records `kind` and the network's `card_attributes`
+    (z_dim, n_classes and image_size, or latent_shape); `metadata` must hold recipe, training_commit and
+    params_hash. Parity is checked on batches of 1 and 5. Returns {"path", "max_abs_error", "tolerance", "cases"}.
     """
     model_card = _card(
         metadata,
         card.PROVENANCE,
-        kind=card.CONDITIONAL_GENERATION,
-        z_dim=net.z_dim,
-        n_classes=net.n_classes,
-        image_size=net.image_size,
+        kind=kind,
+        **{name: getattr(net, name) for name in card_attributes},
         normalization=card.NORMALIZATION,
-        inputs=(card.LATENT_INPUT, card.LABEL_INPUT),
+        inputs=tuple(inputs),
         output=card.SAMPLE_OUTPUT,
         precision="float32",
     )
+    latent = model_card.latent_sample_shape
+    if latent is None or (card.LABEL_INPUT in inputs and model_card.n_classes is None):
+        raise ValueError(f"a sampler's card needs z_dim or latent_shape (and n_classes with a label): {inputs}")
     out_path = Path(out_path)
     model = _eval_copy(net)
-    example = (torch.zeros(2, net.z_dim), torch.zeros(2, dtype=torch.int64))
-    batch = Dim("batch", min=1)
+
+    def batch(n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:
+        """The inputs of n samples: seeded ones for a parity case, zeros for the export example."""
+        z = torch.randn(n, *latent, generator=generator) if generator else torch.zeros(n, *latent)
+        made = {card.LATENT_INPUT: z}
+        if card.LABEL_INPUT in inputs:
+            labels = torch.arange(n - 1, -1, -1) % model_card.n_classes
+            made[card.LABEL_INPUT] = labels if generator else torch.zeros(n, dtype=torch.int64)
+        return tuple(made[name] for name in inputs)
+
     generator = torch.Generator().manual_seed(0)
-    cases = [
-        (torch.randn(n, net.z_dim, generator=generator), torch.arange(n - 1, -1, -1) % net.n_classes) for n in (1, 5)
-    ]
+    cases = [batch(n, generator) for n in (1, 5)]
     with torch.no_grad():
-        expected = [model(*inputs) for inputs in cases]
+        expected = [model(*case) for case in cases]
+    batch_dim = Dim("batch", min=1)
+    dims = tuple({0: batch_dim} for _ in inputs)
     with warnings.catch_warnings():
-        # Both inputs share the batch dimension, which the exporter reports as an unused duplicate axis name.
+        # Inputs that share the batch dimension make the exporter report an unused duplicate axis name.
         warnings.filterwarnings("ignore", message=".*The axis name: batch will not be used")
-        proto = _export(
-            model, example, ({0: batch}, {0: batch}), [card.LATENT_INPUT, card.LABEL_INPUT], [card.SAMPLE_OUTPUT], opset
-        )
+        proto = _export(model, batch(2), dims, list(inputs), [card.SAMPLE_OUTPUT], opset)
     onnx.helper.set_model_props(proto, model_card.to_metadata())
-    report = _check_parity(proto, out_path, [card.LATENT_INPUT, card.LABEL_INPUT], cases, expected, atol)
+    report = _check_parity(proto, out_path, list(inputs), cases, expected, atol)
     write_bytes_atomic(out_path, proto.SerializeToString())
-    return report
-
-
-def export_flow_sampler(
-    net: nn.Module, out_path: Path, metadata: dict[str, str], opset: int = 18, atol: float = 1e-4
-) -> dict:
-    """Export a flow generator (z ~ N(0, I) of shape (N, C, H, W) -> image) with input `z` and output `image`,
-    dynamic batch, in eval mode. Parity is checked on batches of 1 and 5."""
-    c, h, w = net.latent_shape
-    model_card = _card(
-        metadata,
-        card.PROVENANCE,
-        kind=card.FLOW_SAMPLING,
-        latent_shape=(c, h, w),
-        normalization=card.NORMALIZATION,
-        inputs=(card.LATENT_INPUT,),
-        output=card.SAMPLE_OUTPUT,
-        precision="float32",
-    )
-    model = _eval_copy(net)
-    generator = torch.Generator().manual_seed(0)
-    cases = [(torch.randn(n, c, h, w, generator=generator),) for n in (1, 5)]
-    with torch.no_grad():
-        expected = [model(*inputs) for inputs in cases]
-    proto = _export(
-        model, (torch.zeros(2, c, h, w),), ({0: Dim("batch", min=1)},), [card.LATENT_INPUT], [card.SAMPLE_OUTPUT], opset
-    )
-    onnx.helper.set_model_props(proto, model_card.to_metadata())
-    report = _check_parity(proto, Path(out_path), [card.LATENT_INPUT], cases, expected, atol)
-    write_bytes_atomic(Path(out_path), proto.SerializeToString())
     return report
 
 
