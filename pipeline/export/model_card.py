@@ -93,7 +93,7 @@ class ModelCard:
     training_commit: str | None = None
     params_hash: str | None = None
     training_step: str | None = None
-    extra: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, str] = field(default_factory=dict)  # a caller's own keys (a reference import's source_*)
     kind: str | None = None
     multiple: int | None = None
     z_dim: int | None = None
