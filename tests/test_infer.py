@@ -58,7 +58,7 @@ def test_reads_names_and_multiple_from_the_model(instance_model):
     assert (engine.input_name, engine.output_name) == ("image", "translated")
     assert engine.multiple == 4
     assert engine.provider == "cpu"
-    assert engine.metadata["direction"] == "AtoB"
+    assert engine.card.direction == "AtoB"
 
 
 def test_odd_sizes_keep_their_size_and_match_pytorch(instance_model):

@@ -143,7 +143,7 @@ def label_models(tmp_path_factory):
 
 def test_a_label_map_model_has_its_card_and_translate_writes_palette_pngs(label_models, run_cli, tmp_path):
     model = label_models / "labels.onnx"
-    meta = card.read_metadata(model)
+    meta = card.ModelCard.read(model).to_metadata()
     assert meta["kind"] == card.LABEL_MAP and meta["classes"] == str(K) and meta["output"] == card.LABELS_OUTPUT
     photos = tmp_path / "photos"
     photos.mkdir()

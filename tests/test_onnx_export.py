@@ -13,14 +13,15 @@ import torch
 from transfigure.models.dcgan import ConditionalGenerator
 from transfigure.models.generators import build_generator
 from transfigure.pipeline.errors import UserError
-from transfigure.pipeline.export.model_card import IMAGE_INPUT, IMAGE_OUTPUT, read_metadata
+from transfigure.pipeline.export.model_card import IMAGE_INPUT, IMAGE_OUTPUT, ModelCard
 from transfigure.pipeline.export.reference import import_reference_checkpoint
 from transfigure.pipeline.export.to_onnx import (
     FP16_ATOL,
     ExportParityError,
-    export_conditional_generator,
     export_image_generator,
+    export_sampler,
 )
+from transfigure.pipeline.train import recipes
 
 # One worker runs the whole module, so its module-scoped fixtures are made once (tests/README.md).
 pytestmark = pytest.mark.xdist_group("test_onnx_export")
@@ -90,7 +91,7 @@ def test_image_export_follows_the_contract(fixture, request):
     # Standard ONNX ops only, no exporter-private functions, so every runtime and TensorRT can load it.
     assert not model.functions and all(not node.domain for node in model.graph.node)
 
-    metadata = read_metadata(path)
+    metadata = ModelCard.read(path).to_metadata()
     assert metadata.items() >= METADATA.items()
     assert metadata["multiple"] == str(net.size_multiple)
     assert metadata["normalization"] == "RGB float32 NCHW in [-1, 1]"
@@ -157,7 +158,7 @@ def test_fp16_model_keeps_float32_io_and_stays_close(resnet):
     ] * 2
     weights = [t for t in model.graph.initializer if t.name.endswith("weight")]
     assert weights and all(t.data_type == onnx.TensorProto.FLOAT16 for t in weights)
-    assert read_metadata(fp16_path)["precision"] == "float16"
+    assert ModelCard.read(fp16_path).to_metadata()["precision"] == "float16"
 
     x = image_input(*UNSEEN_SIZE[4])
     output = run_onnx(fp16_path, {"image": x.numpy()})
@@ -175,7 +176,8 @@ def test_conditional_generator_export(tmp_path):
     net = ConditionalGenerator(z_dim=16, n_classes=10, image_size=32, ngf=8)
     path = tmp_path / "cdcgan.onnx"
     metadata = {"recipe": "cdcgan", "training_commit": "0123abcd", "params_hash": "feedbeef"}
-    result = export_conditional_generator(net, path, metadata)
+    spec = recipes.get("cdcgan").exports(recipes.get("cdcgan").Params(z_dim=16))["generator"]
+    result = export_sampler(net, path, metadata, spec.kind, spec.inputs, spec.card_attributes)
 
     model = onnx.load(str(path))
     z, label = model.graph.input
@@ -188,7 +190,10 @@ def test_conditional_generator_export(tmp_path):
     assert isinstance(batch, str) and z_dim == 16
     assert dims(label) == [batch]
 
-    assert read_metadata(path).items() >= {**metadata, "z_dim": "16", "n_classes": "10", "image_size": "32"}.items()
+    assert (
+        ModelCard.read(path).to_metadata().items()
+        >= {**metadata, "z_dim": "16", "n_classes": "10", "image_size": "32"}.items()
+    )
     assert [case["batch"] for case in result["cases"]] == [1, 5]
     assert result["max_abs_error"] < 1e-4
 
@@ -198,13 +203,13 @@ def test_conditional_generator_export(tmp_path):
     np.testing.assert_allclose(output, eager(net, zs, labels), atol=1e-4, rtol=0)
 
 
-def test_read_metadata_names_a_file_that_is_not_onnx(tmp_path):
+def test_reading_a_card_names_a_file_that_is_not_onnx(tmp_path):
     path = tmp_path / "notes.onnx"
     path.write_bytes(b"\xff\xfe not a protobuf \x00\x01")
     with pytest.raises(UserError, match="notes.onnx"):
-        read_metadata(path)
+        ModelCard.read(path)
     with pytest.raises(UserError, match="missing.onnx"):
-        read_metadata(tmp_path / "missing.onnx")
+        ModelCard.read(tmp_path / "missing.onnx")
 
 
 # Reference checkpoints
@@ -236,7 +241,7 @@ def test_import_reference_checkpoint(resnet6_checkpoint, tmp_path):
     x = image_input(1, 40, 24)
     np.testing.assert_allclose(run_onnx(out, {"image": x.numpy()}), eager(net, x), atol=1e-4, rtol=0)
 
-    metadata = read_metadata(out)
+    metadata = ModelCard.read(out).to_metadata()
     assert (
         metadata.items()
         >= {

@@ -110,7 +110,7 @@ def check_exported(path, recipe):
     # Translators get an int8 companion calibrated on their training images; samplers do not.
     assert int8.exists() == (metadata["kind"] == card.IMAGE_TRANSLATION), int8
     if int8.exists():
-        companion = card.read_metadata(int8)
+        companion = card.ModelCard.read(int8).to_metadata()
         assert companion["params_hash"] == metadata["params_hash"] and companion[card.INT8_QUALITY]
         assert " images of digits" in companion[card.INT8_CALIBRATION]
     # Instance-norm translators (cyclegan) also get their tiling graphs; batch norm (pix2pix) needs none.

@@ -70,8 +70,8 @@ def test_cpu_flags_are_read_from_linux_cpuinfo(tmp_path):
 
 def test_the_companion_repeats_the_card_and_records_its_quality(translator):
     path, result = translator
-    fp32 = card.read_metadata(path)
-    int8 = card.read_metadata(card.companion_path(path, card.INT8))
+    fp32 = card.ModelCard.read(path).to_metadata()
+    int8 = card.ModelCard.read(card.companion_path(path, card.INT8)).to_metadata()
     assert {key: int8[key] for key in fp32 if key != "precision"} == {k: v for k, v in fp32.items() if k != "precision"}
     assert int8["precision"] == "int8" and int8[card.INT8_QUALITY] == fidelity.PASSED
     assert int8[card.INT8_CALIBRATION] == "6 images of test:trainA"

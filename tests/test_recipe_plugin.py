@@ -56,7 +56,7 @@ def test_a_new_recipe_module_trains_evaluates_and_exports_through_the_ordinary_c
     exported = run_cli("export", "tinypaired", env=env)
     assert exported.returncode == 0, exported.stderr
     engine = make_engine(workdir / "artifacts/tinypaired/AtoB.onnx", providers=["cpu"])
-    assert engine.metadata["recipe"] == "tinypaired" and engine.metadata["source_domain"] == "digits_paired:A"
+    assert engine.card.recipe == "tinypaired" and engine.card.source_domain == "digits_paired:A"
     image = gradient(36, 28)
     assert engine.translate(image).shape == image.shape and engine.translate(image).dtype == np.uint8
 

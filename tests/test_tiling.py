@@ -55,12 +55,12 @@ def test_context_radius_is_the_receptive_field():
 
 def test_export_writes_the_companions_with_their_card(instance_model):
     path, result = instance_model
-    statistics = card.read_metadata(card.companion_path(path, card.STATISTICS))
-    tile = card.read_metadata(card.companion_path(path, card.TILE))
+    statistics = card.ModelCard.read(card.companion_path(path, card.STATISTICS)).to_metadata()
+    tile = card.ModelCard.read(card.companion_path(path, card.TILE)).to_metadata()
     assert statistics["kind"] == card.THUMBNAIL_STATISTICS and tile["kind"] == card.STATISTICS_TILE
     assert tile["input"] == "image,statistics" and tile["context"] == result["tiles"]["context"] == "28"
     assert statistics["params_hash"] == tile["params_hash"] == METADATA["params_hash"]
-    assert card.read_metadata(path)["instance_norm_layers"] == "9"
+    assert card.ModelCard.read(path).to_metadata()["instance_norm_layers"] == "9"
     assert result["tiles"]["max_abs_error"] < 1e-4
 
 

@@ -208,7 +208,7 @@ def test_ema_weights_are_saved_and_used_for_export(workdir):
     params = load_params("params.yaml", [*tiny("cdcgan", steps=3, every=3), "cdcgan.ema_decay=0.5"])
     train("cdcgan", params, QUIET)
     state = load_checkpoint(workdir / "runs/cdcgan/checkpoints/last.pt")
-    ema_generator = recipes.generators_from_checkpoint(state)["generator"]
+    ema_generator = recipes.load_trained(state).generators["generator"]
     p = recipes.params_of(params, "cdcgan")
     raw_generator = recipes.get("cdcgan").generators(p, state["networks"], {}, state["network_args"])["generator"]
     key = "net.0.weight"

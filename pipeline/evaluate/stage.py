@@ -14,7 +14,7 @@ from transfigure.pipeline.evaluate.measures import EvalInputs
 from transfigure.pipeline.files import write_json_atomic
 from transfigure.pipeline.params import Params, changed_keys, flatten, training_params
 from transfigure.pipeline.train import recipes
-from transfigure.pipeline.train.checkpoint import checkpoint_path, load_checkpoint
+from transfigure.pipeline.train.checkpoint import checkpoint_path
 
 # Below this many images per set, KID's subsets are tiny and its unbiased estimate swings around zero.
 KID_MIN_IMAGES = 50
@@ -35,12 +35,11 @@ def evaluate_recipe(
     """Scores last.pt (or the kept checkpoint of `step`). The recipe settings come from the checkpoint; params
     that contradict them are refused, naming the keys. `on_dataset` evaluates on another prepared dataset of
     params instead, into files of their own; `features` overrides `evaluate.features`."""
-    recipe = recipes.get(recipe_name)
+    recipes.get(recipe_name)  # an unknown name fails here, naming the recipes there are
     checkpoint = checkpoint_path(recipe_name, step, runs_root)
-    state = load_checkpoint(checkpoint)
-    trained = state["params"]
-    p = recipe.Params.model_validate(trained[recipe_name])
-    trained_on = trained[recipe_name]["dataset"]
+    model = recipes.load_trained(checkpoint)
+    state, trained = model.state, model.state["params"]
+    trained_on = model.params.dataset
     if on_dataset is None:
         wanted = training_params(params, recipe_name, recipes.params_of(params, recipe_name))
         _refuse_contradictions(checkpoint, trained, wanted, recipe_name)
@@ -61,8 +60,7 @@ def evaluate_recipe(
     inputs = EvalInputs(
         data_dir, load_manifest(data_dir), classifier, extractor, settings, params.seed, reports, sizes.append
     )
-    generators = recipes.generators_from_checkpoint(state)
-    result = recipe.evaluate(generators, p, inputs)
+    result = model.recipe.evaluate(model.generators, model.params, inputs)
     result |= {"features": extractor.name, "dataset": dataset_name, "step": state["step"]}
     if sizes and (warning := small_sample_warning(min(sizes))):
         console.print(warning)

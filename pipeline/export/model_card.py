@@ -1,5 +1,6 @@
 """The ONNX model card: the input and output names and the metadata keys of every model this pipeline writes,
-defined once here and read by export, the inference engine, `sample`, the benchmarks and the tests.
+defined once here. `ModelCard` is a model's metadata, typed: export writes it (`to_metadata`), and the inference
+engine, tiling, precision, `sample`, the benchmarks and the tests read it (`ModelCard.read`, `from_metadata`).
 
 Kinds:
 - image_translation: input `image`, output `translated`, float32 NCHW RGB in [-1, 1], dynamic batch, height and
@@ -18,6 +19,8 @@ An instance-norm translator also gets two companions for tiled translation (mode
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from transfigure.pipeline.errors import UserError
@@ -36,7 +39,6 @@ TILE = "tile"
 IMAGE_INPUT = "image"
 IMAGE_OUTPUT = "translated"
 LABELS_OUTPUT = "labels"
-INPUT_TYPE = "input_type"  # "image" (RGB) or "label_map"
 LATENT_INPUT = "z"
 LABEL_INPUT = "label"
 SAMPLE_OUTPUT = "image"
@@ -54,25 +56,156 @@ INT8_QUALITY = "int8_quality"  # fidelity.PASSED, or "failed: " and why
 # What the caller of an export must say about where the model came from.
 PROVENANCE = ("recipe", "training_commit", "params_hash")
 IMAGE_PROVENANCE = (*PROVENANCE, "direction", "source_domain", "target_domain")
+# What a companion shares with its model when both come from one export (the engine refuses it otherwise).
+SAME_EXPORT = ("params_hash", "training_step")
+
+
+@dataclass(frozen=True)
+class Int8Check:
+    """The int8 companion's calibration and quality check, as the export wrote them (text, to keep its digits)."""
+
+    calibration: str
+    mean_levels: str
+    max_levels: str
+    psnr_db: str
+    quality: str  # fidelity.PASSED, or "failed: " and why
+
+
+_INT8_KEYS = {
+    "calibration": INT8_CALIBRATION,
+    "mean_levels": INT8_MEAN_LEVELS,
+    "max_levels": INT8_MAX_LEVELS,
+    "psnr_db": INT8_PSNR_DB,
+    "quality": INT8_QUALITY,
+}
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """The metadata of one ONNX model, typed. Every field is optional: a model from elsewhere may carry only some
+    (the engine needs `multiple`); `extra` keeps keys this pipeline does not define, so nothing read is lost.
+    The fields' order is the order of the keys on disk: `to_metadata` writes what the exports always wrote."""
+
+    recipe: str | None = None
+    direction: str | None = None
+    source_domain: str | None = None
+    target_domain: str | None = None
+    training_commit: str | None = None
+    params_hash: str | None = None
+    training_step: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)  # a caller's own keys (a reference import's source_*)
+    kind: str | None = None
+    multiple: int | None = None
+    z_dim: int | None = None
+    n_classes: int | None = None
+    image_size: int | None = None
+    latent_shape: tuple[int, ...] | None = None
+    normalization: str | None = None
+    inputs: tuple[str, ...] = ()  # key `input`, comma-separated
+    output: str | None = None
+    instance_norm_layers: int | None = None
+    input_type: str | None = None  # "image" (RGB) or "label_map"
+    classes: int | None = None
+    palette: str | None = None  # "#rrggbb,..." a colour per class
+    precision: str | None = None
+    statistics_width: int | None = None
+    context: int | None = None
+    int8: Int8Check | None = None
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, str]) -> ModelCard:
+        """The card of these metadata properties; UserError naming a key whose number does not parse."""
+        values: dict = {}
+        for name in _TEXT + _INTEGERS:
+            if name in metadata:
+                values[name] = _integer(metadata, name) if name in _INTEGERS else metadata[name]
+        if "input" in metadata:
+            values["inputs"] = tuple(metadata["input"].split(","))
+        if "latent_shape" in metadata:
+            parts = metadata["latent_shape"].split(",")
+            values["latent_shape"] = tuple(_integer(metadata, "latent_shape", part) for part in parts)
+        known = {*_TEXT, *_INTEGERS, "input", "latent_shape"}
+        if all(key in metadata for key in _INT8_KEYS.values()):
+            values["int8"] = Int8Check(**{name: metadata[key] for name, key in _INT8_KEYS.items()})
+            known |= set(_INT8_KEYS.values())
+        return cls(**values, extra={key: value for key, value in metadata.items() if key not in known})
+
+    @classmethod
+    def read(cls, onnx_path: Path) -> ModelCard:
+        """The card of an ONNX file; UserError if it is missing or not an ONNX model."""
+        import onnx
+
+        try:
+            model = onnx.load_model(str(onnx_path), load_external_data=False)
+        except OSError as exc:
+            raise UserError(f"cannot read ONNX model {onnx_path}: {exc.strerror or exc}") from exc
+        except Exception as exc:
+            # A protobuf parse failure (DecodeError and friends) means the file is not an ONNX model.
+            raise UserError(f"{onnx_path} is not an ONNX model ({type(exc).__name__})") from exc
+        return cls.of_proto(model)
+
+    @classmethod
+    def of_proto(cls, model) -> ModelCard:
+        """The card of a loaded onnx.ModelProto."""
+        return cls.from_metadata({prop.key: prop.value for prop in model.metadata_props})
+
+    def to_metadata(self) -> dict[str, str]:
+        """The metadata properties, in the order the exports write them; fields left None are left out."""
+        out: dict[str, str] = {}
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if item.name == "extra":
+                out |= value
+            elif item.name == "int8" and value is not None:
+                out |= {key: getattr(value, name) for name, key in _INT8_KEYS.items()}
+            elif item.name == "inputs" and value:
+                out["input"] = ",".join(value)
+            elif item.name == "latent_shape" and value is not None:
+                out["latent_shape"] = ",".join(map(str, value))
+            elif item.name not in ("int8", "inputs", "latent_shape") and value is not None:
+                out[item.name] = str(value)
+        return out
+
+    def differing(self, companion: ModelCard, also: tuple[str, ...] = ()) -> list[str]:
+        """The keys of SAME_EXPORT (and `also`) on which `companion` disagrees with this card."""
+        return [name for name in (*SAME_EXPORT, *also) if getattr(companion, name) != getattr(self, name)]
+
+    @property
+    def latent_sample_shape(self) -> tuple[int, ...] | None:
+        """One sample's `z` for a model that draws samples (`z` among its inputs): (z_dim,) or the latent shape;
+        None for any other model."""
+        if LATENT_INPUT not in self.inputs:
+            return None
+        return (self.z_dim,) if self.z_dim is not None else self.latent_shape
+
+    @property
+    def labels_in(self) -> bool:
+        """Whether the model takes label maps (int64 N x H x W classes) instead of RGB images."""
+        return self.input_type == LABEL_MAP
+
+    @property
+    def labels_out(self) -> bool:
+        """Whether the model gives label maps (kind label_map) instead of RGB images."""
+        return self.kind == LABEL_MAP
+
+
+_TEXT = ("recipe", "direction", "source_domain", "target_domain", "training_commit", "params_hash", "training_step")
+_TEXT += ("kind", "normalization", "output", "input_type", "palette", "precision")
+_INTEGERS = ("multiple", "z_dim", "n_classes", "image_size", "instance_norm_layers", "classes")
+_INTEGERS += ("statistics_width", "context")
 # Keys the exporter computes from the network itself; a caller passing one would silently contradict the model.
 DERIVED = (
-    "kind",
-    "multiple",
-    "normalization",
+    *(name for name in _TEXT + _INTEGERS if name not in IMAGE_PROVENANCE + ("training_step",)),
     "input",
-    "output",
-    "precision",
-    "z_dim",
-    "n_classes",
-    "image_size",
     "latent_shape",
-    "instance_norm_layers",
-    "statistics_width",
-    "context",
-    "classes",
-    "palette",
-    INPUT_TYPE,
 )
+
+
+def _integer(metadata: Mapping[str, str], key: str, text: str | None = None) -> int:
+    try:
+        return int(metadata[key] if text is None else text)
+    except ValueError:
+        raise UserError(f"model card: {key} {metadata[key]!r} is not a whole number") from None
 
 
 def companion_path(model_path: Path, precision: str) -> Path:
@@ -83,26 +216,12 @@ def companion_path(model_path: Path, precision: str) -> Path:
 def provenance(state, direction: str, source: str, target: str) -> dict[str, str]:
     """The caller's half of the card, from a checkpoint: recipe, direction, domains, commit, params hash, step."""
     dataset = state["params"][state["recipe"]]["dataset"]
-    return {
-        "recipe": state["recipe"],
-        "direction": direction,
-        "source_domain": f"{dataset}:{source}",
-        "target_domain": f"{dataset}:{target}",
-        "training_commit": state.get("git_commit", "unknown"),
-        "params_hash": state["params_hash"],
-        "training_step": str(state["step"]),
-    }
-
-
-def read_metadata(onnx_path: Path) -> dict[str, str]:
-    """The metadata properties of an ONNX file; UserError if it is missing or not an ONNX model."""
-    import onnx
-
-    try:
-        model = onnx.load_model(str(onnx_path), load_external_data=False)
-    except OSError as exc:
-        raise UserError(f"cannot read ONNX model {onnx_path}: {exc.strerror or exc}") from exc
-    except Exception as exc:
-        # A protobuf parse failure (DecodeError and friends) means the file is not an ONNX model.
-        raise UserError(f"{onnx_path} is not an ONNX model ({type(exc).__name__})") from exc
-    return {prop.key: prop.value for prop in model.metadata_props}
+    return ModelCard(
+        recipe=state["recipe"],
+        direction=direction,
+        source_domain=f"{dataset}:{source}",
+        target_domain=f"{dataset}:{target}",
+        training_commit=state.get("git_commit", "unknown"),
+        params_hash=state["params_hash"],
+        training_step=str(state["step"]),
+    ).to_metadata()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +45,8 @@ def write_int8_companion(
     fp32_path = Path(fp32_path)
     out_path = card.companion_path(fp32_path, card.INT8)
     fp32 = onnx.load_model(str(fp32_path))
-    props = {prop.key: prop.value for prop in fp32.metadata_props}
-    input_name, multiple = props["input"], int(props["multiple"])
+    fp32_card = card.ModelCard.of_proto(fp32)
+    input_name, multiple = fp32_card.inputs[0], fp32_card.multiple
     int8 = quantize_qdq(fp32_path, [{input_name: _batch(image, multiple)} for image in calibration])
 
     measured = fidelity.compare(
@@ -53,19 +54,15 @@ def write_int8_companion(
     )
     result = fidelity.verdict(measured, limits.max_mean_levels, limits.min_psnr_db)
     description = f"{len(calibration)} images of {calibration_source}"
-    del int8.metadata_props[:]
-    onnx.helper.set_model_props(
-        int8,
-        {
-            **props,
-            "precision": card.INT8,
-            card.INT8_CALIBRATION: description,
-            card.INT8_MEAN_LEVELS: f"{measured['mean_levels']:.4f}",
-            card.INT8_MAX_LEVELS: f"{measured['max_levels']:.0f}",
-            card.INT8_PSNR_DB: f"{measured['psnr_db']:.2f}",
-            card.INT8_QUALITY: result,
-        },
+    check_card = card.Int8Check(
+        calibration=description,
+        mean_levels=f"{measured['mean_levels']:.4f}",
+        max_levels=f"{measured['max_levels']:.0f}",
+        psnr_db=f"{measured['psnr_db']:.2f}",
+        quality=result,
     )
+    del int8.metadata_props[:]
+    onnx.helper.set_model_props(int8, replace(fp32_card, precision=card.INT8, int8=check_card).to_metadata())
     write_bytes_atomic(out_path, int8.SerializeToString())
     return {"path": str(out_path), "quality": result, **measured, "calibration": description}
 
@@ -113,10 +110,10 @@ def quantize_with_folder(fp32_path: Path, folder: Path, limits: Int8Params) -> d
     """write_int8_companion with images from `folder` (searched recursively, sorted): the first
     `calibration_images` readable ones calibrate and the next `check_images` check (a quarter of them when the
     folder has fewer). Unreadable files are skipped and listed under "rejected"."""
-    metadata = card.read_metadata(fp32_path)
-    if metadata.get("kind") != card.IMAGE_TRANSLATION or metadata.get("precision") != "float32":
+    fp32_card = card.ModelCard.read(fp32_path)
+    if fp32_card.kind != card.IMAGE_TRANSLATION or fp32_card.precision != "float32":
         raise UserError(f"{fp32_path}: not a float32 image-translation model of this pipeline")
-    if metadata.get(card.INPUT_TYPE) == card.LABEL_MAP:
+    if fp32_card.labels_in:
         raise UserError(f"{fp32_path}: takes label maps; int8 calibration needs a model of images")
     if not Path(folder).is_dir():
         raise UserError(f"--images {folder}: not a folder")

@@ -1,5 +1,6 @@
 """`export`: a checkpoint's generators as checked, parity-tested ONNX models, logged and registered in MLflow.
-What to export comes from the recipe (`Recipe.exports`); how depends only on the model card's kind."""
+What to export comes from the recipe (`Recipe.exports`): a model that takes `z` is a sampler, described by its
+`Export`; translators are exported by their kind (image_translation or label_map)."""
 
 from __future__ import annotations
 
@@ -13,44 +14,42 @@ from transfigure.pipeline.errors import UserError
 from transfigure.pipeline.export import model_card as card
 from transfigure.pipeline.export.quantize import write_int8_companion
 from transfigure.pipeline.export.to_onnx import (
-    export_conditional_generator,
-    export_flow_sampler,
     export_image_generator,
     export_label_map_generator,
+    export_sampler,
 )
 from transfigure.pipeline.files import write_json_atomic
 from transfigure.pipeline.params import Params
 from transfigure.pipeline.schema import ExportParams, Int8Params
 from transfigure.pipeline.train import recipes
-from transfigure.pipeline.train.checkpoint import checkpoint_path, load_checkpoint
+from transfigure.pipeline.train.checkpoint import checkpoint_path
 
 
-def export_state(state, out_dir: Path, fp16: bool, export: ExportParams, data_root: Path | None) -> dict[str, dict]:
+def export_trained(
+    model: recipes.Trained, out_dir: Path, fp16: bool, export: ExportParams, data_root: Path | None
+) -> dict[str, dict]:
     """Every generator of a checkpoint into out_dir/<direction>.onnx; translators also get their int8 companion
     when export.int8 is enabled, calibrated on the prepared dataset under `data_root` (skipped, saying why, when
     it is not there)."""
-    recipe = recipes.get(state["recipe"])
-    recipe_params = recipe.Params.model_validate(state["params"][recipe.name])
-    exports = recipe.exports(recipe_params)
+    exports = model.exports
     options = {"opset": export.opset, "atol": export.parity_atol}
     results = {}
-    for direction, net in recipes.generators_from_checkpoint(state).items():
+    for direction, net in model.generators.items():
         spec = exports[direction]
         path = out_dir / f"{direction}.onnx"
-        metadata = card.provenance(state, direction, spec.source, spec.target)
-        if spec.kind == card.IMAGE_TRANSLATION:
+        metadata = card.provenance(model.state, direction, spec.source, spec.target)
+        if card.LATENT_INPUT in spec.inputs:
+            sampler = (spec.kind, spec.inputs, spec.card_attributes)
+            results[direction] = export_sampler(net, path, metadata, *sampler, **options)
+        elif spec.kind == card.LABEL_MAP:
+            results[direction] = export_label_map_generator(net, path, metadata, **options)
+        else:
             results[direction] = export_image_generator(net, path, metadata, fp16=fp16, **options)
             if export.int8.enabled and results[direction]["input_type"] == card.LABEL_MAP:
                 results[direction]["int8"] = {"skipped": "it takes label maps, not images to calibrate on"}
             elif export.int8.enabled:
-                data_dir = Path(data_root) / recipe_params.dataset if data_root else None
+                data_dir = Path(data_root) / model.params.dataset if data_root else None
                 results[direction]["int8"] = _int8(path, data_dir, spec.source, export.int8)
-        elif spec.kind == card.LABEL_MAP:
-            results[direction] = export_label_map_generator(net, path, metadata, **options)
-        elif spec.kind == card.CONDITIONAL_GENERATION:
-            results[direction] = export_conditional_generator(net, path, metadata, **options)
-        else:
-            results[direction] = export_flow_sampler(net, path, metadata, **options)
     return results
 
 
@@ -104,12 +103,13 @@ def export_recipe(
     """last.pt into artifacts/RECIPE/, registered; or a kept checkpoint (`step`) into artifacts/RECIPE.step_N/,
     not registered, so `models:/...@latest` stays the finished run's model."""
     checkpoint = checkpoint_path(recipe, step, runs_root)
-    state = load_checkpoint(checkpoint)
+    model = recipes.load_trained(checkpoint)
+    state = model.state
     register = params.export.register_models and step is None
     if register:
         tracking.check_reachable()  # before the work, not after it
     out_dir = artifacts_root / (recipe if step is None else f"{recipe}.step_{step:06d}")
-    results = export_state(state, out_dir, fp16, params.export, Path(params.data.root))
+    results = export_trained(model, out_dir, fp16, params.export, Path(params.data.root))
     for result in results.values():
         console.print(f"wrote {result['path']} ({_parity_text(result)})")
     write_json_atomic(out_dir / "export.json", results)
@@ -142,13 +142,11 @@ def export_checkpoint(
     prepared data to calibrate int8 models on."""
     export = params.export if params else ExportParams()
     data_root = Path(params.data.root) if params else None
-    state = load_checkpoint(checkpoint)
-    if state.get("recipe") not in recipes.names():
-        raise UserError(f"{checkpoint}: not a generator checkpoint of any recipe ({', '.join(recipes.names())})")
+    model = recipes.load_trained(checkpoint)
     if out.suffix != ".onnx":
         raise UserError(f"--out {out}: must end in .onnx")
     tmp_dir = out.parent / f".{out.stem}.export"
-    results = export_state(state, tmp_dir, fp16, export, data_root)
+    results = export_trained(model, tmp_dir, fp16, export, data_root)
     final = {}
     for direction, result in results.items():
         target = out if len(results) == 1 else out.with_name(f"{out.stem}.{direction}.onnx")

@@ -14,6 +14,7 @@ import copy
 import math
 import warnings
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,6 @@ from torch import nn
 from torch.export import Dim
 
 from transfigure.models.categorical import LabelMapOutput, OneHotInput
-from transfigure.models.dcgan import ConditionalGenerator
 from transfigure.models.thumbnail_norm import StatisticsGraph, context_radius, instance_norms, statistics_width
 from transfigure.pipeline.errors import UserError
 from transfigure.pipeline.export import model_card as card
@@ -64,22 +64,19 @@ def export_image_generator(
     multiple = int(net.size_multiple)
     classes = net.classes if isinstance(net, OneHotInput) else None
     layers = len(instance_norms(net)) if classes is None else 0
-    props = _metadata_props(
+    label_input = {}
+    if classes:
+        label_input = {"input_type": card.LABEL_MAP, "classes": classes, "palette": palette_text(palette(classes))}
+    model_card = _card(
         metadata,
         card.IMAGE_PROVENANCE,
-        {
-            "kind": card.IMAGE_TRANSLATION,
-            "multiple": str(multiple),
-            "normalization": card.NORMALIZATION,
-            "input": card.IMAGE_INPUT,
-            "output": card.IMAGE_OUTPUT,
-            "instance_norm_layers": str(layers),
-        }
-        | (
-            {card.INPUT_TYPE: card.LABEL_MAP, "classes": str(classes), "palette": palette_text(palette(classes))}
-            if classes
-            else {}
-        ),
+        kind=card.IMAGE_TRANSLATION,
+        multiple=multiple,
+        normalization=card.NORMALIZATION,
+        inputs=(card.IMAGE_INPUT,),
+        output=card.IMAGE_OUTPUT,
+        instance_norm_layers=layers,
+        **label_input,
     )
     out_path = Path(out_path)
     model = _eval_copy(net)
@@ -96,14 +93,16 @@ def export_image_generator(
     protos, reports = [], []
     for path, variant, tolerance, precision in variants:
         proto = _export(variant, example, dims, [card.IMAGE_INPUT], [card.IMAGE_OUTPUT], opset)
-        onnx.helper.set_model_props(proto, {**props, "precision": precision})
+        onnx.helper.set_model_props(proto, replace(model_card, precision=precision).to_metadata())
         reports.append(_check_parity(proto, path, [card.IMAGE_INPUT], cases, expected, tolerance))
         protos.append(proto)
     paths = [path for path, *_ in variants]
     tiles = None
     context = context_radius(model, multiple) if layers else None
     if context is not None:  # an unbounded field (U-Net) cannot tile exactly: it keeps blended tiles
-        tile_paths, tile_protos, tiles = tile_graphs(model, protos[0], out_path, props, cases, expected, atol, context)
+        tile_paths, tile_protos, tiles = tile_graphs(
+            model, protos[0], out_path, model_card, cases, expected, atol, context
+        )
         paths, protos = paths + tile_paths, protos + tile_protos
     # Every model passed before any is written, so a failure never leaves a mismatched set behind.
     for path, proto in zip(paths, protos, strict=True):
@@ -126,23 +125,21 @@ def export_label_map_generator(
     with torch.no_grad():
         logits = [model.generator(*inputs) for inputs in cases]
     classes = logits[0].shape[1]
-    props = _metadata_props(
+    model_card = _card(
         metadata,
         card.IMAGE_PROVENANCE,
-        {
-            "kind": card.LABEL_MAP,
-            "multiple": str(multiple),
-            "normalization": card.NORMALIZATION,
-            "input": card.IMAGE_INPUT,
-            "output": card.LABELS_OUTPUT,
-            "classes": str(classes),
-            "palette": palette_text(palette(classes)),
-            "precision": "float32",
-        },
+        kind=card.LABEL_MAP,
+        multiple=multiple,
+        normalization=card.NORMALIZATION,
+        inputs=(card.IMAGE_INPUT,),
+        output=card.LABELS_OUTPUT,
+        classes=classes,
+        palette=palette_text(palette(classes)),
+        precision="float32",
     )
     example, dims = _image_example(multiple, None)
     proto = _export(model, example, dims, [card.IMAGE_INPUT], [card.LABELS_OUTPUT], opset)
-    onnx.helper.set_model_props(proto, props)
+    onnx.helper.set_model_props(proto, model_card.to_metadata())
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     pixels = differing = 0
     for (image,), scores in zip(cases, logits, strict=True):
@@ -166,7 +163,7 @@ def tile_graphs(
     model: nn.Module,
     proto: onnx.ModelProto,
     out_path: Path,
-    props: dict[str, str],
+    model_card: card.ModelCard,
     cases: list[tuple[torch.Tensor]],
     expected: list[torch.Tensor],
     atol: float,
@@ -177,102 +174,81 @@ def tile_graphs(
     whole model."""
     statistics_net = StatisticsGraph(model).eval()
     channels = statistics_net.channels
-    shared = {"statistics_width": str(statistics_width(model)), "context": str(context)}
+    width = statistics_width(model)
+    shared = replace(model_card, statistics_width=width, context=context)
     with torch.no_grad():
         statistics = [statistics_net(*inputs) for inputs in cases]
     stats_proto, tile_proto = statistics_graph(proto, channels), tile_graph(proto, channels)
     for made in (stats_proto, tile_proto):
         onnx.checker.check_model(made, full_check=True)
     paths = [card.companion_path(out_path, card.STATISTICS), card.companion_path(out_path, card.TILE)]
-    kinds = {card.THUMBNAIL_STATISTICS: (card.IMAGE_INPUT, card.STATISTICS)}
-    kinds[card.STATISTICS_TILE] = (f"{card.IMAGE_INPUT},{card.STATISTICS}", card.IMAGE_OUTPUT)
+    kinds = {card.THUMBNAIL_STATISTICS: ((card.IMAGE_INPUT,), card.STATISTICS)}
+    kinds[card.STATISTICS_TILE] = ((card.IMAGE_INPUT, card.STATISTICS), card.IMAGE_OUTPUT)
     for made, (kind, (inputs, output)) in zip((stats_proto, tile_proto), kinds.items(), strict=True):
-        onnx.helper.set_model_props(made, {**props, **shared, "kind": kind, "input": inputs, "output": output})
+        onnx.helper.set_model_props(made, replace(shared, kind=kind, inputs=inputs, output=output).to_metadata())
     _check_parity(stats_proto, paths[0], [card.IMAGE_INPUT], cases, statistics, atol)
     with_statistics = [(*inputs, stats) for inputs, stats in zip(cases, statistics, strict=True)]
     tile_names = [card.IMAGE_INPUT, card.STATISTICS]
     report = _check_parity(tile_proto, paths[1], tile_names, with_statistics, expected, atol)
-    return paths, [stats_proto, tile_proto], {**shared, "max_abs_error": report["max_abs_error"]}
+    # The report keeps the card's text, as export.json always had it.
+    described = {"statistics_width": str(width), "context": str(context), "max_abs_error": report["max_abs_error"]}
+    return paths, [stats_proto, tile_proto], described
 
 
-def export_conditional_generator(
-    net: ConditionalGenerator,
+def export_sampler(
+    net: nn.Module,
     out_path: Path,
     metadata: dict[str, str],
+    kind: str,
+    inputs: tuple[str, ...],
+    card_attributes: tuple[str, ...],
     opset: int = 18,
     atol: float = 1e-4,
 ) -> dict:
-    """Export a class-conditional generator (forward(z, labels)) with inputs `z` (float32, (N, z_dim)) and
-    `label` (int64, (N,)) and output `image`, dynamic batch, in eval mode.
-
-    `metadata` must hold recipe, training_commit and params_hash; z_dim, n_classes and image_size are added.
-    Parity is checked on batches of 1 and 5. Returns {"path", "max_abs_error", "tolerance", "cases"}.
+    """Export a generator of samples with `inputs` in the order its forward takes them: `z` (float32, N x the
+    card's latent shape) and, for a class-conditional one, `label` (int64, N, below the card's `n_classes`);
+    output `image`, dynamic batch, in eval mode. The card records `kind` and the network's `card_attributes`
+    (z_dim, n_classes and image_size, or latent_shape); `metadata` must hold recipe, training_commit and
+    params_hash. Parity is checked on batches of 1 and 5. Returns {"path", "max_abs_error", "tolerance", "cases"}.
     """
-    props = _metadata_props(
+    model_card = _card(
         metadata,
         card.PROVENANCE,
-        {
-            "kind": card.CONDITIONAL_GENERATION,
-            "z_dim": str(net.z_dim),
-            "n_classes": str(net.n_classes),
-            "image_size": str(net.image_size),
-            "normalization": card.NORMALIZATION,
-            "input": f"{card.LATENT_INPUT},{card.LABEL_INPUT}",
-            "output": card.SAMPLE_OUTPUT,
-            "precision": "float32",
-        },
+        kind=kind,
+        **{name: getattr(net, name) for name in card_attributes},
+        normalization=card.NORMALIZATION,
+        inputs=tuple(inputs),
+        output=card.SAMPLE_OUTPUT,
+        precision="float32",
     )
+    latent = model_card.latent_sample_shape
+    if latent is None or (card.LABEL_INPUT in inputs and model_card.n_classes is None):
+        raise ValueError(f"a sampler's card needs z_dim or latent_shape (and n_classes with a label): {inputs}")
     out_path = Path(out_path)
     model = _eval_copy(net)
-    example = (torch.zeros(2, net.z_dim), torch.zeros(2, dtype=torch.int64))
-    batch = Dim("batch", min=1)
+
+    def batch(n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:
+        """The inputs of n samples: seeded ones for a parity case, zeros for the export example."""
+        z = torch.randn(n, *latent, generator=generator) if generator else torch.zeros(n, *latent)
+        made = {card.LATENT_INPUT: z}
+        if card.LABEL_INPUT in inputs:
+            labels = torch.arange(n - 1, -1, -1) % model_card.n_classes
+            made[card.LABEL_INPUT] = labels if generator else torch.zeros(n, dtype=torch.int64)
+        return tuple(made[name] for name in inputs)
+
     generator = torch.Generator().manual_seed(0)
-    cases = [
-        (torch.randn(n, net.z_dim, generator=generator), torch.arange(n - 1, -1, -1) % net.n_classes) for n in (1, 5)
-    ]
+    cases = [batch(n, generator) for n in (1, 5)]
     with torch.no_grad():
-        expected = [model(*inputs) for inputs in cases]
+        expected = [model(*case) for case in cases]
+    batch_dim = Dim("batch", min=1)
+    dims = tuple({0: batch_dim} for _ in inputs)
     with warnings.catch_warnings():
-        # Both inputs share the batch dimension, which the exporter reports as an unused duplicate axis name.
+        # Inputs that share the batch dimension make the exporter report an unused duplicate axis name.
         warnings.filterwarnings("ignore", message=".*The axis name: batch will not be used")
-        proto = _export(
-            model, example, ({0: batch}, {0: batch}), [card.LATENT_INPUT, card.LABEL_INPUT], [card.SAMPLE_OUTPUT], opset
-        )
-    onnx.helper.set_model_props(proto, props)
-    report = _check_parity(proto, out_path, [card.LATENT_INPUT, card.LABEL_INPUT], cases, expected, atol)
+        proto = _export(model, batch(2), dims, list(inputs), [card.SAMPLE_OUTPUT], opset)
+    onnx.helper.set_model_props(proto, model_card.to_metadata())
+    report = _check_parity(proto, out_path, list(inputs), cases, expected, atol)
     write_bytes_atomic(out_path, proto.SerializeToString())
-    return report
-
-
-def export_flow_sampler(
-    net: nn.Module, out_path: Path, metadata: dict[str, str], opset: int = 18, atol: float = 1e-4
-) -> dict:
-    """Export a flow generator (z ~ N(0, I) of shape (N, C, H, W) -> image) with input `z` and output `image`,
-    dynamic batch, in eval mode. Parity is checked on batches of 1 and 5."""
-    c, h, w = net.latent_shape
-    props = _metadata_props(
-        metadata,
-        card.PROVENANCE,
-        {
-            "kind": card.FLOW_SAMPLING,
-            "latent_shape": f"{c},{h},{w}",
-            "normalization": card.NORMALIZATION,
-            "input": card.LATENT_INPUT,
-            "output": card.SAMPLE_OUTPUT,
-            "precision": "float32",
-        },
-    )
-    model = _eval_copy(net)
-    generator = torch.Generator().manual_seed(0)
-    cases = [(torch.randn(n, c, h, w, generator=generator),) for n in (1, 5)]
-    with torch.no_grad():
-        expected = [model(*inputs) for inputs in cases]
-    proto = _export(
-        model, (torch.zeros(2, c, h, w),), ({0: Dim("batch", min=1)},), [card.LATENT_INPUT], [card.SAMPLE_OUTPUT], opset
-    )
-    onnx.helper.set_model_props(proto, props)
-    report = _check_parity(proto, Path(out_path), [card.LATENT_INPUT], cases, expected, atol)
-    write_bytes_atomic(Path(out_path), proto.SerializeToString())
     return report
 
 
@@ -287,7 +263,8 @@ class _Float16Compute(nn.Module):
         return self.net(image.half()).float()
 
 
-def _metadata_props(metadata: Mapping[str, str], required: tuple[str, ...], derived: dict[str, str]) -> dict:
+def _card(metadata: Mapping[str, str], required: tuple[str, ...], **derived) -> card.ModelCard:
+    """The caller's provenance (checked: complete, text, none of the keys the exporter derives) with `derived`."""
     missing = [key for key in required if key not in metadata]
     if missing:
         raise ValueError(f"export metadata lacks {', '.join(missing)}")
@@ -297,7 +274,7 @@ def _metadata_props(metadata: Mapping[str, str], required: tuple[str, ...], deri
     clashing = [key for key in metadata if key in card.DERIVED]
     if clashing:
         raise ValueError(f"export metadata keys {', '.join(clashing)} are set by the exporter")
-    return {**metadata, **derived}
+    return replace(card.ModelCard.from_metadata(metadata), **derived)
 
 
 def _eval_copy(net: nn.Module) -> nn.Module:

@@ -59,7 +59,8 @@ class Engine:
     precision.decide and the bf16 check allow it; `precision` and `precision_reason` say what runs and why),
     tiles, thumbnail and the memory budget. `bytes_per_pixel` is what a forward pass (of the model, or of a
     tile through the tile graph) holds per input pixel, `thumbnail_bytes_per_pixel` the statistics graph's
-    (`memory_measured` says how they were found); `min_side` the smallest side the model accepts.
+    (`memory_measured` says how they were found); `min_side` the smallest side the model accepts; `card` the
+    model's card.
     """
 
     def __init__(self, model_path: Path, options: InferenceOptions | None = None):
@@ -90,24 +91,22 @@ class Engine:
                 "for CUDA or the CPU, use the .fp16.onnx model written by `export --fp16`"
             )
         self.fp16 = fp16
-        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
-        kind = self.metadata.get("kind", card.IMAGE_TRANSLATION)
-        if kind not in card.TRANSLATORS or "multiple" not in self.metadata:
+        self.card = _card_of(self.session)
+        kind = self.card.kind or card.IMAGE_TRANSLATION
+        if kind not in card.TRANSLATORS or self.card.multiple is None:
             raise UserError(
                 f"{self.model_path.name} is not an image-translation model of this pipeline "
-                f"(kind {kind!r}, multiple {self.metadata.get('multiple')!r}); export it with `transfigure export`"
+                f"(kind {kind!r}, multiple {self.card.multiple!r}); export it with `transfigure export`"
             )
-        self.multiple = int(self.metadata["multiple"])
+        self.multiple = self.card.multiple
         self.min_side = self.multiple  # until _smallest_side has probed the model
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if len(inputs) != 1 or len(outputs) != 1:
             raise UserError(f"{self.model_path.name} must have one input and one output image")
         self.input_name, self.output_name = inputs[0].name, outputs[0].name
         # Label maps: what goes in or comes out is (H, W) class indices, drawn in `palette` for people.
-        self.labels_out = kind == card.LABEL_MAP
-        self.labels_in = self.metadata.get(card.INPUT_TYPE) == card.LABEL_MAP
-        self.classes = int(self.metadata["classes"]) if "classes" in self.metadata else None
-        self.palette = parse_palette(self.metadata["palette"]) if "palette" in self.metadata else None
+        self.labels_out, self.labels_in, self.classes = self.card.labels_out, self.card.labels_in, self.card.classes
+        self.palette = parse_palette(self.card.palette) if self.card.palette is not None else None
         self.precision, self.precision_reason = "fp32", f"on {self.provider}"
         self._openvino: openvino_bf16.OpenVinoBf16 | None = None
         self.tiling: str | None = None  # how large images are tiled, once load_tiling ran
@@ -133,8 +132,8 @@ class Engine:
         flags = cpu_precision.cpu_flags()
         wanted = requested == card.INT8 or (requested == "auto" and cpu_precision.int8_instructions(flags))
         session = _session(path, [PROVIDERS["cpu"]], quiet=True, gpu=False) if wanted and path.is_file() else None
-        companion = dict(session.get_modelmeta().custom_metadata_map) if session else None
-        self.precision, self.precision_reason = cpu_precision.decide(requested, flags, self.metadata, companion)
+        companion = _card_of(session) if session else None
+        self.precision, self.precision_reason = cpu_precision.decide(requested, flags, self.card, companion)
         if self.precision == card.INT8:
             self.session = session
         elif cpu_precision.bf16_worth_trying(requested, self.precision, flags, openvino_bf16.installed()):
@@ -221,12 +220,12 @@ class Engine:
     def load_tiling(self) -> tiling.StatisticsTiles | None:
         """The statistics and tile graphs, loaded on the first tiled image (or by open_engine); None for others."""
         if self.tiling is None:
-            if int(self.metadata.get("instance_norm_layers", "0")) == 0:
+            if not self.card.instance_norm_layers:
                 self._tiles, self.tiling = None, "blended overlaps (no instance norm: tiles agree already)"
             else:
                 providers = [PROVIDERS[name] for name in self.providers]
                 opened = tiling.StatisticsTiles.beside(
-                    self.model_path, self.metadata, lambda path: _session(path, providers, quiet=True, gpu=False)
+                    self.model_path, self.card, lambda path: _session(path, providers, quiet=True, gpu=False)
                 )
                 self._tiles, reason = opened
                 self.tiling = reason if self._tiles else f"blended overlaps, tiles normalized alone: {reason}"
@@ -377,6 +376,11 @@ def _provider_entry(name: str, fp16: bool, cache: Path) -> str | tuple[str, dict
 
 def _default_tensorrt_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "transfigure" / "tensorrt"
+
+
+def _card_of(session: ort.InferenceSession) -> card.ModelCard:
+    """A session's model card, read from ONNX Runtime (the serving image has it, not the onnx package)."""
+    return card.ModelCard.from_metadata(session.get_modelmeta().custom_metadata_map)
 
 
 def _session(path: Path, providers: list, quiet: bool, gpu: bool) -> ort.InferenceSession:

@@ -167,7 +167,7 @@ def _operations_routes(app: FastAPI, inference: Inference, metrics: Metrics) -> 
             "precision": engine.precision,
             "precision_reason": engine.precision_reason,
             "max_batch": settings.max_batch,
-            "card": engine.metadata,
+            "card": engine.card.to_metadata(),
         }
 
 

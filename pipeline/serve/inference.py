@@ -71,11 +71,10 @@ class Metrics:
             ["name", "recipe", "direction", "provider", "precision", "max_batch"],
             registry=self.registry,
         )
-        meta = engine.metadata
         info.labels(
             settings.model_name,
-            meta.get("recipe", ""),
-            meta.get("direction", ""),
+            engine.card.recipe or "",
+            engine.card.direction or "",
             engine.provider,
             engine.precision,
             str(settings.max_batch),

@@ -63,7 +63,7 @@ def machine_summary(flags: frozenset[str], openvino: bool) -> str:
 
 
 def decide(
-    requested: str, flags: frozenset[str], model: dict[str, str], companion: dict[str, str] | None
+    requested: str, flags: frozenset[str], model: card.ModelCard, companion: card.ModelCard | None
 ) -> tuple[str, str]:
     """(precision, reason) for the CPU, from the request, the CPU flags, the float32 model's card and the card of
     its int8 companion (None when there is none); bf16 is decided after it (`bf16_decision`), since its check
@@ -75,18 +75,18 @@ def decide(
     if requested == "int8":
         if problem:
             raise UserError(f"--precision int8: {problem}")
-        quality = companion[card.INT8_QUALITY]
+        quality = companion.int8.quality
         return "int8", "asked for" + ("" if quality == fidelity.PASSED else f" (its quality check {quality})")
     found = int8_instructions(flags)
     if not found:
         return "fp32", "auto: this CPU has no int8 dot-product instructions (VNNI, AMX)"
     if problem:
         return "fp32", f"auto: {problem}"
-    if companion[card.INT8_QUALITY] != fidelity.PASSED:
-        return "fp32", f"auto: the int8 model's quality check {companion[card.INT8_QUALITY]}"
+    if companion.int8.quality != fidelity.PASSED:
+        return "fp32", f"auto: the int8 model's quality check {companion.int8.quality}"
     return "int8", (
-        f"auto: {', '.join(found)} and an int8 model within limits ({companion[card.INT8_MEAN_LEVELS]} levels mean, "
-        f"{companion[card.INT8_PSNR_DB]} dB against float32)"
+        f"auto: {', '.join(found)} and an int8 model within limits ({companion.int8.mean_levels} levels mean, "
+        f"{companion.int8.psnr_db} dB against float32)"
     )
 
 
@@ -107,12 +107,12 @@ def bf16_decision(requested: str, check: str, computes_in: str) -> tuple[str, st
     return "bf16", f"auto: amx_bf16 and {measured}"
 
 
-def _companion_problem(model: dict[str, str], companion: dict[str, str] | None) -> str | None:
+def _companion_problem(model: card.ModelCard, companion: card.ModelCard | None) -> str | None:
     if companion is None:
         return "no int8 model beside it (`transfigure export` writes one; `transfigure quantize` makes one)"
-    if companion.get("precision") != card.INT8 or card.INT8_QUALITY not in companion:
+    if companion.precision != card.INT8 or companion.int8 is None:
         return "the .int8.onnx beside it is not an int8 model of this pipeline"
-    stale = [key for key in ("params_hash", "training_step") if companion.get(key) != model.get(key)]
+    stale = model.differing(companion)
     if stale:
         return f"the int8 model beside it comes from another export ({', '.join(stale)} differ)"
     return None

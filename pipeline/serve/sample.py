@@ -1,5 +1,6 @@
-"""`sample`: images drawn from an exported generator: a class-conditional one (inputs `z`, `label`) or a flow
-(input `z` of the latent shape), as independent samples or as a walk on a line between two latent points."""
+"""`sample`: images drawn from an exported generator, read from its card: a class-conditional one (inputs `z`,
+`label`) or an unconditional one (input `z`), as independent samples or as a walk on a line between two latent
+points."""
 
 from __future__ import annotations
 
@@ -19,18 +20,15 @@ def sample(
     """Writes `n` samples (of class `label` for a conditional model) and returns their paths."""
     import onnxruntime as ort
 
-    metadata = card.read_metadata(model)
-    kind = metadata.get("kind", "unknown")
-    if kind == card.CONDITIONAL_GENERATION:
-        latent_shape, n_classes = (int(metadata["z_dim"]),), int(metadata["n_classes"])
-        if label is None or not 0 <= label < n_classes:
-            raise UserError(f"--label {label}: the model knows classes 0..{n_classes - 1}")
-    elif kind == card.FLOW_SAMPLING:
-        latent_shape = tuple(int(size) for size in metadata["latent_shape"].split(","))
-        if label is not None:
-            raise UserError(f"--label {label}: {model.name} is an unconditional flow; leave --label out")
-    else:
+    model_card = card.ModelCard.read(model)
+    latent_shape, conditional = model_card.latent_sample_shape, card.LABEL_INPUT in model_card.inputs
+    if latent_shape is None:
+        kind = model_card.kind or "unknown"
         raise UserError(f"{model}: not a sampling model (kind {kind!r}); use `translate` for image-to-image models")
+    if conditional and (label is None or not 0 <= label < model_card.n_classes):
+        raise UserError(f"--label {label}: the model knows classes 0..{model_card.n_classes - 1}")
+    if not conditional and label is not None:
+        raise UserError(f"--label {label}: {model.name} is unconditional; leave --label out")
     if n < 1:
         raise UserError("--n must be at least 1")
     if temperature <= 0:
@@ -43,7 +41,7 @@ def sample(
     else:
         z = rng.standard_normal((n, *latent_shape), dtype=np.float32)
     feed = {card.LATENT_INPUT: z * np.float32(temperature)}
-    if kind == card.CONDITIONAL_GENERATION:
+    if conditional:
         feed[card.LABEL_INPUT] = np.full(n, label, dtype=np.int64)
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     images = session.run([card.SAMPLE_OUTPUT], feed)[0]

@@ -66,24 +66,20 @@ class StatisticsTiles:
 
     @classmethod
     def beside(
-        cls, model_path: Path, card_of_model: dict[str, str], open_session
+        cls, model_path: Path, card_of_model: card.ModelCard, open_session
     ) -> tuple[StatisticsTiles | None, str]:
         """The companions of `model_path`, or None and why not; `open_session(path)` gives an ORT session."""
         paths = [card.companion_path(model_path, card.STATISTICS), card.companion_path(model_path, card.TILE)]
         if not all(path.is_file() for path in paths):
             return None, f"no {paths[0].name} and {paths[1].name} beside the model (export it again)"
         sessions = [open_session(path) for path in paths]
-        cards = [dict(session.get_modelmeta().custom_metadata_map) for session in sessions]
+        cards = [card.ModelCard.from_metadata(session.get_modelmeta().custom_metadata_map) for session in sessions]
         expected = (card.THUMBNAIL_STATISTICS, card.STATISTICS_TILE)
         for path, companion, kind in zip(paths, cards, expected, strict=True):
-            stale = [
-                key
-                for key in ("params_hash", "training_step", "multiple")
-                if companion.get(key) != card_of_model.get(key)
-            ]
-            if companion.get("kind") != kind or stale:
+            stale = card_of_model.differing(companion, also=("multiple",))
+            if companion.kind != kind or stale or companion.context is None:
                 return None, f"{path.name} does not belong to this model ({', '.join(stale) or 'kind'} differ)"
-        return cls(*sessions, int(cards[1]["context"])), "thumbnail statistics"
+        return cls(*sessions, cards[1].context), "thumbnail statistics"
 
     def probe_statistics(self, side: int) -> np.ndarray:
         """The statistics of a grey side x side image (side a multiple of the model's): what memory.py measures."""

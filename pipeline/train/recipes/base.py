@@ -35,12 +35,17 @@ _REGISTERED: dict[str, type[Recipe]] = {}
 
 @dataclass(frozen=True)
 class Export:
-    """One exported model: the network it comes from, its model-card kind and its domains (A, B or noise)."""
+    """One exported model: the network it comes from, its model-card kind, its domains (A, B or noise), what the
+    model takes (the card's input names, in the order of the network's forward: a translator's `image`, a
+    sampler's `z` and, class-conditional, `label`) and which of the network's attributes its card records (a
+    sampler's: `z_dim` and `n_classes`, or `latent_shape`, say what `z` and `label` are)."""
 
     network: str
     kind: Literal["image_translation", "label_map", "conditional_generation", "flow_sampling"]
     source: str
     target: str
+    inputs: tuple[Literal["image", "z", "label"], ...] = ("image",)
+    card_attributes: tuple[str, ...] = ()
 
 
 @dataclass

@@ -56,7 +56,8 @@ class CDCGAN(Recipe):
 
     @classmethod
     def exports(cls, p: CDCGANParams) -> dict[str, Export]:
-        return {"generator": Export("G", "conditional_generation", "noise", p.domain)}
+        attributes = ("z_dim", "n_classes", "image_size")
+        return {"generator": Export("G", "conditional_generation", "noise", p.domain, ("z", "label"), attributes)}
 
     @classmethod
     def evaluate(cls, generators, p: CDCGANParams, inputs: measures.EvalInputs) -> dict:

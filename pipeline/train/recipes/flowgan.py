@@ -67,7 +67,7 @@ class FlowGAN(Recipe):
 
     @classmethod
     def exports(cls, p: FlowGANParams) -> dict[str, Export]:
-        return {"generator": Export("G", "flow_sampling", "noise", p.domain)}
+        return {"generator": Export("G", "flow_sampling", "noise", p.domain, ("z",), ("latent_shape",))}
 
     @classmethod
     def evaluate(cls, generators, p: FlowGANParams, inputs: measures.EvalInputs) -> dict:
