@@ -14,6 +14,7 @@ from transfigure.pipeline.errors import UserError
 from transfigure.pipeline.evaluate import stage
 from transfigure.pipeline.evaluate.classifier import fit_classifier
 from transfigure.pipeline.params import load_params, training_params
+from transfigure.pipeline.train import recipes
 from transfigure.pipeline.train.checkpoint import load_checkpoint
 from transfigure.pipeline.train.loop import train
 
@@ -47,9 +48,8 @@ def test_the_checkpoints_data_and_features_are_used_and_contradicting_params_are
     # A kept checkpoint may be of an earlier step than params' total.
     longer = load_params("params.yaml", [*settings, "cyclegan.steps=10"])
     checkpoint = workdir / "runs/cyclegan/checkpoints/last.pt"
-    stage._refuse_contradictions(
-        checkpoint, load_checkpoint(checkpoint)["params"], training_params(longer, "cyclegan"), "cyclegan"
-    )
+    wanted = training_params(longer, "cyclegan", recipes.params_of(longer, "cyclegan"))
+    stage._refuse_contradictions(checkpoint, load_checkpoint(checkpoint)["params"], wanted, "cyclegan")
 
     console = quiet()
     other = stage.evaluate_recipe("cyclegan", elsewhere, console, on_dataset="digits_paired")
