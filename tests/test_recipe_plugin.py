@@ -1,24 +1,28 @@
 """A recipe is one module: a throw-away recipe module (tests/fixtures/recipe/) put into a copy of the checkout,
-with its section in params.yaml, trains, evaluates and exports through the ordinary commands, found by the
+with its section in params.yaml, trains, evaluates, exports and serves through the ordinary commands, found by the
 registry's own discovery, with nothing else in the pipeline naming it. The contract refuses a recipe missing a
-part when it is registered or set up, and the README lists exactly the registered recipes."""
+part when it is registered or set up, and the README's Recipes table names registered recipes only."""
 
+import io
 import re
 import shutil
 from pathlib import Path
 
-import numpy as np
+import httpx
 import pytest
 import yaml
 from conftest import REPO, importable_checkout, make_engine
+from PIL import Image
 from torch import nn
 
 from tests.corpus import gradient
+from tests.serving import Server
 from transfigure.pipeline.train import recipes
 from transfigure.pipeline.train.checkpoint import load_checkpoint
 from transfigure.pipeline.train.recipes.base import Export, Recipe, TrainingState, register
 
 RECIPE_MODULE = REPO / "tests/fixtures/recipe/tinypaired.py"
+PNG = {"Content-Type": "image/png"}
 
 
 def checkout_with_recipe(module: Path, folder: Path) -> Path:
@@ -31,7 +35,7 @@ def checkout_with_recipe(module: Path, folder: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_a_new_recipe_module_trains_evaluates_and_exports_through_the_ordinary_commands(workdir, run_cli):
+def test_a_new_recipe_module_trains_evaluates_exports_and_serves_through_the_ordinary_commands(workdir, run_cli):
     env = {"PYTHONPATH": str(checkout_with_recipe(RECIPE_MODULE, workdir / "copy"))}
     params = yaml.safe_load((workdir / "params.yaml").read_text())
     params["tinypaired"] = {"lambda_L1": 5}
@@ -57,8 +61,14 @@ def test_a_new_recipe_module_trains_evaluates_and_exports_through_the_ordinary_c
     assert exported.returncode == 0, exported.stderr
     engine = make_engine(workdir / "artifacts/tinypaired/AtoB.onnx", providers=["cpu"])
     assert engine.card.recipe == "tinypaired" and engine.card.source_domain == "digits_paired:A"
-    image = gradient(36, 28)
-    assert engine.translate(image).shape == image.shape and engine.translate(image).dtype == np.uint8
+    # Served by the ordinary service (the container's command), which needs nothing of the recipe's code.
+    buffer = io.BytesIO()
+    Image.fromarray(gradient(36, 28)).save(buffer, format="PNG")
+    with Server(workdir / "artifacts/tinypaired/AtoB.onnx") as running:
+        answer = httpx.post(f"{running.url}/v1/translate", content=buffer.getvalue(), headers=PNG, timeout=60)
+    assert answer.status_code == 200, answer.text[:300]
+    with Image.open(io.BytesIO(answer.content)) as translated:
+        assert translated.size == (36, 28) and translated.mode == "RGB"
 
 
 class Forgetful(Recipe):
