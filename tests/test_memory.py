@@ -99,8 +99,10 @@ def test_a_large_image_holds_no_more_than_its_budget(models):
     budget, grown = measured["budget"], measured["grown"]
     assert measured["whole"] > 5 * budget, "the image must be far past the budget for this test to mean anything"
     assert measured["needed"] <= budget
-    # The estimate has a margin; allocators and Python objects add a little on top of it.
-    assert grown < 1.5 * budget, f"{grown / 2**20:.0f} MiB for a budget of {budget / 2**20:.0f}"
+    # On top of the forward passes' budget come the image's own arrays (36 MB in and out here), allocators and
+    # Python objects: 215-257 MiB measured for 160 (1.34-1.61x, 13 runs, 2026-12-04; the old bound of 1.5x failed
+    # 5 of them, the code of the day before as often); untiled, this image would take `whole`, over 11x.
+    assert grown < 2 * budget, f"{grown / 2**20:.0f} MiB for a budget of {budget / 2**20:.0f}"
 
 
 def test_options_are_checked_once_naming_each_flag():
