@@ -101,7 +101,7 @@ def test_a_large_image_holds_no_more_than_its_budget(models):
     assert measured["needed"] <= budget
     # On top of the forward passes' budget come the image's own arrays (36 MB in and out here), allocators and
     # Python objects: 215-257 MiB measured for 160 (1.34-1.61x, 13 runs, 2026-12-04; the old bound of 1.5x failed
-    # 5 of them, the code of the day before as often); untiled, this image would take `whole`, over 11x.
+    # 5 of them, the session's starting commit 1 of 3); untiled, this image would take `whole`, over 11x.
     assert grown < 2 * budget, f"{grown / 2**20:.0f} MiB for a budget of {budget / 2**20:.0f}"
 
 
