@@ -100,10 +100,8 @@ def train(
 
             fit_classifier(p, _console())
             return
-        from transfigure.pipeline.train import recipes
         from transfigure.pipeline.train.loop import train as run_training
 
-        recipes.params_of(p, recipe)  # a wrong key stops the run before anything starts
         run_training(recipe, p, _console(), fresh=fresh, fresh_if_changed=fresh_if_changed)
 
     guard(work)

@@ -23,6 +23,7 @@ from transfigure.pipeline.data.datasets import UnpairedDataset
 from transfigure.pipeline.evaluate import measures
 from transfigure.pipeline.schema import AugmentParams, DiscriminatorParams, FlowParams, NonNegativeFloat, RecipeParams
 from transfigure.pipeline.train.parts import (
+    FLOW_TINY,
     build_flow,
     generator_adversarial,
     mean_bits_per_dim,
@@ -46,15 +47,7 @@ class AlignFlow(Recipe):
     name = "alignflow"
     Params = AlignFlowParams
     losses = ("G", "G_adv", "bpd_A", "bpd_B", "D_A", "D_B")
-    tiny = (
-        "flow.n_couplings=1",
-        "flow.hidden_channels=4",
-        "flow.n_res_blocks=1",
-        "discriminator.kind=n_layers",
-        "discriminator.n_layers=1",
-        "discriminator.ndf=4",
-        "batch_size=2",
-    )
+    tiny = FLOW_TINY
 
     @classmethod
     def build_networks(cls, p: AlignFlowParams, image_size: int = 32) -> dict[str, nn.Module]:

@@ -22,7 +22,7 @@ from transfigure.models.init import init_weights
 from transfigure.pipeline.data.datasets import UnpairedDataset
 from transfigure.pipeline.evaluate import measures
 from transfigure.pipeline.schema import DiscriminatorParams, FlowParams, NonNegativeFloat, RecipeParams
-from transfigure.pipeline.train.parts import build_flow, mean_bits_per_dim, set_requires_grad
+from transfigure.pipeline.train.parts import FLOW_TINY, build_flow, mean_bits_per_dim, set_requires_grad
 from transfigure.pipeline.train.recipes.base import Export, Recipe, TrainingState, register
 
 
@@ -47,15 +47,7 @@ class FlowGAN(Recipe):
     name = "flowgan"
     Params = FlowGANParams
     losses = ("G", "G_adv", "bpd", "D")
-    tiny = (
-        "flow.n_couplings=1",
-        "flow.hidden_channels=4",
-        "flow.n_res_blocks=1",
-        "discriminator.kind=n_layers",
-        "discriminator.n_layers=1",
-        "discriminator.ndf=4",
-        "batch_size=2",
-    )
+    tiny = FLOW_TINY
 
     @classmethod
     def build_networks(cls, p: FlowGANParams, image_size: int = 32) -> dict[str, nn.Module]:
