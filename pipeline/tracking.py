@@ -91,7 +91,6 @@ def _mlflow():
     # Alembic and MLflow's own INFO lines bury the training log on every start.
     for name in ("alembic", "mlflow"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    logging.getLogger("mlflow.models.model").addFilter(_drop_serving_input_warning)
     disable_progress_bars()
     mlflow.set_tracking_uri(tracking_uri())
     if not os.environ.get("MLFLOW_TRACKING_URI") and mlflow.get_experiment_by_name(EXPERIMENT) is None:
@@ -99,12 +98,6 @@ def _mlflow():
         mlflow.create_experiment(EXPERIMENT, artifact_location=(repo_root() / "mlruns").as_uri())
     mlflow.set_experiment(EXPERIMENT)
     return mlflow
-
-
-def _drop_serving_input_warning(record) -> bool:
-    """MLflow tries to serve a pt2 model's input example at each training end and warns that its multi-input
-    example cannot be served; the signature is explicit and our exported models are ONNX, so the line is noise."""
-    return not record.getMessage().startswith("Failed to validate serving input example")
 
 
 class Run:
@@ -155,6 +148,9 @@ class Run:
             serialization_format="pt2",
             signature=signature,
             input_example=tuple(arrays.values()) if len(arrays) > 1 else next(iter(arrays.values())),
+            # MLflow would load the program back and serve it the example (about half a second per network at
+            # every training end), and it cannot serve a multi-input example at all; the signature is explicit.
+            validate_serving_input=False,
         )
 
     def end(self, status: str = "FINISHED") -> None:

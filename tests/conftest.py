@@ -56,16 +56,6 @@ def importable_checkout(checkout: Path, folder: Path) -> Path:
     return folder
 
 
-def export_tiny_translator(path: Path) -> Path:
-    """A small seeded ResNet generator as an ONNX translation model at `path` (the same weights every call)."""
-    from transfigure.models.generators import build_generator
-    from transfigure.pipeline.export.to_onnx import export_image_generator
-
-    torch.manual_seed(0)
-    export_image_generator(build_generator("resnet_2blocks", ngf=8), path, METADATA)
-    return path
-
-
 def make_engine(path: Path, **fields):
     """An Engine with these InferenceOptions fields (`providers` as a list, as a command line gives them)."""
     from transfigure.pipeline.serve.engine import Engine
@@ -104,6 +94,28 @@ def mlflow_template(tmp_path_factory) -> Path:
         MlflowClient(f"sqlite:///{folder / 'mlflow.db'}").search_experiments()
 
     return made_once(tmp_path_factory, "mlflow-template", make) / "mlflow.db"
+
+
+@pytest.fixture(scope="session")
+def tiny_translator(tmp_path_factory):
+    """`tiny_translator(path)` puts a small seeded ResNet translator (instance norm, so with its tiling graphs) at
+    `path` and returns it: the same files every call, exported once per test run (an export takes seconds)."""
+    from transfigure.models.generators import build_generator
+    from transfigure.pipeline.export.to_onnx import export_image_generator
+
+    def make(folder: Path) -> None:
+        torch.manual_seed(0)
+        export_image_generator(build_generator("resnet_2blocks", ngf=8), folder / "model.onnx", METADATA)
+
+    exported = made_once(tmp_path_factory, "tiny-translator", make)
+
+    def place(path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for source in exported.glob("model*.onnx"):  # model.onnx, model.statistics.onnx, model.tile.onnx
+            shutil.copyfile(source, path.with_name(path.stem + source.name.removeprefix("model")))
+        return path
+
+    return place
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import REPO, export_tiny_translator
+from conftest import REPO
 from PIL import Image
 
 from tests.corpus import gradient
@@ -88,8 +88,8 @@ def image_venv(tmp_path_factory) -> Path:
 # One worker runs both tests of the image's environment, so it is built once (about a minute).
 @pytest.mark.slow
 @pytest.mark.xdist_group("image_venv")
-def test_a_venv_built_like_the_image_serves_with_the_containers_command(image_venv, tmp_path):
-    model = export_tiny_translator(tmp_path / "model.onnx")
+def test_a_venv_built_like_the_image_serves_with_the_containers_command(image_venv, tmp_path, tiny_translator):
+    model = tiny_translator(tmp_path / "model.onnx")
     with Server(model, bin_dir=image_venv) as server:
         assert httpx.get(f"{server.url}/readyz").json()["provider"] == "cpu"
         page = httpx.get(server.url)
@@ -106,10 +106,10 @@ def test_a_venv_built_like_the_image_serves_with_the_containers_command(image_ve
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("image_venv")
-def test_a_baked_model_keeps_its_name_its_int8_model_and_its_tiling_graphs(image_venv, tmp_path):
+def test_a_baked_model_keeps_its_name_its_int8_model_and_its_tiling_graphs(image_venv, tmp_path, tiny_translator):
     # The build context as `make run` leaves it: AtoB with its companions, and another model beside it.
     exported = tmp_path / "context/artifacts/cyclegan"
-    model = export_tiny_translator(exported / "AtoB.onnx")  # writes AtoB.statistics.onnx and AtoB.tile.onnx too
+    model = tiny_translator(exported / "AtoB.onnx")  # with AtoB.statistics.onnx and AtoB.tile.onnx
     calibration = tmp_path / "calibration"
     calibration.mkdir()
     for i in range(4):

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import BIN, export_tiny_translator, make_engine
+from conftest import BIN, make_engine
 
 from tests.corpus import gradient, write_bad_corpus, write_good
 from transfigure.pipeline import fidelity
@@ -31,9 +31,9 @@ def _images(n: int, seed: int = 0) -> list[np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def translator(tmp_path_factory):
+def translator(tmp_path_factory, tiny_translator):
     """A tiny translator with an int8 companion that passes any limits."""
-    path = export_tiny_translator(tmp_path_factory.mktemp("int8") / "AtoB.onnx")
+    path = tiny_translator(tmp_path_factory.mktemp("int8") / "AtoB.onnx")
     result = write_int8_companion(path, _images(6), _images(3, seed=50), ANY_QUALITY, "test:trainA")
     return path, result
 
@@ -93,7 +93,9 @@ def test_int8_by_name_runs_the_companion_close_to_fp32(translator):
     assert 0 < diff.mean() < 8, diff.mean()
 
 
-def test_auto_takes_int8_only_with_the_instructions_and_a_passing_companion(translator, tmp_path, monkeypatch):
+def test_auto_takes_int8_only_with_the_instructions_and_a_passing_companion(
+    translator, tmp_path, monkeypatch, tiny_translator
+):
     path, _ = translator
     monkeypatch.setattr(precision, "cpu_flags", lambda: VNNI)
     engine = make_engine(path, providers=["cpu"])
@@ -103,7 +105,7 @@ def test_auto_takes_int8_only_with_the_instructions_and_a_passing_companion(tran
     assert engine.precision == "fp32" and "no int8 dot-product instructions" in engine.precision_reason
 
     monkeypatch.setattr(precision, "cpu_flags", lambda: VNNI)
-    strict = export_tiny_translator(tmp_path / "strict.onnx")
+    strict = tiny_translator(tmp_path / "strict.onnx")
     write_int8_companion(strict, _images(4), _images(2, seed=50), NO_QUALITY_IS_ENOUGH, "test:trainA")
     engine = make_engine(strict, providers=["cpu"])
     assert engine.precision == "fp32" and "quality check failed: mean difference" in engine.precision_reason
@@ -127,8 +129,8 @@ def test_a_companion_from_another_export_is_never_used(translator, tmp_path, mon
         make_engine(moved, precision="int8")
 
 
-def test_int8_without_a_companion_or_on_a_gpu_provider_and_unknown_precisions_are_refused(tmp_path):
-    bare = export_tiny_translator(tmp_path / "bare.onnx")
+def test_int8_without_a_companion_or_on_a_gpu_provider_and_unknown_precisions_are_refused(tmp_path, tiny_translator):
+    bare = tiny_translator(tmp_path / "bare.onnx")
     with pytest.raises(UserError, match="no int8 model beside it .*transfigure quantize"):
         make_engine(bare, precision="int8")
     with pytest.raises(UserError, match="runs on the CPU"):
@@ -138,8 +140,8 @@ def test_int8_without_a_companion_or_on_a_gpu_provider_and_unknown_precisions_ar
 
 
 @pytest.mark.slow
-def test_quantize_command_skips_bad_files_and_translate_then_runs_int8(tmp_path):
-    model = export_tiny_translator(tmp_path / "model.onnx")
+def test_quantize_command_skips_bad_files_and_translate_then_runs_int8(tmp_path, tiny_translator):
+    model = tiny_translator(tmp_path / "model.onnx")
     folder = tmp_path / "photos"
     write_good(folder, 5, size=(24, 20))
     write_bad_corpus(folder)

@@ -6,7 +6,6 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import export_tiny_translator
 from PIL import Image
 
 from tests.corpus import gradient, write_bad_corpus, write_good
@@ -23,8 +22,8 @@ def pixels(path) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_the_ray_engine_matches_the_local_engine_and_resumes(run_cli, tmp_path):
-    model = export_tiny_translator(tmp_path / "g.onnx")
+def test_the_ray_engine_matches_the_local_engine_and_resumes(run_cli, tmp_path, tiny_translator):
+    model = tiny_translator(tmp_path / "g.onnx")
     src = tmp_path / "in"
     write_good(src, 5, size=(40, 36))
     write_good(src / "sub", 4, size=(37, 23), prefix="odd")
@@ -66,12 +65,12 @@ def test_the_ray_engine_matches_the_local_engine_and_resumes(run_cli, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_registered_model_reaches_the_actors_with_its_external_data(run_cli, tmp_path, monkeypatch):
+def test_a_registered_model_reaches_the_actors_with_its_external_data(run_cli, tmp_path, monkeypatch, tiny_translator):
     from transfigure.pipeline import tracking
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.chdir(tmp_path)  # the sqlite store's artifacts land in ./mlruns, where run_cli runs too
-    model = export_tiny_translator(tmp_path / "g.onnx")
+    model = tiny_translator(tmp_path / "g.onnx")
     with tracking._mlflow().start_run() as run:
         run_id = run.info.run_id
     tracking.register_onnx(run_id, model, "horse2zebra")
@@ -94,8 +93,8 @@ def test_without_ray_the_engine_says_how_to_install_it(tmp_path, monkeypatch):
     assert str(refused.value) == INSTALL_HINT and "pip install 'transfigure[ray]'" in INSTALL_HINT
 
 
-def test_usage_errors_stop_before_any_cluster_starts(run_cli, tmp_path):
-    export_tiny_translator(tmp_path / "g.onnx")
+def test_usage_errors_stop_before_any_cluster_starts(run_cli, tmp_path, tiny_translator):
+    tiny_translator(tmp_path / "g.onnx")
     write_good(tmp_path / "in", 1)
     done = run_cli("translate", "in", "out", "--model", "g.onnx", "--ray-address", "auto")
     assert done.returncode == 2 and "--ray-address needs --engine ray" in done.stdout + done.stderr

@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 import pytest
 import uvicorn
-from conftest import METADATA, export_tiny_translator
+from conftest import METADATA
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -41,8 +41,8 @@ LIMITS = {"max_body_bytes": 300_000, "max_pixels": 200_000}
 
 
 @pytest.fixture(scope="module")
-def model_file(tmp_path_factory) -> Path:
-    return export_tiny_translator(tmp_path_factory.mktemp("model") / "horse2zebra.onnx")
+def model_file(tmp_path_factory, tiny_translator) -> Path:
+    return tiny_translator(tmp_path_factory.mktemp("model") / "horse2zebra.onnx")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import shutil
 import httpx
 import numpy as np
 import pytest
-from conftest import METADATA, REPO, export_tiny_translator
+from conftest import METADATA, REPO
 from PIL import Image
 
 from tests.corpus import gradient
@@ -30,9 +30,9 @@ CHROMIUM_ARGS = [
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium here (`apt-get install chromium`; .ci/run installs it)")
-def test_a_person_picks_an_image_and_sees_its_translation_with_the_card(tmp_path):
+def test_a_person_picks_an_image_and_sees_its_translation_with_the_card(tmp_path, tiny_translator):
     playwright_api = pytest.importorskip("playwright.sync_api")
-    model = export_tiny_translator(tmp_path / "horse2zebra.onnx")
+    model = tiny_translator(tmp_path / "horse2zebra.onnx")
     photo, tiny = tmp_path / "horse.png", tmp_path / "tiny.png"
     Image.fromarray(gradient(96, 64)).save(photo)
     Image.fromarray(gradient(4, 4)).save(tiny)  # smaller than the network takes

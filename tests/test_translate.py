@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import export_tiny_translator, make_engine
+from conftest import make_engine
 from PIL import Image
 
 from tests.corpus import gradient, write_bad_corpus, write_good
@@ -29,8 +29,8 @@ REPORT_KEYS = {
 
 
 @pytest.fixture(scope="module")
-def model_file(tmp_path_factory) -> Path:
-    return export_tiny_translator(tmp_path_factory.mktemp("model") / "g.onnx")
+def model_file(tmp_path_factory, tiny_translator) -> Path:
+    return tiny_translator(tmp_path_factory.mktemp("model") / "g.onnx")
 
 
 @pytest.fixture(scope="module")
