@@ -14,7 +14,11 @@ def loss_curves(history: list[dict], names: tuple[str, ...], title: str) -> byte
     from matplotlib.figure import Figure
 
     present = [name for name in names if any(name in row for row in history)]
-    figure = Figure(figsize=(2.6 * max(1, len(present)), 2.4), dpi=100, layout="constrained")
+    width, height = 2.6 * max(1, len(present)), 2.4
+    figure = Figure(figsize=(width, height), dpi=100)
+    # Margins fixed in inches: constrained layout measures every label first, and each checkpoint redraws this.
+    margins = {"left": 0.6 / width, "right": 1 - 0.1 / width, "bottom": 0.45 / height, "top": 1 - 0.55 / height}
+    figure.subplots_adjust(**margins, wspace=0.35)
     for index, name in enumerate(present):
         axis = figure.add_subplot(1, len(present), index + 1)
         rows = [row for row in history if name in row]

@@ -96,16 +96,22 @@ def mlflow_template(tmp_path_factory) -> Path:
     return made_once(tmp_path_factory, "mlflow-template", make) / "mlflow.db"
 
 
+def tiny_translator_network() -> torch.nn.Module:
+    """The network `tiny_translator` exports: a small seeded ResNet generator (instance norm), in eval mode."""
+    from transfigure.models.generators import build_generator
+
+    torch.manual_seed(0)
+    return build_generator("resnet_2blocks", ngf=8).eval()
+
+
 @pytest.fixture(scope="session")
 def tiny_translator(tmp_path_factory):
-    """`tiny_translator(path)` puts a small seeded ResNet translator (instance norm, so with its tiling graphs) at
+    """`tiny_translator(path)` puts `tiny_translator_network()` as an ONNX translator (with its tiling graphs) at
     `path` and returns it: the same files every call, exported once per test run (an export takes seconds)."""
-    from transfigure.models.generators import build_generator
     from transfigure.pipeline.export.to_onnx import export_image_generator
 
     def make(folder: Path) -> None:
-        torch.manual_seed(0)
-        export_image_generator(build_generator("resnet_2blocks", ngf=8), folder / "model.onnx", METADATA)
+        export_image_generator(tiny_translator_network(), folder / "model.onnx", METADATA)
 
     exported = made_once(tmp_path_factory, "tiny-translator", make)
 

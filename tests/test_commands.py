@@ -5,7 +5,7 @@ import json
 import numpy as np
 import onnx
 import pytest
-from conftest import METADATA, tiny
+from conftest import tiny
 from corpus import write_good
 from PIL import Image
 
@@ -123,13 +123,10 @@ def test_bench_train_refuses_half_precision_without_a_gpu(workdir, run_cli):
     assert "precision: 'bf16' needs a CUDA device" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_translate_cli_exit_codes_and_report(tmp_path, run_cli):
+def test_translate_cli_exit_codes_and_report(tmp_path, run_cli, tiny_translator):
     from corpus import write_bad_corpus
 
-    from transfigure.models.generators import build_generator
-    from transfigure.pipeline.export.to_onnx import export_image_generator
-
-    export_image_generator(build_generator("resnet_1blocks", ngf=4), tmp_path / "m.onnx", METADATA)
+    tiny_translator(tmp_path / "m.onnx")
     write_good(tmp_path / "good", 3, size=(36, 20))
     result = run_cli(
         "translate",

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import METADATA, make_engine
+from conftest import METADATA, make_engine, tiny_translator_network
 
 from tests.corpus import gradient
 from transfigure.models.generators import build_generator
@@ -21,22 +21,19 @@ from transfigure.pipeline.serve.options import InferenceOptions
 pytestmark = pytest.mark.xdist_group("test_infer")
 
 
-def _export(path: Path, norm: str) -> tuple[torch.nn.Module, Path]:
-    torch.manual_seed(0)
-    net = build_generator("resnet_2blocks", ngf=8, norm=norm).eval()
-    export_image_generator(net, path, METADATA)
-    return net, path
-
-
 @pytest.fixture(scope="module")
-def instance_model(tmp_path_factory):
-    return _export(tmp_path_factory.mktemp("models") / "instance.onnx", "instance")
+def instance_model(tmp_path_factory, tiny_translator):
+    return tiny_translator_network(), tiny_translator(tmp_path_factory.mktemp("models") / "instance.onnx")
 
 
 @pytest.fixture(scope="module")
 def local_model(tmp_path_factory):
     # No normalisation: each output pixel depends only on a window of input pixels, so tiles can match.
-    return _export(tmp_path_factory.mktemp("models") / "local.onnx", "none")
+    torch.manual_seed(0)
+    net = build_generator("resnet_2blocks", ngf=8, norm="none").eval()
+    path = tmp_path_factory.mktemp("models") / "local.onnx"
+    export_image_generator(net, path, METADATA)
+    return net, path
 
 
 def _torch_translate(net: torch.nn.Module, image: np.ndarray, multiple: int = 4) -> np.ndarray:
