@@ -15,6 +15,7 @@ import torch
 from rich.console import Console
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from transfigure.pipeline import tracking
 from transfigure.pipeline.charts import loss_curves
 from transfigure.pipeline.data.datasets import loader_workers
 from transfigure.pipeline.errors import TrainingDiverged, UserError
@@ -120,6 +121,8 @@ class _TrainingRun:
     def start(self, fresh: bool, fresh_if_changed: bool) -> None:
         """The recipe set up, the checkpoint (if any) restored, the MLflow run opened and the batches flowing."""
         p, world, console = self.p, self.world, self.console
+        if world.main:  # a tracking server that does not answer stops the run before anything is built
+            tracking.check_reachable()
         resumed = None
         if not fresh:
             resumed = _resumable(self.ckpt_path, self.wanted, self.wanted_hash, self.code, fresh_if_changed, console)
@@ -169,8 +172,6 @@ class _TrainingRun:
 
     def _open_tracking(self, resumed: Checkpoint | None, run_id: str | None) -> None:
         """The MLflow run (rank 0), and for a fresh start a samples folder without an older run's sheets."""
-        from transfigure.pipeline import tracking
-
         self.tags = {"git_commit": tracking.git_commit(), "params_hash": self.wanted_hash, "recipe": self.recipe_name}
         if not self.world.main:
             return
