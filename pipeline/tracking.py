@@ -148,8 +148,8 @@ class Run:
             serialization_format="pt2",
             signature=signature,
             input_example=tuple(arrays.values()) if len(arrays) > 1 else next(iter(arrays.values())),
-            # MLflow would load the program back and serve it the example (about half a second per network at
-            # every training end), and it cannot serve a multi-input example at all; the signature is explicit.
+            # Else MLflow loads each program back at every training end to serve it the example, which it cannot do
+            # for a multi-input one anyway; the signature is explicit.
             validate_serving_input=False,
         )
 
