@@ -288,9 +288,9 @@ class _TrainingRun:
         speed = (rate, self.images_per_step, waited)
         summary = _write_outputs(name, self.recipe_class.losses, metrics_root, losses_csv, self.history, speed)
         warning = data_wait_warning(name, waited, loader_workers(p.num_workers, self.ctx.device.type == "cuda"))
-        if steps_done and warning:
-            self.console.print(warning)
         if steps_done:
+            if warning:
+                self.console.print(warning)
             self.tracked.log_artifact(self.samples / "losses.png")
             for net_name in self.generator_names:
                 module = self.ema[net_name].module if net_name in self.ema else self.state.nets[net_name]

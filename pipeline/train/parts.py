@@ -112,16 +112,10 @@ def update_two_critics(recipe, real_A, real_B, fake_A, fake_B) -> torch.Tensor:
     return torch.stack([loss_A.detach(), loss_B.detach()])
 
 
-# Both flow recipes' `tiny` overrides (base.py): one coupling of 4 channels and the smallest critic.
-FLOW_TINY = (
-    "flow.n_couplings=1",
-    "flow.hidden_channels=4",
-    "flow.n_res_blocks=1",
-    "discriminator.kind=n_layers",
-    "discriminator.n_layers=1",
-    "discriminator.ndf=4",
-    "batch_size=2",
-)
+# The `tiny` overrides (base.py) every recipe with a PatchGAN critic shares: the smallest critic, two images a batch.
+TINY_CRITIC = ("discriminator.kind=n_layers", "discriminator.n_layers=1", "discriminator.ndf=4", "batch_size=2")
+# Both flow recipes' `tiny` overrides: one coupling of 4 channels, and the smallest critic.
+FLOW_TINY = ("flow.n_couplings=1", "flow.hidden_channels=4", "flow.n_res_blocks=1", *TINY_CRITIC)
 
 
 def build_flow(p: FlowParams, image_size: int, orient: bool = False) -> image_flows.ImageFlow:

@@ -41,7 +41,13 @@ from transfigure.pipeline.schema import (
     PositiveInt,
     RecipeParams,
 )
-from transfigure.pipeline.train.parts import critic_loss, eval_mode, generator_adversarial, set_requires_grad
+from transfigure.pipeline.train.parts import (
+    TINY_CRITIC,
+    critic_loss,
+    eval_mode,
+    generator_adversarial,
+    set_requires_grad,
+)
 from transfigure.pipeline.train.recipes.base import Export, Recipe, TrainingState, register
 
 # What each variant means when a knob is left unset (the reference's --CUT_mode).
@@ -107,16 +113,7 @@ class CUT(Recipe):
     name = "cut"
     Params = CUTParams
     losses = ("G", "G_adv", "NCE", "NCE_Y", "D")
-    tiny = (
-        "generator.arch=resnet_1blocks",
-        "generator.ngf=4",
-        "discriminator.kind=n_layers",
-        "discriminator.n_layers=1",
-        "discriminator.ndf=4",
-        "batch_size=2",
-        "num_patches=16",
-        "projection_width=8",
-    )
+    tiny = ("generator.arch=resnet_1blocks", "generator.ngf=4", *TINY_CRITIC, "num_patches=16", "projection_width=8")
 
     @classmethod
     def build_networks(cls, p: CUTParams) -> dict[str, nn.Module]:

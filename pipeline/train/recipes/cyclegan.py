@@ -29,6 +29,7 @@ from transfigure.pipeline.schema import (
     RecipeParams,
 )
 from transfigure.pipeline.train.parts import (
+    TINY_CRITIC,
     generator_adversarial,
     set_requires_grad,
     unpaired_fixtures,
@@ -52,15 +53,7 @@ class CycleGAN(Recipe):
     name = "cyclegan"
     Params = CycleGANParams
     losses = ("G", "G_adv", "cycle", "identity", "D_A", "D_B")
-    tiny = (
-        "generator.arch=resnet_1blocks",
-        "generator.ngf=4",
-        "discriminator.kind=n_layers",
-        "discriminator.n_layers=1",
-        "discriminator.ndf=4",
-        "batch_size=2",
-        "pool_size=3",
-    )
+    tiny = ("generator.arch=resnet_1blocks", "generator.ngf=4", *TINY_CRITIC, "pool_size=3")
 
     @classmethod
     def build_networks(cls, p: CycleGANParams) -> dict[str, nn.Module]:

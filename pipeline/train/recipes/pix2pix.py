@@ -38,7 +38,7 @@ from transfigure.pipeline.schema import (
     RecipeParams,
     Strict,
 )
-from transfigure.pipeline.train.parts import critic_loss, generator_adversarial, set_requires_grad
+from transfigure.pipeline.train.parts import TINY_CRITIC, critic_loss, generator_adversarial, set_requires_grad
 from transfigure.pipeline.train.recipes.base import Export, Recipe, TrainingState, register
 
 Classes = Annotated[int, Field(ge=2, le=256)]
@@ -88,14 +88,7 @@ class Pix2Pix(Recipe):
     Params = Pix2PixParams
     layout = "aligned"
     losses = ("G", "G_adv", "L1", "CE", "D")
-    tiny = (
-        "generator.arch=unet_5down",
-        "generator.ngf=4",
-        "discriminator.kind=n_layers",
-        "discriminator.n_layers=1",
-        "discriminator.ndf=4",
-        "batch_size=2",
-    )
+    tiny = ("generator.arch=unet_5down", "generator.ngf=4", *TINY_CRITIC)
 
     @classmethod
     def build_networks(cls, p: Pix2PixParams) -> dict[str, nn.Module]:
